@@ -1,0 +1,164 @@
+"""Read a cache: `open_cache(dir)` validates the manifest; `c[i]` decodes sequence i.
+
+The only module (with writer.py) that knows where arrays live. Reads go by chunk (one Arrow record
+batch + one Zarr chunk per layer) and keep the last few decoded chunks, so sequential and
+chunk-shuffled access decompress each chunk once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits
+from pipeline.cache.manifest import (
+    MANIFEST, combine_checksums, file_checksum, hidden_array, lse_column, read_json, shard_files, shard_paths,
+    validate_manifest,
+)
+from pipeline.errors import PipelineError
+from pipeline.teacher.capture import logits_from_numpy
+
+_STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+
+
+class Cache:
+    def __init__(self, root: str | Path, chunk_cache: int = 4):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise PipelineError(f"cache directory not found: {self.root}")
+        path = self.root / MANIFEST
+        if not path.is_file():
+            hint = " (an unfinished build: rerun `distill cache build` with its config)" if (
+                self.root / "build.json").is_file() else ""
+            raise PipelineError(f"{self.root} is not a finished cache: no {MANIFEST}{hint}")
+        self.manifest = read_json(path)
+        validate_manifest(self.manifest, path)
+        m = self.manifest
+        self.seq_len: int = m["seq_len"]
+        self.topk: int = m["topk"]
+        self.temperatures: list[float] = [float(t) for t in m["temperatures"]]
+        self.layers: list[int] = [int(x) for x in m["layers"]]
+        self.chunk_sequences: int = m["chunk_sequences"]
+        self.padded: bool = not m.get("packing", True)
+        self._codec = HIDDEN_CODECS.get(m["hidden_codec"])
+        self._starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
+        self._chunks: OrderedDict = OrderedDict()
+        self._chunk_cache = chunk_cache
+        self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, zarr.Group]] = {}
+        for s in m["shards"]:
+            arrow, zdir, _ = shard_paths(self.root, s["index"])
+            if not arrow.is_file() or not zdir.is_dir():
+                raise PipelineError(f"{self.root}: files of {s['name']} are missing")
+
+    # ------------------------------------------------------------------ structure
+    def __len__(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def split(self) -> dict[str, list[int]]:
+        """{"train": [start, stop), "heldout": [start, stop)}."""
+        return self.manifest["split"]
+
+    def indices(self, split: str) -> range:
+        if split not in self.split:
+            raise PipelineError(f"unknown split {split!r}; valid: {', '.join(self.split)}")
+        a, b = self.split[split]
+        return range(a, b)
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """Sequence i -> (shard position in the manifest, chunk index in the shard, row in the chunk)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sequence {i} out of range 0..{len(self) - 1}")
+        pos = int(np.searchsorted(self._starts, i, side="right") - 1)
+        local = i - int(self._starts[pos])
+        return pos, local // self.chunk_sequences, local % self.chunk_sequences
+
+    # ------------------------------------------------------------------ reading
+    def _open(self, pos: int):
+        if pos not in self._files:
+            index = self.manifest["shards"][pos]["index"]
+            arrow, zdir, _ = shard_paths(self.root, index)
+            reader = pa.ipc.open_file(pa.memory_map(str(arrow), "r"))
+            group = zarr.open_group(store=str(zdir), mode="r", zarr_format=3)
+            self._files[pos] = (reader, group)
+        return self._files[pos]
+
+    def read_chunk(self, pos: int, chunk: int) -> dict:
+        """Decoded arrays of every sequence of one chunk (leading dim = rows in the chunk)."""
+        key = (pos, chunk)
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        m = self.manifest
+        reader, group = self._open(pos)
+        batch = reader.get_batch(chunk)
+        n, t, k = batch.num_rows, self.seq_len, self.topk
+
+        def col(name: str, dtype) -> np.ndarray:
+            values = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+            return values.astype(dtype, copy=False).reshape(n, -1)
+
+        stored_logits = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
+        out = {
+            "input_ids": col("input_ids", np.int64),
+            "topk_ids": decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
+            "topk_logits": logits_from_numpy(stored_logits, m["logit_dtype"]),
+            "lse": {temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
+        }
+        if self.padded:
+            out["length"] = batch.column("length").to_numpy().astype(np.int64)
+        r0 = chunk * self.chunk_sequences
+        hidden = {}
+        for layer in self.layers:
+            arrays = {}
+            for name in group.array_keys():
+                base = hidden_array(layer)
+                if name == base or name.startswith(base + "_"):
+                    arrays[name[len(base) + 1:] if name != base else ""] = group[name][r0 : r0 + n]
+            hidden[layer] = self._codec.decode(arrays)
+        out["hidden"] = hidden
+        self._chunks[key] = out
+        while len(self._chunks) > self._chunk_cache:
+            self._chunks.popitem(last=False)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        pos, chunk, row = self.locate(int(i))
+        c = self.read_chunk(pos, chunk)
+        s = {
+            "input_ids": c["input_ids"][row],
+            "topk_ids": c["topk_ids"][row],
+            "topk_logits": c["topk_logits"][row],
+            "lse": {temp: v[row] for temp, v in c["lse"].items()},
+            "hidden": {layer: h[row] for layer, h in c["hidden"].items()},
+        }
+        if "length" in c:
+            s["length"] = int(c["length"][row])
+        return s
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self) -> list[str]:
+        """Recompute every checksum; returns the bad files (relative paths), empty when sound."""
+        bad: list[str] = []
+        for s in self.manifest["shards"]:
+            record = read_json(shard_paths(self.root, s["index"])[2])
+            files = shard_files(self.root, s["index"])
+            names = {str(p.relative_to(self.root)) for p in files}
+            for name in sorted(set(record["files"]) - names):
+                bad.append(f"{name} (missing)")
+            for name in sorted(names - set(record["files"])):
+                bad.append(f"{name} (unexpected)")
+            for name in sorted(names & set(record["files"])):
+                if file_checksum(self.root / name) != record["files"][name]:
+                    bad.append(name)
+            if combine_checksums(record["files"]) != s["checksum"]:
+                bad.append(f"{shard_paths(self.root, s['index'])[2].relative_to(self.root)} (record differs from manifest)")
+        return bad
+
+
+def open_cache(root: str | Path) -> Cache:
+    return Cache(root)

@@ -1,0 +1,263 @@
+"""Shard writing: encode + compress + write on a background thread behind a bounded queue.
+
+The teacher thread only captures and enqueues; a `ShardWriter` streams each shard's chunks into
+`*.tmp` files, and on `end_shard` renames them into place and writes the shard record last. An
+exception in the writer thread is re-raised in the main thread at its next `put`/`end_shard`/exit;
+leaving the `with` block on an exception stops the thread without committing the open shard.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from pipeline.cache.codecs import HIDDEN_CODECS, encode_topk_ids, encode_topk_logits, zarr_compressor
+from pipeline.cache.manifest import (
+    checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths, write_json_atomic,
+)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What every shard of one cache looks like (read from the manifest header)."""
+
+    seq_len: int
+    topk: int
+    layers: tuple[int, ...]
+    n_temps: int
+    hidden_codec: str
+    id_dtype: str  # numpy dtype name of ids (uint16 | uint32)
+    padded: bool
+    chunk_sequences: int
+    hidden_level: int
+    logits_level: int
+
+
+def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+    """[R, n] -> FixedSizeList<n> column (one row per sequence)."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+class ShardWriter:
+    """Writes one shard of `n_rows` sequences, chunk by chunk, into temporary files."""
+
+    def __init__(self, root: Path, index: int, start: int, n_rows: int, layout: ShardLayout):
+        self.root, self.index, self.start, self.n_rows, self.layout = root, index, start, n_rows, layout
+        self.arrow, self.zdir, self.record = shard_paths(root, index)
+        self.arrow_tmp = self.arrow.with_name(self.arrow.name + ".tmp")
+        self.zdir_tmp = self.zdir.with_name(self.zdir.name + ".tmp")
+        for p in (self.record, self.arrow, self.arrow_tmp):
+            p.unlink(missing_ok=True)
+        for p in (self.zdir, self.zdir_tmp):
+            shutil.rmtree(p, ignore_errors=True)
+        self.arrow.parent.mkdir(parents=True, exist_ok=True)
+        self._group = zarr.open_group(store=str(self.zdir_tmp), mode="w", zarr_format=3)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._layer_arrays: dict[int, list[str]] = {layer: [] for layer in layout.layers}
+        self._ipc: pa.ipc.RecordBatchFileWriter | None = None
+        self._sink = None
+        self._pending: list[dict] = []
+        self._pending_rows = 0
+        self._written = 0
+        self._tokens = 0
+
+    def add(self, rows: dict) -> None:
+        """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
+        hidden {layer: [r, T, d] float32}."""
+        self._pending.append(rows)
+        self._pending_rows += len(rows["input_ids"])
+        while self._pending_rows >= self.layout.chunk_sequences:
+            self._flush(self.layout.chunk_sequences)
+
+    def _take(self, n: int) -> dict:
+        """Pop exactly n rows from the pending batches."""
+        parts: list[dict] = []
+        need = n
+        while need:
+            head = self._pending[0]
+            r = len(head["input_ids"])
+            if r <= need:
+                parts.append(self._pending.pop(0))
+                need -= r
+            else:
+                parts.append(_slice_rows(head, 0, need))
+                self._pending[0] = _slice_rows(head, need, r)
+                need = 0
+        self._pending_rows -= n
+        return _concat_rows(parts)
+
+    def _flush(self, n: int) -> None:
+        rows = self._take(n)
+        lay = self.layout
+        cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
+        if lay.padded:
+            cols["length"] = pa.array(rows["length"].astype(np.int32))
+            self._tokens += int(rows["length"].sum())
+        else:
+            self._tokens += rows["input_ids"].size
+        cols["topk_ids"] = _fixed(encode_topk_ids(rows["topk_ids"]))
+        cols["topk_logits"] = _fixed(encode_topk_logits(rows["topk_logits"]))
+        for j in range(lay.n_temps):
+            cols[lse_column(j)] = _fixed(rows["lse"][j])
+        batch = pa.RecordBatch.from_pydict(cols)
+        if self._ipc is None:
+            self._sink = pa.OSFile(str(self.arrow_tmp), "wb")
+            opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))
+            self._ipc = pa.ipc.new_file(self._sink, batch.schema, options=opts)
+        self._ipc.write_batch(batch)
+
+        codec = HIDDEN_CODECS.get(lay.hidden_codec)
+        r0, r1 = self._written, self._written + n
+        for layer in lay.layers:
+            for suffix, arr in codec.encode(rows["hidden"][layer]).items():
+                name = hidden_array(layer, suffix)
+                if name not in self._arrays:
+                    shape = (self.n_rows,) + arr.shape[1:]
+                    chunks = (lay.chunk_sequences,) + arr.shape[1:]
+                    self._arrays[name] = self._group.create_array(
+                        name, shape=shape, chunks=chunks, dtype=arr.dtype, fill_value=0,
+                        compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize)],
+                    )
+                    self._layer_arrays[layer].append(name)
+                self._arrays[name][r0:r1] = arr
+        self._written = r1
+
+    def finish(self) -> dict:
+        """Commit: flush the tail, close, rename into place, write the shard record (last)."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        if self._written != self.n_rows:
+            raise RuntimeError(f"{shard_name(self.index)}: got {self._written} rows, expected {self.n_rows}")
+        self._ipc.close()
+        self._sink.close()
+        self.arrow_tmp.rename(self.arrow)
+        self.zdir_tmp.rename(self.zdir)
+        per_file, checksum = checksum_files(self.root, shard_files(self.root, self.index))
+        hidden_bytes = {
+            str(layer): sum(f.stat().st_size for name in names for f in (self.zdir / name).rglob("*") if f.is_file())
+            for layer, names in self._layer_arrays.items()
+        }
+        record = {
+            "name": shard_name(self.index),
+            "index": self.index,
+            "start": self.start,
+            "sequences": self.n_rows,
+            "tokens": self._tokens,
+            "bytes": {"arrow": self.arrow.stat().st_size, "hidden": hidden_bytes},
+            "files": per_file,
+            "checksum": checksum,
+        }
+        write_json_atomic(self.record, record)
+        return record
+
+    def abort(self) -> None:
+        """Close handles without committing; the .tmp files are removed by the next attempt."""
+        try:
+            if self._ipc is not None:
+                self._ipc.close()
+            if self._sink is not None:
+                self._sink.close()
+        except Exception:
+            pass
+
+
+def _slice_rows(rows: dict, a: int, b: int) -> dict:
+    out = {k: v[a:b] for k, v in rows.items() if k not in ("lse", "hidden")}
+    out["lse"] = rows["lse"][:, a:b]
+    out["hidden"] = {layer: h[a:b] for layer, h in rows["hidden"].items()}
+    return out
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("lse", "hidden")}
+    out["lse"] = np.concatenate([p["lse"] for p in parts], axis=1)
+    out["hidden"] = {layer: np.concatenate([p["hidden"][layer] for p in parts]) for layer in parts[0]["hidden"]}
+    return out
+
+
+_STOP = object()
+
+
+class CacheWriter:
+    """Background writer. Use as a context manager: put rows, end shards; errors surface here."""
+
+    def __init__(self, root: Path, layout: ShardLayout, queue_size: int = 2):
+        self.root, self.layout = root, layout
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._shards: dict[int, ShardWriter] = {}
+        self.records: list[dict] = []
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+
+    def __enter__(self) -> "CacheWriter":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._q.get()
+                if item is _STOP or self._abort.is_set():
+                    return
+                op, index, payload = item
+                if op == "open":
+                    start, n_rows = payload
+                    self._shards[index] = ShardWriter(self.root, index, start, n_rows, self.layout)
+                elif op == "rows":
+                    self._shards[index].add(payload)
+                else:  # "end"
+                    self.records.append(self._shards.pop(index).finish())
+        except BaseException as e:  # surfaced in the main thread
+            self._error = e
+            for w in self._shards.values():
+                w.abort()
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise_if_failed()
+            if not self._thread.is_alive():
+                raise RuntimeError("cache writer thread stopped unexpectedly")
+            try:
+                self._q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"cache writer failed: {self._error!r}") from self._error
+
+    def open_shard(self, index: int, start: int, n_rows: int) -> None:
+        self._put(("open", index, (start, n_rows)))
+
+    def put_rows(self, index: int, rows: dict) -> None:
+        self._put(("rows", index, rows))
+
+    def end_shard(self, index: int) -> None:
+        self._put(("end", index, None))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort.set()
+            try:
+                self._q.put_nowait(_STOP)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=30)
+            for w in self._shards.values():
+                w.abort()
+            return
+        self._put(_STOP)
+        self._thread.join()
+        self._raise_if_failed()

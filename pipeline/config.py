@@ -1,0 +1,283 @@
+"""Typed config schema: YAML sections -> dataclasses, `--set a.b=c` overrides, validation.
+
+Every key is declared once here with its type and, where it has one, its allowed values or range.
+An unknown key, a wrong type or an impossible value ends in a `PipelineError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "smollm2-135m-instruct"  # packaged name | hub id | local HF dir | .gguf file
+    dtype: str = field(default="float32", metadata=_choice(*DTYPES))
+    revision: Union[str, None] = None
+
+
+@dataclass
+class SourceConfig:
+    path: str = "wiki-vital"  # packaged corpus | hub dataset id | .jsonl/.json/.parquet/.txt
+    weight: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    name: Union[str, None] = None  # hub dataset config/subset name
+    split: str = "train"
+    streaming: bool = False  # hub datasets only: stream instead of downloading the whole split
+    text_field: Union[str, None] = None  # overrides data.text_field for this source
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    text_field: str = "text"
+    seq_len: int = field(default=256, metadata=_range(2, None))
+    num_sequences: int = field(default=512, metadata=_range(1, None))
+    heldout_fraction: float = field(default=0.05, metadata=_range(0.0, 0.5))
+    packing: bool = True
+    seed: int = 0
+
+
+@dataclass
+class StudentConfig:
+    model: Union[str, None] = None  # HF folder (a pruning.json beside it enables mapping.strategy=selected)
+    dtype: str = field(default="float32", metadata=_choice(*DTYPES))
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "cache/demo"
+    topk: int = field(default=64, metadata=_range(1, None))
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    layers: Union[str, list[int]] = "auto"  # auto | all | [1, 15, 30]
+    hidden_codec: str = "bf16"  # registry name, checked against pipeline.cache.codecs
+    logit_dtype: str = field(default="fp16", metadata=_choice("fp16", "bf16", "fp32"))
+    batch_size: int = field(default=8, metadata=_range(1, None))
+    shard_sequences: int = field(default=64, metadata=_range(1, None))
+    chunk_sequences: int = field(default=8, metadata=_range(1, None))
+    compression_level: int = field(default=3, metadata=_range(1, 22))
+
+
+@dataclass
+class MappingConfig:
+    strategy: Union[str, dict[int, int]] = "uniform"  # uniform | last | selected | {1: 2, 2: 4, ...}
+    stride: int = field(default=1, metadata=_range(1, None))  # map every stride-th student layer
+    projector: str = field(default="auto", metadata=_choice("auto", "linear", "identity"))
+    projector_init: str = "xavier"
+
+
+@dataclass
+class LossConfig:
+    alpha: float = field(default=0.4, metadata=_range(0.0, None))
+    beta: float = field(default=0.4, metadata=_range(0.0, None))
+    gamma: float = field(default=0.2, metadata=_range(0.0, None))
+    temperature: float = field(default=2.0, metadata=_range(0.0, None, lo_open=True))
+    logits: str = "kl"
+    tail: str = field(default="bucket", metadata=_choice("bucket", "renormalize"))
+    hidden: str = "cosine"
+    skew_lambda: float = field(default=0.1, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "winogrande", "hellaswag", "lambada_openai", "piqa"])
+    limit: Union[int, None] = None
+    batch_size: int = field(default=8, metadata=_range(1, None))
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # handed to transformers.TrainingArguments
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"mapping {_type_name(k)} -> {_type_name(v)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against type `tp`, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except PipelineError:
+                continue
+        raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise PipelineError(f"{key}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check(value: Any, meta: typing.Mapping, key: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise PipelineError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if "range" in meta and value is not None:
+        lo, hi, lo_open = meta["range"]
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise PipelineError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and value > hi:
+            raise PipelineError(f"{key}: {value!r} must be <= {hi}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise PipelineError(
+            f"unknown key {where}{unknown[0]}; allowed in {prefix or 'config'}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        value = _coerce(value, hints[name], key)
+        _check(value, fields[name].metadata, key)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for i, t in enumerate(cfg.cache.temperatures):
+        if t <= 0:
+            raise PipelineError(f"cache.temperatures[{i}]: {t!r} must be > 0")
+    if not cfg.cache.temperatures:
+        raise PipelineError("cache.temperatures: at least one temperature is needed")
+    if isinstance(cfg.cache.layers, str) and cfg.cache.layers not in ("auto", "all"):
+        raise PipelineError(f"cache.layers: {cfg.cache.layers!r} is not auto, all or a list of layer indices")
+    if isinstance(cfg.cache.layers, list):
+        for i, layer in enumerate(cfg.cache.layers):
+            if layer < 0:
+                raise PipelineError(f"cache.layers[{i}]: {layer} must be >= 0 (0 = embedding output)")
+    if not cfg.data.sources:
+        raise PipelineError("data.sources: at least one source is needed")
+    if cfg.cache.shard_sequences % cfg.cache.chunk_sequences:
+        raise PipelineError(
+            f"cache.shard_sequences ({cfg.cache.shard_sequences}) must be a multiple of "
+            f"cache.chunk_sequences ({cfg.cache.chunk_sequences})"
+        )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
+    if "=" not in item:
+        raise PipelineError(f"--set {item!r}: expected section.key=value")
+    path, raw = item.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise PipelineError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise PipelineError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise PipelineError(f"--set {item!r}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PipelineError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PipelineError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise PipelineError(f"{p}: the top level must be a mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides))

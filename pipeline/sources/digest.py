@@ -1,0 +1,43 @@
+"""Content digests that make up a cache fingerprint: weights, tokenizer, files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """blake2b over parameter/buffer names, dtypes, shapes and bytes (tied weights counted once)."""
+    h = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Vocabulary and special tokens: what decides the ids a text turns into."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "cls": type(tokenizer).__name__,
+    }
+    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,140 @@
+"""Where models come from: packaged name, local HF folder, local .gguf file, or hub id.
+
+A GGUF file is dequantized once by transformers and saved losslessly (float32) as a plain HF folder
+under `models_dir()/<file digest>/`; later loads read that folder (<1 s instead of ~15-25 s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.sources.assets import PACKAGED_MODELS, packaged_model_file
+from pipeline.sources.digest import file_digest
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("DISTILL_MODELS_DIR", "cache/models"))
+
+
+def describe_model_spec(spec: str) -> str:
+    """'packaged' | 'gguf' | 'local' | 'hub'; raises for a path that looks local but is missing."""
+    if spec in PACKAGED_MODELS:
+        return "packaged"
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise PipelineError(f"GGUF file not found: {spec}")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"{spec} is a folder without config.json, not a Hugging Face model folder")
+        return "local"
+    if path.exists():
+        raise PipelineError(f"{spec} is neither a .gguf file nor a model folder")
+    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/")) and all(spec.split("/"))
+    if looks_like_hub:
+        return "hub"
+    raise PipelineError(
+        f"model {spec!r} not found: not a packaged name ({', '.join(PACKAGED_MODELS)}), "
+        "a local model folder, a .gguf file or a hub id (org/name)"
+    )
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: concurrent ranks wait for one conversion
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize `gguf_path` once into a float32 HF folder; returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = models_dir()
+    out = root / file_digest(gguf_path)
+    if (out / "config.json").is_file():
+        return out
+    with _file_lock(root / f".{out.name}.lock"):
+        if (out / "config.json").is_file():
+            return out
+        kw = dict(gguf_file=gguf_path.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one and copy the dense weights
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"GGUF conversion lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.txt").write_text(f"{gguf_path.resolve()}\n")
+        os.replace(tmp, out)
+    return out
+
+
+def resolve_model(spec: str) -> str:
+    """A string that `from_pretrained` accepts: a local folder (GGUF converted) or a hub id."""
+    kind = describe_model_spec(spec)
+    if kind == "packaged":
+        return str(convert_gguf(packaged_model_file(spec)))
+    if kind == "gguf":
+        return str(convert_gguf(Path(spec)))
+    return spec
+
+
+def _hub_error(spec: str, e: Exception) -> PipelineError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return PipelineError(f"cannot load model {spec!r}: {first}")
+
+
+def load_tokenizer(spec: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(spec), revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(spec, e) from None
+
+
+def load_config(spec: str, revision: str | None = None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(spec), revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(spec, e) from None
+
+
+def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
+    """(model in eval mode, tokenizer) from any supported source."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in TORCH_DTYPES:
+        raise PipelineError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    where = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(spec, e) from None
+    model.eval()
+    return model, load_tokenizer(spec, revision)

@@ -1,0 +1,135 @@
+"""One teacher forward -> numpy arrays: top-k logits and ids, lse per temperature, block outputs.
+
+No file I/O here. Block outputs follow DESIGN.md section 3: layer 0 is the input of the first decoder
+block (the embedding output, scaled where the architecture scales it), layer i >= 1 is the residual
+stream after block i and before the final norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+LOGIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise PipelineError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return layers
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def logits_to_numpy(logits: torch.Tensor, logit_dtype: str) -> np.ndarray:
+    """[..., k] float -> storage array: float16 / float32, or bf16 bit patterns as uint16."""
+    t = logits.to(LOGIT_DTYPES[logit_dtype])
+    if logit_dtype == "bf16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
+    """Inverse of logits_to_numpy, as float32."""
+    if logit_dtype == "bf16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float().numpy()
+    return arr.astype(np.float32)
+
+
+@dataclass
+class Captured:
+    topk_ids: np.ndarray  # [B, T, k] uint16 | uint32
+    topk_logits: np.ndarray  # [B, T, k] storage dtype (see logits_to_numpy)
+    lse: np.ndarray  # [n_temps, B, T] float32, logsumexp(z / T) over the full vocabulary
+    hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32
+
+
+class TeacherCapture:
+    """Hooks the chosen layers once; each call runs one forward and returns a `Captured`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: list[int],
+        topk: int,
+        temperatures: list[float],
+        logit_dtype: str = "fp16",
+        head_chunk_tokens: int = 1024,
+    ):
+        self.model = model
+        self.layers = sorted(set(layers))
+        self.blocks = decoder_layers(model)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.topk = topk
+        self.temperatures = [float(t) for t in temperatures]
+        self.logit_dtype = logit_dtype
+        self.id_dtype = id_dtype(self.vocab_size)
+        self.head_chunk_tokens = head_chunk_tokens
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        n = len(self.blocks)
+        bad = [i for i in self.layers if not 0 <= i <= n]
+        if bad:
+            raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n})")
+        if not 1 <= topk <= self.vocab_size:
+            raise PipelineError(f"cache.topk: {topk} must be between 1 and the vocabulary size {self.vocab_size}")
+        self._store: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for i in self.layers:
+            if i == 0:
+                self._handles.append(self.blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            else:
+                self._handles.append(self.blocks[i - 1].register_forward_hook(self._make_hook(i)))
+        self._final_hidden: torch.Tensor | None = None
+
+    def _pre_hook(self, module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        self._store[0] = h.detach()
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            self._store[layer] = h.detach()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Captured:
+        self._store = {}
+        base = self.model.get_decoder()
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        normed = out.last_hidden_state  # [B, T, d] after the final norm
+        B, T, _ = normed.shape
+        head = self.model.get_output_embeddings()
+        flat = normed.reshape(B * T, -1)
+        ids = torch.empty(B * T, self.topk, dtype=torch.long)
+        vals = torch.empty(B * T, self.topk, dtype=torch.float32)
+        lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32)
+        # the LM head in token chunks: never more than one [chunk, V] logits tensor alive
+        for s in range(0, B * T, self.head_chunk_tokens):
+            z = head(flat[s : s + self.head_chunk_tokens]).float()  # [c, V]
+            if self.softcap:
+                z = torch.tanh(z / self.softcap) * self.softcap
+            v, i = torch.topk(z, self.topk, dim=-1)
+            vals[s : s + len(z)], ids[s : s + len(z)] = v, i
+            for ti, temp in enumerate(self.temperatures):
+                lse[ti, s : s + len(z)] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
+        hidden = {i: self._store[i].float().cpu().numpy() for i in self.layers}
+        return Captured(
+            topk_ids=ids.reshape(B, T, self.topk).numpy().astype(self.id_dtype),
+            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk), self.logit_dtype),
+            lse=lse.reshape(len(self.temperatures), B, T).numpy(),
+            hidden=hidden,
+        )
