@@ -1,0 +1,5 @@
+"""The cache format: `open_cache(dir)` is the reader API (DESIGN.md section 4)."""
+
+from pipeline.cache.reader import Cache, open_cache
+
+__all__ = ["Cache", "open_cache"]

@@ -1,0 +1,225 @@
+"""Building, reading, verifying, resuming and refusing caches, on a tiny random teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from pipeline.cache import open_cache
+from pipeline.cache.directory import BuildLock
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.data.sequences import sequences_from_config
+from pipeline.sources.models import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_same_cache(a: Path, b: Path):
+    ca, cb = open_cache(a), open_cache(b)
+    assert ca.manifest == cb.manifest
+    for i in range(len(ca)):
+        sa, sb = ca[i], cb[i]
+        for key in ("input_ids", "topk_ids", "topk_logits"):
+            assert np.array_equal(sa[key], sb[key]), (i, key)
+        for t in sa["lse"]:
+            assert np.array_equal(sa["lse"][t], sb["lse"][t])
+        for layer in sa["hidden"]:
+            assert np.array_equal(sa["hidden"][layer], sb["hidden"][layer])
+
+
+def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
+    cfg_path, cache_dir = tiny_config(cache__logit_dtype="fp32", cache__hidden_codec="fp32", cache__topk=49152,
+                                      data__num_sequences=10)
+    r = run_cli("cache", "build", cfg_path)
+    assert r.exit_code == 0, r.output
+    c = open_cache(cache_dir)
+    cfg = load_config(cfg_path)
+    seqs = sequences_from_config(cfg.data, load_tokenizer(str(tiny_teacher)))
+    assert len(c) == 10 and c.split == {"train": [0, seqs.n_train], "heldout": [seqs.n_train, 10]}
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    ids = torch.from_numpy(seqs.input_ids).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    logits = out.logits.float()
+    for i in (0, 5, 9):  # across shards and chunks
+        s = c[i]
+        assert np.array_equal(s["input_ids"], seqs.input_ids[i])
+        # k = V and fp32: the cache holds the full distribution, exactly
+        full = np.zeros_like(s["topk_logits"])
+        np.put_along_axis(full, s["topk_ids"], s["topk_logits"], axis=-1)
+        np.testing.assert_allclose(full, logits[i].numpy(), rtol=1e-6, atol=1e-5)
+        for t in (1.0, 2.0):
+            np.testing.assert_allclose(s["lse"][t], torch.logsumexp(logits[i] / t, -1).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(s["hidden"][2], out.hidden_states[2][i].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s["hidden"][0], out.hidden_states[0][i].numpy(), rtol=1e-6, atol=1e-6)
+    assert run_cli("cache", "verify", cache_dir).exit_code == 0
+    info = run_cli("cache", "info", cache_dir, "--json")
+    assert json.loads(info.output)["sequences"] == 10
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
+def test_hidden_codecs_in_cache(tiny_config, codec):
+    cfg_path, cache_dir = tiny_config(cache__hidden_codec=codec, data__num_sequences=8)
+    ref_path, ref_dir = cfg_path, cache_dir
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    c = open_cache(cache_dir)
+    assert c.manifest["hidden_codec"] == codec
+    h = c[3]["hidden"][4]
+    assert h.dtype == np.float32 and h.shape == (32, 32) and np.isfinite(h).all()
+
+
+def test_padded_sequences_store_lengths(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__packing=False, data__num_sequences=8)
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    c = open_cache(cache_dir)
+    lengths = [c[i]["length"] for i in range(len(c))]
+    assert all(2 <= n <= 32 for n in lengths) and len(set(lengths)) > 1
+
+
+def test_flipped_byte_fails_verify_naming_file(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    victim = sorted((cache_dir / "shards").rglob("c/*"))[0] if list((cache_dir / "shards").rglob("c/*")) else None
+    victim = next(p for p in sorted((cache_dir / "shards").rglob("*")) if p.is_file() and "layer_2" in str(p)
+                  and p.name != "zarr.json")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    r = run_cli("cache", "verify", cache_dir)
+    assert r.exit_code != 0
+    assert str(victim.relative_to(cache_dir)) in r.output
+    arrow = next((cache_dir / "shards").glob("*.arrow"))
+    raw = bytearray(arrow.read_bytes())
+    raw[100] ^= 0xFF
+    arrow.write_bytes(bytes(raw))
+    assert "shard-00000.arrow" in run_cli("cache", "verify", cache_dir).output
+
+
+def test_changed_config_refused_then_overwritten(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    before = (cache_dir / "manifest.json").read_text()
+    again = run_cli("cache", "build", cfg_path)  # same config: nothing to do
+    assert again.exit_code == 0 and "already complete" in again.output
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.topk=4")
+    assert r.exit_code == 2 and "--overwrite" in r.output and r.output.count("\n") == 1
+    assert (cache_dir / "manifest.json").read_text() == before
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.topk=4", "--overwrite")
+    assert r.exit_code == 0
+    assert open_cache(cache_dir).manifest["topk"] == 4
+
+
+def test_second_builder_refused(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    lock = BuildLock(cache_dir)
+    lock.acquire()
+    try:
+        r = run_cli("cache", "build", cfg_path)
+        assert r.exit_code == 2 and "another process" in r.output
+    finally:
+        lock.release()
+    assert not (cache_dir / "manifest.json").exists()
+
+
+def test_not_a_cache_dir_never_overwritten(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    cache_dir.mkdir()
+    (cache_dir / "precious.txt").write_text("keep me")
+    r = run_cli("cache", "build", cfg_path, "--overwrite")
+    assert r.exit_code == 2 and "not a cache" in r.output
+    assert (cache_dir / "precious.txt").read_text() == "keep me"
+
+
+def _build_cmd(cfg_path, *extra):
+    return [sys.executable, "-m", "pipeline.cli", "cache", "build", str(cfg_path), *extra]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=48, cache__batch_size=2)
+    ref = tmp_path / "ref"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(_build_cmd(cfg_path, "--set", f"cache.dir={ref}"), check=True, env=env, capture_output=True)
+    rng = random.Random(int(time.time()))
+    killed_mid_build = False
+    for attempt in range(3):
+        proc = subprocess.Popen(_build_cmd(cfg_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait until the build is really writing, then kill at a random moment
+        deadline = time.time() + 60
+        while time.time() < deadline and not (cache_dir / "build.json").exists():
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (cache_dir / "manifest.json").exists():
+            killed_mid_build = True
+            break
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    assert killed_mid_build
+    assert run_cli("cache", "verify", cache_dir).exit_code != 0  # unfinished: not a cache yet
+    r = subprocess.run(_build_cmd(cfg_path), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert run_cli("cache", "verify", cache_dir).exit_code == 0
+    assert_same_cache(cache_dir, ref)
+    assert not list((cache_dir / "shards").glob("*.tmp"))
+
+
+def test_two_process_build_equals_one_process(tiny_config, tmp_path):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=40)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    one = tmp_path / "one"
+    r1 = subprocess.run(_build_cmd(cfg_path, "--set", f"cache.dir={one}"), env=env, capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stderr
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "pipeline.cli", "cache", "build", str(cfg_path),
+           "--set", f"cache.dir={two}"]
+    r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert_same_cache(one, two)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"data__sources": [{"path": "EMPTY"}]}, "corpus is empty"),
+        ({"data__sources": [{"path": "missing/nowhere.jsonl"}]}, "not found"),
+        ({"data__sources": [{"path": "no-such-corpus"}]}, "cannot load dataset 'no-such-corpus'"),
+        ({"teacher__model": "no-such-teacher"}, "not a packaged name"),
+        ({"cache__topk": 50000}, "vocabulary size"),
+        ({"data__seq_len": 1}, "data.seq_len"),
+        ({"cache__layers": [0, 9]}, "beyond the teacher's depth"),
+        ({"cache__temperatures": [1.0, 0.0]}, "cache.temperatures"),
+        ({"cache__hidden_codec": "zip"}, "unknown hidden codec"),
+        ({"cache__layers": "auto"}, "needs student.model"),
+    ],
+)
+def test_bad_input_one_line_no_cache(tiny_config, tmp_path, overrides, message):
+    if overrides.get("data__sources") == [{"path": "EMPTY"}]:
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        overrides = {"data__sources": [{"path": str(empty)}]}
+    cfg_path, cache_dir = tiny_config(**overrides)
+    r = run_cli("cache", "build", cfg_path)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and r.output.startswith("error: ") and r.output.count("\n") == 1
+    assert "Traceback" not in r.output
+    assert not cache_dir.exists()

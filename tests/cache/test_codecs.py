@@ -1,0 +1,89 @@
+"""Round-trip bounds of every hidden codec and losslessness of the top-k side-data transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.cache.codecs import (
+    HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, encode_topk_ids, encode_topk_logits, from_planes, to_planes,
+)
+from pipeline.errors import PipelineError
+
+
+def _hidden(seed=0):
+    rng = np.random.default_rng(seed)
+    # block outputs: a few large outlier channels, norms growing with depth
+    x = rng.normal(0, 1, (3, 16, 64)).astype(np.float32)
+    x[..., 5] *= 80
+    x[1] *= 300
+    x[2, 3] = 0.0  # an all-zero vector
+    return x
+
+
+def test_fp32_lossless():
+    x = _hidden()
+    c = HIDDEN_CODECS.get("fp32")
+    assert np.array_equal(c.decode(c.encode(x)), x)
+
+
+def test_bf16_bound_and_idempotent():
+    x = _hidden()
+    c = HIDDEN_CODECS.get("bf16")
+    y = c.decode(c.encode(x))
+    assert np.all(np.abs(y - x) <= 2.0**-8 * np.abs(x))
+    assert np.array_equal(c.decode(c.encode(y)), y)  # lossless for values already bf16
+
+
+def test_fp16_bound():
+    x = _hidden()
+    c = HIDDEN_CODECS.get("fp16")
+    y = c.decode(c.encode(x))
+    normal = np.abs(x) >= 6.2e-5
+    assert np.all(np.abs(y - x)[normal] <= 2.0**-11 * np.abs(x)[normal])
+
+
+def test_int8_bound():
+    x = _hidden()
+    c = HIDDEN_CODECS.get("int8")
+    enc = c.encode(x)
+    assert enc[""].dtype == np.int8 and enc["scale"].dtype == np.float16
+    y = c.decode(enc)
+    absmax = np.abs(x).max(-1, keepdims=True)
+    assert np.all(np.abs(y - x) <= absmax / 254 * (1 + 2**-9) + 1e-12)
+    assert np.array_equal(y[2, 3], np.zeros(64, np.float32))
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1) + 1e-30)
+    assert cos[np.linalg.norm(x, axis=-1) > 0].min() > 0.999
+
+
+def test_unknown_codec_lists_valid():
+    with pytest.raises(PipelineError, match="bf16, fp16, fp32, int8"):
+        HIDDEN_CODECS.get("zip")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint16])
+def test_topk_logit_transform_is_lossless(dtype):
+    rng = np.random.default_rng(1)
+    if dtype == np.uint16:  # bf16 bit patterns
+        import torch
+
+        vals = torch.from_numpy(rng.normal(5, 8, (4, 6, 10)).astype(np.float32)).bfloat16()
+        x = vals.view(torch.int16).numpy().view(np.uint16)
+    else:
+        x = rng.normal(5, 8, (4, 6, 10)).astype(dtype)
+    x = np.ascontiguousarray(np.sort(x.view(dtype), axis=-1)[..., ::-1]) if dtype != np.uint16 else x
+    x[0, 0, :3] = x[0, 0, 0]  # ties
+    if dtype != np.uint16:
+        x[1, 0, 2] = -0.0
+        x[2] = rng.normal(size=x[2].shape).astype(dtype)  # unsorted rows round-trip too
+    y = decode_topk_logits(encode_topk_logits(x), x.dtype, 6, 10)
+    assert y.dtype == x.dtype
+    assert np.array_equal(y.view(np.uint8), x.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype,high", [(np.uint16, 65535), (np.uint32, 262143)])
+def test_id_planes_lossless(dtype, high):
+    ids = np.random.default_rng(2).integers(0, high + 1, (3, 5, 7)).astype(dtype)
+    assert np.array_equal(decode_topk_ids(encode_topk_ids(ids), dtype, 5, 7), ids)
+    planes = to_planes(ids.reshape(3, -1))
+    assert planes.dtype == np.uint8 and np.array_equal(from_planes(planes, ids.itemsize), ids.reshape(3, -1))
