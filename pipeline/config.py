@@ -7,6 +7,7 @@ An unknown key, a wrong type or an impossible value ends in a `PipelineError` na
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,21 @@ import yaml
 from pipeline.errors import PipelineError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _choice(*values: str) -> dict:
@@ -82,6 +98,7 @@ class MappingConfig:
     stride: int = field(default=1, metadata=_range(1, None))  # map every stride-th student layer
     projector: str = field(default="auto", metadata=_choice("auto", "linear", "identity"))
     projector_init: str = "xavier"
+    projector_lr_multiplier: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # projector LR = this x training.learning_rate
 
 
 @dataclass
@@ -241,7 +258,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not keys:
         raise PipelineError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise PipelineError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return keys, value
@@ -275,7 +292,7 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
         if not p.is_file():
             raise PipelineError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise PipelineError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
