@@ -97,5 +97,87 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
     info(cache_dir, as_json=as_json)
 
 
+# ----------------------------------------------------------------------------- prune
+
+
+@main.command("prune")
+@click.option("--model", "model", required=True, metavar="SRC",
+              help="Model to prune: packaged name, hub id, HF folder or .gguf file.")
+@click.option("--out", "out", required=True, type=click.Path(), metavar="DIR", help="Output HF folder.")
+@click.option("--method", default=None,
+              help="Depth pruning method (a registered name; default importance; an unknown name lists the valid ones).")
+@click.option("--remove", default=None, metavar="N|FRACTION", help="Blocks to remove: a count (6) or a fraction (0.2).")
+@click.option("--keep-first", default=0, show_default=True, type=int, help="Protect the first K blocks from removal.")
+@click.option("--keep-last", default=0, show_default=True, type=int, help="Protect the last K blocks from removal.")
+@click.option("--hidden-size", type=int, default=None, help="New hidden size (hidden channels by importance).")
+@click.option("--intermediate-size", type=int, default=None, help="New MLP width (neurons by importance).")
+@click.option("--num-heads", type=int, default=None,
+              help="New number of query heads (a multiple of the key/value heads; pruned within each group).")
+@click.option("--width-importance", default="activation", show_default=True,
+              help="Width importance kind (a registered name; an unknown name lists the valid ones).")
+@click.option("--calibration", default="wiki-vital", show_default=True, metavar="SOURCE",
+              help="Calibration corpus: packaged name, hub dataset id, .jsonl/.json/.parquet/.txt file.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of the calibration records.")
+@click.option("--calibration-sequences", default=64, show_default=True, type=int,
+              help="Sequences used to measure importance.")
+@click.option("--heldout-sequences", default=16, show_default=True, type=int,
+              help="Held-out sequences for perplexity / KL scoring (0: skip scoring).")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per calibration sequence.")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--candidates", multiple=True, metavar="METHOD:N,...",
+              help="Build and score several depth variants, keep the best, e.g. importance:6,last:6,consecutive:6.")
+@click.option("--select-by", default="kl", show_default=True,
+              help="Held-out score that picks the best candidate (lower wins; kl = KL to the unpruned model).")
+@click.option("--dtype", default="float32", show_default=True, help="Load (and save) dtype.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@user_errors
+def prune(**kwargs) -> None:
+    """Make a student: remove blocks (depth) and/or shrink hidden size, MLP width, heads (width).
+
+    Writes an HF folder with pruning.json (kept_layers, scores, kept channels/neurons/heads) and,
+    with --candidates, candidates.json (the scored table).
+    """
+    from pipeline.recipes.prune import run_prune
+
+    model, out = kwargs.pop("model"), kwargs.pop("out")
+    run_prune(model, out, echo=click.echo, **kwargs)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@main.command("train")
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--online", is_flag=True,
+              help="Compute the same losses from the live teacher instead of the cache (parity checks).")
+@click.option("--resume", default=None, is_flag=False, flag_value="latest", metavar="[CHECKPOINT]",
+              help="Resume from the latest checkpoint in training.output_dir, or from CHECKPOINT.")
+@user_errors
+def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | None) -> None:
+    """Train the student and its projectors from the cache named in CONFIG (no teacher weights loaded).
+
+    Writes training.output_dir: student/ (plain HF folder), projectors.safetensors + projectors.json,
+    trainer_state.json, run.json and checkpoint-N/ folders. Launch with `accelerate launch` for
+    several processes.
+    """
+    from pipeline.config import load_config
+    from pipeline.recipes.train import run_train
+
+    run_train(load_config(config, overrides), online=online, resume=resume)
+
+
+@main.command("demo")
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="Demo config (default: configs/demo.yaml).")
+@set_option
+@user_errors
+def demo(config: str | None, overrides: tuple[str, ...]) -> None:
+    """Run the chain on the embedded SmolLM2 teacher and Wikipedia corpus, offline."""
+    from pipeline.recipes.demo import DEMO_CONFIG, run_demo
+
+    run_demo(config or DEMO_CONFIG, overrides)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,228 @@
+"""Phase two: train the student and its projectors from the cache alone (or, with online=True, from the
+live teacher, for parity checks).
+
+Reads top to bottom: training arguments, the student's shape (config only), the teacher side (the cache
+manifest, or the live teacher), the layer map, the compatibility checks, the datasets, the student and
+projectors, the Trainer loop, then the run directory:
+    student/                 plain HF folder (+ the student's tokenizer, + pruning.json when there is one)
+    projectors.safetensors   projectors.json
+    trainer_state.json       run.json (resolved config, cache fingerprint, layer map, metrics)
+    checkpoint-N/            Trainer checkpoints, each with its projectors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from pipeline.errors import PipelineError
+from pipeline.sources import models
+from pipeline.sources.digest import tokenizer_digest
+from pipeline.student.layer_map import build_layer_map, read_kept_layers
+from pipeline.student.projectors import build_projectors, save_projectors
+from pipeline.train import checks
+
+# CPU-friendly defaults under the user's `training:` section (which wins)
+TRAINING_DEFAULTS = {
+    "output_dir": "runs/train",
+    "report_to": "none",
+    "logging_steps": 10,
+    "dataloader_pin_memory": False,
+    "save_total_limit": 2,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _text_config(cfg):
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def training_arguments(training: dict):
+    """cfg.training -> TrainingArguments; an unknown key or a bad value is a one-line error."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        raise PipelineError(f"unknown key training.{unknown[0]}: not a transformers.TrainingArguments field")
+    kwargs = {**TRAINING_DEFAULTS, **training, "remove_unused_columns": False}
+    types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
+    for key, value in kwargs.items():
+        # YAML reads 1e-4 (no dot) as a string; TrainingArguments does not convert it
+        if isinstance(value, str) and str(types.get(key)) in ("float", "<class 'float'>"):
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise PipelineError(f"training.{key}: expected a number, got {value!r}") from None
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"training: {first}") from None
+
+
+def _has_tokenizer(spec: str) -> bool:
+    return Path(spec).is_dir() and any((Path(spec) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=None, echo=None) -> dict:
+    """Train; returns the run summary written to run.json (only rank 0 writes files)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from pipeline.train.dataset import CacheDataset, OnlineTeacherCollator, SequenceDataset, collate
+    from pipeline.train.trainer import LossSpec, UniversalDistillationTrainer
+
+    echo = echo or (lambda msg: click.echo(msg, err=True))
+
+    # 1. training arguments (validated before anything heavy)
+    args = training_arguments(cfg.training)
+    out = Path(args.output_dir)
+    if online and args.dataloader_num_workers:
+        raise PipelineError("--online runs the teacher in the collator: set training.dataloader_num_workers=0")
+    if resume == "latest":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume is None:
+            raise PipelineError(f"--resume: no checkpoint-* folder in {out}")
+    elif resume is not None and not Path(resume).is_dir():
+        raise PipelineError(f"--resume: checkpoint folder not found: {resume}")
+
+    # 2. the student's shape, from its config only
+    if cfg.student.model is None:
+        raise PipelineError("student.model is not set: name the pruned student's HF folder")
+    spec = cfg.student.model
+    scfg = _text_config(models.load_config(spec))
+    n_student, d_student, v_student = scfg.num_hidden_layers, scfg.hidden_size, scfg.vocab_size
+    kept = read_kept_layers(spec) if Path(spec).is_dir() else None
+    student_tok = models.load_tokenizer(spec) if _has_tokenizer(spec) else None
+
+    # 3. the teacher side: the cache manifest (no teacher weights), or the live teacher
+    loss = LossSpec(**dataclasses.asdict(cfg.loss))
+    if online:
+        teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+        tcfg = _text_config(teacher.config)
+        vocab = teacher.get_output_embeddings().weight.shape[0]
+        manifest = {
+            "teacher": {"model": cfg.teacher.model, "num_layers": tcfg.num_hidden_layers,
+                        "hidden_size": tcfg.hidden_size, "vocab_size": vocab},
+            "seq_len": cfg.data.seq_len, "temperatures": [float(loss.temperature)],
+            "layers": list(range(tcfg.num_hidden_layers + 1)),
+            "fingerprint": {"tokenizer_digest": tokenizer_digest(teacher_tok)},
+        }
+    else:
+        from pipeline.cache.reader import open_cache
+
+        cache = open_cache(cfg.cache.dir)
+        manifest = cache.manifest
+    n_teacher = int(manifest["teacher"]["num_layers"])
+    d_teacher = int(manifest["teacher"]["hidden_size"])
+
+    # 4. layer map: student depth from its config, teacher depth from the manifest, kept blocks from pruning.json
+    layer_map = build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
+    needed = sorted(set(layer_map.values())) if loss.gamma > 0 else []
+
+    # 5. compatibility checks, before step one
+    checks.check_all(
+        manifest=manifest, student_vocab=v_student,
+        student_tokenizer_digest=tokenizer_digest(student_tok) if student_tok is not None else None,
+        layer_map=layer_map, need_hidden=loss.gamma > 0, temperature=loss.temperature, need_logits=True,
+        seq_len=cfg.data.seq_len,
+    )
+
+    # 6. datasets (and, online, the live-teacher collator)
+    if online:
+        from pipeline.data.sequences import sequences_from_config
+        from pipeline.teacher.capture import TeacherCapture
+
+        seqs = sequences_from_config(cfg.data, teacher_tok)
+        cc = cfg.cache
+        train_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(0, seqs.n_train), cc.shard_sequences, cc.chunk_sequences)
+        eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
+        capture = TeacherCapture(teacher, needed, cc.topk, [loss.temperature], cc.logit_dtype)
+        collator = OnlineTeacherCollator(capture, loss.temperature)
+    else:
+        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature)
+        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature)
+        capture, collator = None, collate
+    if len(train_ds) == 0:
+        raise PipelineError("the cache's train split is empty")
+
+    # 7. the student and one projector per mapped pair (seeded: same run, same projectors)
+    try:
+        student = AutoModelForCausalLM.from_pretrained(models.resolve_model(spec), dtype=models.TORCH_DTYPES[cfg.student.dtype])
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load student {spec!r}: {str(e).strip().splitlines()[0]}") from None
+    projectors = build_projectors(layer_map, d_student, d_teacher, cfg.mapping.projector,
+                                  cfg.mapping.projector_init, seed=args.seed)
+
+    # 8. the loop
+    trainer = UniversalDistillationTrainer(
+        model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
+        data_collator=collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
+        projector_lr_multiplier=cfg.mapping.projector_lr_multiplier,
+    )
+    mode = "online" if online else "cache"
+    if args.should_save:
+        echo(f"train ({mode}): student {spec} ({n_student} blocks) <- teacher {manifest['teacher']['model']} "
+             f"({n_teacher} blocks); map {layer_map}; {len(train_ds)} train / {len(eval_ds)} held-out sequences")
+    metrics: dict = {}
+    try:
+        if len(eval_ds) and resume is None:
+            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics["train_loss"] = result.training_loss
+        metrics["global_step"] = result.global_step
+        if len(eval_ds):
+            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    finally:
+        trainer.remove_hooks()
+        if capture is not None:
+            capture.close()
+
+    # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
+    summary = {
+        "mode": mode, "config": cfg.to_dict(), "student_source": spec,
+        "layer_map": {str(j): t for j, t in layer_map.items()}, "metrics": metrics,
+        "resumed_from": resume,
+    }
+    if not online:
+        summary["cache"] = {"dir": cfg.cache.dir, "fingerprint": manifest.get("fingerprint"),
+                            "fingerprint_digest": manifest.get("fingerprint_digest")}
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp, final = out / "student.tmp", out / "student"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        tok = student_tok if student_tok is not None else (teacher_tok if online else _teacher_tokenizer(manifest))
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if Path(spec, "pruning.json").is_file():
+            shutil.copy2(Path(spec, "pruning.json"), tmp / "pruning.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": mode})
+        trainer.save_state()
+        _write_json_atomic(out / "run.json", summary)
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        echo(f"{out}: student/, projectors.*, trainer_state.json, run.json written ({parts})")
+    return summary
+
+
+def _teacher_tokenizer(manifest: dict):
+    """The cache's teacher tokenizer (no weights), for a student folder that has none; None if unavailable."""
+    try:
+        return models.load_tokenizer(manifest["teacher"]["model"])
+    except Exception:  # noqa: BLE001 - the student folder is still valid without it
+        return None

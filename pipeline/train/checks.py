@@ -1,0 +1,76 @@
+"""Compatibility checks between a student, a layer map, the loss and a cache, run before step one.
+
+Each failure is a one-line PipelineError that says what differs and what would fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline.errors import PipelineError
+
+
+def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
+    """The student's output head must have a column for every id the teacher can put in its top-k."""
+    if student_vocab < teacher_vocab:
+        raise PipelineError(
+            f"the student's vocabulary ({student_vocab}) does not cover the cached teacher ids "
+            f"(teacher vocabulary {teacher_vocab})"
+        )
+
+
+def check_tokenizer(student_digest: str | None, cache_digest: str | None) -> None:
+    """Same token ids mean the same text only with the same tokenizer (skipped when either is unknown)."""
+    if student_digest is None or cache_digest is None:
+        return
+    if student_digest != cache_digest:
+        raise PipelineError(
+            f"the student's tokenizer (digest {student_digest}) differs from the cache's "
+            f"(digest {cache_digest}): the cached token ids would mean different text"
+        )
+
+
+def check_layers(layer_map: dict[int, int], cached_layers: Sequence[int]) -> None:
+    """Every teacher layer the map needs must be in the cache."""
+    cached = set(int(x) for x in cached_layers)
+    for j, t in sorted(layer_map.items()):
+        if t not in cached:
+            raise PipelineError(
+                f"the layer map needs teacher layer {t} (for student layer {j}) but the cache holds only "
+                f"layers {sorted(cached)}; change mapping.strategy/stride or rebuild the cache with that layer"
+            )
+
+
+def check_temperature(temperature: float, cached: Sequence[float]) -> None:
+    from pipeline.train.dataset import cached_temperature
+
+    cached_temperature(cached, temperature)
+
+
+def check_seq_len(seq_len: int | None, cache_seq_len: int) -> None:
+    if seq_len is not None and int(seq_len) != int(cache_seq_len):
+        raise PipelineError(
+            f"data.seq_len is {seq_len} but the cache holds sequences of {cache_seq_len} tokens; "
+            f"set data.seq_len={cache_seq_len} or rebuild the cache"
+        )
+
+
+def check_all(
+    *,
+    manifest: dict,
+    student_vocab: int,
+    student_tokenizer_digest: str | None,
+    layer_map: dict[int, int],
+    need_hidden: bool,
+    temperature: float,
+    need_logits: bool,
+    seq_len: int | None,
+) -> None:
+    """All checks against a cache manifest, cheapest first."""
+    check_vocab(student_vocab, int(manifest["teacher"]["vocab_size"]))
+    check_seq_len(seq_len, manifest["seq_len"])
+    if need_logits:
+        check_temperature(temperature, manifest["temperatures"])
+    if need_hidden:
+        check_layers(layer_map, manifest["layers"])
+    check_tokenizer(student_tokenizer_digest, manifest.get("fingerprint", {}).get("tokenizer_digest"))

@@ -1,0 +1,188 @@
+"""Cache -> training batches (phase two), plus the live-teacher variant used for parity checks.
+
+Batches are dicts of tensors, the same for both sources:
+    input_ids [B, T] long, topk_ids [B, T, k] long, topk_logits [B, T, k] fp32,
+    lse [B, T] fp32 (at the loss temperature), hidden_<t> [B, T, d_teacher] fp32 per mapped teacher layer t,
+    length [B] long (padded caches only).
+
+Shuffling keeps reads efficient: the sampler shuffles whole cache chunks (one Arrow record batch + one
+Zarr chunk per layer), then rows inside a small window of consecutive chunks, so each chunk is decoded
+once per window instead of once per row. No teacher weights are loaded on the cache path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.cache.reader import Cache, open_cache
+from pipeline.errors import PipelineError
+
+
+def hidden_key(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+def cached_temperature(temperatures: Sequence[float], temperature: float) -> float:
+    """The cached temperature equal to `temperature` (the exact key of the lse dict), else a clear error."""
+    for t in temperatures:
+        if abs(float(t) - float(temperature)) <= 1e-6 * max(1.0, abs(float(t))):
+            return t
+    cached = ", ".join(f"{float(t):g}" for t in temperatures)
+    raise PipelineError(f"loss.temperature {temperature:g} is not in the cache; cached temperatures: {cached}")
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Yields dataset positions: chunk order shuffled, rows shuffled within windows of `window` chunks.
+
+    groups: dataset positions grouped by the cache chunk that holds them. Deterministic for (seed, epoch),
+    so every process of a distributed run draws the same order (accelerate then shards the batches) and a
+    resumed run can skip the batches it already consumed.
+    """
+
+    def __init__(self, groups: list[list[int]], seed: int = 0, window: int = 2, shuffle: bool = True):
+        self.groups = [list(g) for g in groups if len(g)]
+        self.seed, self.window, self.shuffle = int(seed), max(1, int(window)), shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            for g in self.groups:
+                yield from g
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.groups))
+        for w in range(0, len(order), self.window):
+            rows = [p for gi in order[w : w + self.window] for p in self.groups[gi]]
+            for j in rng.permutation(len(rows)):
+                yield rows[j]
+
+
+def chunk_groups(chunk_of: Sequence[tuple]) -> list[list[int]]:
+    """Dataset positions grouped by chunk key, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for pos, key in enumerate(chunk_of):
+        groups.setdefault(tuple(key), []).append(pos)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class CacheDataset(Dataset):
+    """One split of a cache; item = one sequence with the targets the loss needs (numpy arrays).
+
+    The Cache is opened lazily in each process (DataLoader workers get their own file handles).
+    """
+
+    def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float):
+        self.cache_dir = str(cache_dir)
+        cache = open_cache(self.cache_dir)
+        self.indices = list(cache.indices(split))
+        self.layers = sorted(set(int(x) for x in layers))
+        missing = [x for x in self.layers if x not in cache.layers]
+        if missing:
+            raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {cache.layers})")
+        self.temperature = cached_temperature(cache.temperatures, temperature)
+        self.padded = cache.padded
+        self.groups = chunk_groups([cache.locate(i)[:2] for i in self.indices])
+        self._cache: Cache | None = cache
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = None  # file handles and decoded chunks stay in the process that opened them
+        return state
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> dict:
+        if self._cache is None:
+            self._cache = open_cache(self.cache_dir)
+        s = self._cache[self.indices[pos]]
+        item = {
+            "input_ids": s["input_ids"],
+            "topk_ids": s["topk_ids"],
+            "topk_logits": s["topk_logits"],
+            "lse": s["lse"][self.temperature],
+        }
+        for layer in self.layers:
+            item[hidden_key(layer)] = s["hidden"][layer]
+        if "length" in s:
+            item["length"] = s["length"]
+        return item
+
+
+class SequenceDataset(Dataset):
+    """Token rows only (online mode: the teacher runs in the collator)."""
+
+    def __init__(self, input_ids: np.ndarray, lengths: np.ndarray | None, rows: range,
+                 shard_sequences: int, chunk_sequences: int):
+        self.input_ids, self.lengths, self.indices = input_ids, lengths, list(rows)
+        self.padded = lengths is not None
+        # the same chunk groups a single-process cache build would have: identical sampling order
+        self.groups = chunk_groups(
+            [(i // shard_sequences, (i % shard_sequences) // chunk_sequences) for i in self.indices]
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> dict:
+        i = self.indices[pos]
+        item = {"input_ids": self.input_ids[i].astype(np.int64)}
+        if self.lengths is not None:
+            item["length"] = int(self.lengths[i])
+        return item
+
+
+# ----------------------------------------------------------------------------- collators
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack items into [B, ...] tensors (ids long, floats fp32)."""
+    out = {}
+    for key in items[0]:
+        arr = np.stack([np.asarray(it[key]) for it in items])
+        t = torch.from_numpy(arr)
+        out[key] = t.long() if key in ("input_ids", "topk_ids", "length") else t.float()
+    return out
+
+
+class OnlineTeacherCollator:
+    """Collates token rows, then runs the live teacher (a TeacherCapture) to add the same targets a cache
+    would hold. Runs in the main process (dataloader_num_workers must be 0)."""
+
+    def __init__(self, capture, temperature: float):
+        self.capture = capture
+        self.temperature_index = capture.temperatures.index(
+            cached_temperature(capture.temperatures, temperature)
+        )
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = collate(items)
+        ids = batch["input_ids"]
+        mask = None
+        if "length" in batch:
+            mask = (torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]).long()
+        cap = self.capture(ids, mask)
+        from pipeline.teacher.capture import logits_from_numpy
+
+        batch["topk_ids"] = torch.from_numpy(cap.topk_ids.astype(np.int64))
+        batch["topk_logits"] = torch.from_numpy(logits_from_numpy(cap.topk_logits, self.capture.logit_dtype))
+        batch["lse"] = torch.from_numpy(cap.lse[self.temperature_index])
+        for layer, h in cap.hidden.items():
+            batch[hidden_key(layer)] = torch.from_numpy(h)
+        return batch

@@ -1,0 +1,207 @@
+"""The one Trainer subclass: the compound distillation loss, projectors in the optimizer and checkpoints.
+
+    L = alpha * CE(true next token) + beta * logits loss (T^2 included) + gamma * mean_j hidden(P_j(h_j), H_t(j))
+
+h_j is the output of student block j before the final norm (forward hooks, the cache's convention),
+P_j its projector, H_t(j) the teacher's cached block output. CE and KL average over valid next-token
+positions, the hidden loss over valid tokens.
+
+The student is the Trainer's model (so the run's student folder stays a plain HF model); the
+projectors live beside it: an extra optimizer param group (optional LR multiplier), gradients averaged
+across processes and clipped before each optimizer step, saved into every checkpoint, restored on resume.
+Loss components are summed as detached tensors and turned into floats only at logging steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from pipeline.errors import PipelineError
+from pipeline.losses.hidden import hidden_loss
+from pipeline.losses.logits import cross_entropy, logits_loss
+from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
+from pipeline.teacher.capture import decoder_layers
+from pipeline.train.dataset import ChunkShuffleSampler, hidden_key
+
+SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
+
+
+@dataclass
+class LossSpec:
+    alpha: float = 0.4
+    beta: float = 0.4
+    gamma: float = 0.2
+    temperature: float = 2.0
+    logits: str = "kl"
+    tail: str = "bucket"
+    hidden: str = "cosine"
+    skew_lambda: float = 0.1
+
+
+def masks(input_ids: torch.Tensor, length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid tokens [B, T], valid next-token positions [B, T]) as bool."""
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device)[None, :].expand(B, T)
+    if length is None:
+        return torch.ones_like(pos, dtype=torch.bool), pos < T - 1
+    length = length.to(input_ids.device)[:, None]
+    return pos < length, pos < length - 1
+
+
+class UniversalDistillationTrainer(Trainer):
+    def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
+                 projector_lr_multiplier: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projectors = projectors.to(self.args.device)
+        self.layer_map = dict(sorted(layer_map.items()))
+        self.loss_spec = loss
+        self.projector_lr_multiplier = float(projector_lr_multiplier)
+        # our loss is a per-batch mean: let the Trainer divide it by the accumulation steps
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
+        self._student_hidden: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        if loss.gamma > 0:
+            blocks = decoder_layers(self.model)
+            for j in self.layer_map:
+                self._hooks.append(blocks[j - 1].register_forward_hook(self._make_hook(j)))
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def _make_hook(self, j: int):
+        def hook(module, args, output):
+            self._student_hidden[j] = output[0] if isinstance(output, (tuple, list)) else output  # [B, T, d_s]
+
+        return hook
+
+    # ------------------------------------------------------------------ loss
+    def distill_loss(self, model, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        spec = self.loss_spec
+        ids = inputs["input_ids"]  # [B, T]
+        length = inputs.get("length")
+        tok_mask, next_mask = masks(ids, length)
+        attention = tok_mask.long() if length is not None else None
+        self._student_hidden = {}
+        out = model(input_ids=ids, attention_mask=attention, use_cache=False)
+        B, T = ids.shape
+        logits = out.logits.reshape(B * T, -1)  # [N, V]
+        nm = next_mask.reshape(-1)  # [N]
+        targets = torch.roll(ids, -1, dims=1).reshape(-1)  # [N] token t+1 (last column masked out)
+
+        parts: dict[str, torch.Tensor] = {}
+        parts["loss_ce"] = cross_entropy(logits, targets, nm)
+        total = spec.alpha * parts["loss_ce"]
+        if spec.beta > 0:
+            k = inputs["topk_ids"].shape[-1]
+            parts["loss_kl"] = logits_loss(
+                spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),
+                inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, skew_lambda=spec.skew_lambda,
+            )
+            total = total + spec.beta * parts["loss_kl"]
+        if spec.gamma > 0:
+            tm = tok_mask.reshape(-1)
+            per_layer = []
+            for j, t in self.layer_map.items():
+                h = self._student_hidden[j]
+                student = self.projectors[str(j)](h.reshape(B * T, -1).float())  # [N, d_t]
+                teacher = inputs[hidden_key(t)].reshape(B * T, -1)  # [N, d_t]
+                value = hidden_loss(spec.hidden, student, teacher, tm)
+                parts[f"loss_hidden_L{j}"] = value
+                per_layer.append(value)
+            parts["loss_hidden"] = torch.stack(per_layer).mean()
+            total = total + spec.gamma * parts["loss_hidden"]
+        self._student_hidden = {}
+        return total, parts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, parts = self.distill_loss(model, inputs)
+        if model.training:
+            for key, value in parts.items():
+                v = value.detach()
+                self._sums[key] = self._sums[key] + v if key in self._sums else v
+            self._count += 1
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _ = self.distill_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._count:
+            keys = list(self._sums)
+            means = torch.stack([self._sums[k] for k in keys]) / self._count  # one host sync per log
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            for key, value in zip(keys, means.tolist()):
+                logs[key] = value
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        groups = getattr(ds, "groups", None)
+        if groups is None:
+            return super()._get_train_sampler(train_dataset)
+        return ChunkShuffleSampler(groups, seed=self.args.seed, window=SHUFFLE_WINDOW)
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        params = [p for p in self.projectors.parameters() if p.requires_grad]
+        if fresh and params:
+            optimizer.add_param_group({
+                "params": params, "weight_decay": self.args.weight_decay,
+                "lr": self.args.learning_rate * self.projector_lr_multiplier,
+            })
+            optimizer.register_step_pre_hook(self._projector_grads_hook)
+            # the Trainer zeroes only the model's gradients; the projectors' must not leak into the next step
+            optimizer.register_step_post_hook(lambda *_: self.projectors.zero_grad(set_to_none=True))
+        return optimizer
+
+    def _projector_grads_hook(self, optimizer, args, kwargs):
+        grads = [p.grad for p in self.projectors.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:  # the projectors are outside the DDP wrapper: average their gradients here
+                for g in grads:
+                    torch.distributed.all_reduce(g)
+                    g.div_(world)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.projectors.parameters()), self.args.max_grad_norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if _internal_call and self.args.should_save:  # a checkpoint: the projectors go with it
+            save_projectors(self.projectors, output_dir or self.args.output_dir,
+                            {"global_step": self.state.global_step})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, INDEX_FILE)):
+            raise PipelineError(f"checkpoint {resume_from_checkpoint} has no {INDEX_FILE}: cannot restore the projectors")
+        saved = load_projectors(resume_from_checkpoint)
+        if set(saved.keys()) != set(self.projectors.keys()) or saved.kinds() != self.projectors.kinds():
+            raise PipelineError(
+                f"checkpoint {resume_from_checkpoint} has projectors for layers {sorted(saved.keys())}, "
+                f"this run maps {sorted(self.projectors.keys())}"
+            )
+        with torch.no_grad():
+            for key, module in self.projectors.items():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(saved[key].weight.to(module.weight.device, module.weight.dtype))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,83 @@
+"""`distill train CONFIG [--set ...] [--online] [--resume]`: outputs, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+_spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).parents[1] / "train" / "conftest.py")
+tiny_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_mod)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_mod.byte_tokenizer()
+    teacher = tiny_mod.save_model(tiny_mod.tiny_llama(4, 32, seed=0, init_range=0.2), tok, root / "teacher")
+    student = tiny_mod.save_model(tiny_mod.tiny_llama(2, 24, seed=1), None, root / "student")  # no tokenizer
+    overrides = tiny_mod.base_overrides(root, teacher, student, str(root / "cache"))
+    config = root / "train.yaml"
+    config.write_text("loss: {alpha: 0.5, beta: 0.3, gamma: 0.2, temperature: 1.0}\n")
+    runner = CliRunner()
+    args = ["cache", "build", str(config)] + [x for o in overrides for x in ("--set", o)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return root, config, overrides
+
+
+def _invoke(config, overrides, *extra):
+    args = ["train", str(config)] + [x for o in overrides for x in ("--set", o)] + list(extra)
+    return CliRunner().invoke(main, args)
+
+
+def test_train_writes_run_dir(setup):
+    root, config, overrides = setup
+    out = root / "run"
+    training = tiny_mod.training_overrides(out, max_steps=2, save_strategy="steps", save_steps=1)
+    result = _invoke(config, overrides + training)
+    assert result.exit_code == 0, result.output
+    for name in ("student/config.json", "student/model.safetensors", "projectors.safetensors", "projectors.json",
+                 "trainer_state.json", "run.json", "checkpoint-2/projectors.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list((out / "student").glob("projectors*"))  # never merged into the student
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["loss"]["alpha"] == 0.5 and run["mode"] == "cache"
+    assert run["cache"]["fingerprint_digest"] and run["layer_map"] == {"1": 2, "2": 4}
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert {"loss_ce", "loss_kl", "loss_hidden", "loss_hidden_L1", "loss_hidden_L2"} <= set(logged[0])
+
+    # plain transformers loads the student; the tokenizer came from the cache's teacher (student had none)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(out / "student").eos_token == "</s>"
+
+    # --resume from the last checkpoint continues to a later max_steps
+    more = tiny_mod.training_overrides(out, max_steps=3, save_strategy="steps", save_steps=1)
+    result = _invoke(config, overrides + more, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--set", "training.no_such_arg=1"], "unknown key training.no_such_arg"),
+    (["--set", "loss.temperature=3.0"], "cached temperatures: 1, 2"),
+    (["--set", "mapping.strategy={1: 1, 2: 3}"], "needs teacher layer 1"),
+    (["--set", "cache.dir=/nonexistent/cache"], "cache directory not found"),
+    (["--resume"], "no checkpoint"),
+])
+def test_one_line_errors(setup, extra, needle):
+    root, config, overrides = setup
+    result = _invoke(config, overrides + tiny_mod.training_overrides(root / "err"), *extra)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert not (root / "err").exists()
