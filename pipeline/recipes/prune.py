@@ -24,9 +24,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.config import SourceConfig
+from pipeline.data.sequences import build_sequences
 from pipeline.errors import PipelineError
 from pipeline.registry import Registry
-from pipeline.student.prune import RECORD_FILE
+from pipeline.sources.corpus import mix_documents
+from pipeline.sources.models import load_config, load_model
+from pipeline.student.architectures import arch_spec
+from pipeline.student.importance import WIDTH_IMPORTANCE, BlockScores, collect_stats
+from pipeline.student.prune import (
+    DEPTH_METHODS,
+    RECORD_FILE,
+    PrunePlan,
+    build_pruned,
+    check_width,
+    plan_width,
+    pruning_record,
+    removable_blocks,
+    resolve_amount,
+    select_depth,
+)
 
 CANDIDATES_FILE = "candidates.json"
 
@@ -45,8 +62,6 @@ class DepthSpec:
 
 def parse_candidates(items: list[str], num_layers: int) -> list[DepthSpec]:
     """'importance:6,last:0.2' (repeatable) -> depth specs; methods checked against the registry."""
-    from pipeline.student.prune import DEPTH_METHODS, resolve_amount
-
     specs: list[DepthSpec] = []
     for item in items:
         for part in (p.strip() for p in item.split(",")):
@@ -58,7 +73,7 @@ def parse_candidates(items: list[str], num_layers: int) -> list[DepthSpec]:
             DEPTH_METHODS.get(method)
             if any(s.name == part for s in specs):
                 raise PipelineError(f"--candidates: {part!r} is listed twice")
-            specs.append(DepthSpec(part, method, resolve_amount(amount, num_layers)))
+            specs.append(DepthSpec(part, method, resolve_amount(amount, num_layers, f"--candidates {method}:")))
     if not specs:
         raise PipelineError("--candidates: no candidate given")
     return specs
@@ -187,24 +202,6 @@ def run_prune(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Prune `model` into the HF folder `out`; returns the pruning record (also `out/pruning.json`)."""
-    from pipeline.config import SourceConfig
-    from pipeline.data.sequences import build_sequences
-    from pipeline.sources.corpus import mix_documents
-    from pipeline.sources.models import load_config, load_model
-    from pipeline.student.architectures import arch_spec
-    from pipeline.student.importance import WIDTH_IMPORTANCE, BlockScores, collect_stats
-    from pipeline.student.prune import (
-        DEPTH_METHODS,
-        PrunePlan,
-        build_pruned,
-        check_width,
-        plan_width,
-        pruning_record,
-        removable_blocks,
-        resolve_amount,
-        select_depth,
-    )
-
     # 1. check the request before loading anything heavy
     out_dir = Path(out)
     _check_out(out_dir, overwrite)

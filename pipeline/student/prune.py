@@ -77,23 +77,24 @@ def remove_consecutive(scores: BlockScores | None, n: int, removable: list[int])
     return list(range(best, best + n))
 
 
-def resolve_amount(amount: str | int | float, num_layers: int) -> int:
+def resolve_amount(amount: str | int | float, num_layers: int, flag: str = "--remove") -> int:
     """`--remove`: a block count ('6') or a fraction of the blocks ('0.2' -> round(0.2 * L))."""
     text = str(amount).strip()
+    flag = flag if flag.endswith(":") else flag + " "  # "--remove 6" | "--candidates last:6"
     try:
         value = float(text)
     except ValueError:
-        raise PipelineError(f"--remove {text!r}: expected a number of blocks or a fraction in (0, 1)") from None
+        raise PipelineError(f"{flag}{text!r}: expected a number of blocks or a fraction in (0, 1)") from None
     if "." in text or "e" in text.lower():
         if not 0 < value < 1:
-            raise PipelineError(f"--remove {text}: a fraction must lie in (0, 1)")
+            raise PipelineError(f"{flag}{text}: a fraction must lie in (0, 1)")
         n = round(value * num_layers)
     else:
         n = int(value)
     if n < 0:
-        raise PipelineError(f"--remove {text}: must be >= 0")
+        raise PipelineError(f"{flag}{text}: must be >= 0")
     if n >= num_layers:
-        raise PipelineError(f"--remove {text}: cannot remove {n} of the model's {num_layers} blocks (at least one must stay)")
+        raise PipelineError(f"{flag}{text}: cannot remove {n} of the model's {num_layers} blocks (at least one must stay)")
     return n
 
 
@@ -154,7 +155,16 @@ def check_width(config, hidden_size: int | None, intermediate_size: int | None, 
                 f"--num-heads {num_heads}: must be a multiple of the {kv} key/value heads "
                 "(query heads are pruned within each grouped-query group)"
             )
-    return WidthTarget(**out)
+    target = WidthTarget(**out)
+    # the sizes must also make a valid config (e.g. hidden_size a multiple of the heads): fail now, not after calibration
+    blocks = list(range(1, config.num_hidden_layers + 1))
+    pruned_config(config, PrunePlan(
+        blocks,
+        None if target.hidden_size is None else list(range(target.hidden_size)),
+        None if target.intermediate_size is None else {b: list(range(target.intermediate_size)) for b in blocks},
+        None if target.num_heads is None else {b: list(range(target.num_heads)) for b in blocks},
+    ))
+    return target
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:

@@ -94,6 +94,7 @@ def test_refuses_non_empty_out_unless_overwrite(tiny_llama, corpus, tmp_path):
     [
         (("--remove", "4"), "cannot remove 4 of the model's 4 blocks"),
         (("--hidden-size", "128"), "--hidden-size 128: must be between 1 and the original 64"),
+        (("--hidden-size", "50"), "hidden size (50) is not a multiple of the number of attention heads (4)"),
         (("--method", "random", "--remove", "1"), "unknown pruning method 'random'; valid: consecutive, importance, last"),
         (("--candidates", "importance:1,shuffle:1"), "unknown pruning method 'shuffle'"),
         (("--remove", "1", "--width-importance", "fisher"), "unknown width importance 'fisher'"),

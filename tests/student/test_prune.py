@@ -284,8 +284,8 @@ def test_width_errors():
         check_width(cfg, None, 0, None)
     with pytest.raises(PipelineError, match="multiple of the 2 key/value heads"):
         check_width(cfg, None, None, 3)
-    with pytest.raises(PipelineError, match="not a multiple of the number of attention"):
-        pruned_config(_config("gemma3_text"), PrunePlan(list(range(1, L + 1)), kept_channels=list(range(30))))
+    with pytest.raises(PipelineError, match="hidden size .30. is not a multiple of the number of attention"):
+        check_width(_config("gemma3_text"), 30, None, None)
 
 
 def test_unsupported_architecture():
