@@ -77,7 +77,6 @@ def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
 def test_hidden_codecs_in_cache(tiny_config, codec):
     cfg_path, cache_dir = tiny_config(cache__hidden_codec=codec, data__num_sequences=8)
-    ref_path, ref_dir = cfg_path, cache_dir
     assert run_cli("cache", "build", cfg_path).exit_code == 0
     c = open_cache(cache_dir)
     assert c.manifest["hidden_codec"] == codec
@@ -96,7 +95,6 @@ def test_padded_sequences_store_lengths(tiny_config):
 def test_flipped_byte_fails_verify_naming_file(tiny_config):
     cfg_path, cache_dir = tiny_config(data__num_sequences=8)
     assert run_cli("cache", "build", cfg_path).exit_code == 0
-    victim = sorted((cache_dir / "shards").rglob("c/*"))[0] if list((cache_dir / "shards").rglob("c/*")) else None
     victim = next(p for p in sorted((cache_dir / "shards").rglob("*")) if p.is_file() and "layer_2" in str(p)
                   and p.name != "zarr.json")
     data = bytearray(victim.read_bytes())

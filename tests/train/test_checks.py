@@ -44,18 +44,15 @@ def _run(tiny, train_overrides, out, *extra):
 
 def test_temperature_layers_seq_len(tiny, train_overrides, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(PipelineError) as e:
-        _run(tiny, train_overrides, out, "loss.temperature=4.0")
-    assert "cached temperatures" in _one_line(e)
-    with pytest.raises(PipelineError) as e:
-        _run(tiny, train_overrides, out, "mapping.strategy={1: 1, 2: 4}")
-    assert "teacher layer 1" in _one_line(e)
-    with pytest.raises(PipelineError) as e:
-        _run(tiny, train_overrides, out, "data.seq_len=64")
-    assert "seq_len" in _one_line(e)
-    with pytest.raises(PipelineError) as e:
-        _run(tiny, train_overrides, out, "mapping.strategy=selected")
-    assert "pruning.json" in _one_line(e)
+    for override, message in [
+        ("loss.temperature=4.0", "cached temperatures"),
+        ("mapping.strategy={1: 1, 2: 4}", "teacher layer 1"),
+        ("data.seq_len=64", "seq_len"),
+        ("mapping.strategy=selected", "pruning.json"),
+    ]:
+        with pytest.raises(PipelineError) as e:
+            _run(tiny, train_overrides, out, override)
+        assert message in _one_line(e), override
     assert not out.exists()  # nothing written before the checks pass
 
 
