@@ -34,6 +34,7 @@ TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "dataloader_pin_memory": False,
     "save_total_limit": 2,
+    "ddp_find_unused_parameters": False,  # every student parameter takes part in the loss: skip DDP's graph scan
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -53,6 +54,9 @@ def training_arguments(training: dict):
     kwargs = {**TRAINING_DEFAULTS, **training, "remove_unused_columns": False}
     types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
     for key, value in kwargs.items():
+        # YAML reads a bare `no` (save_strategy=no, eval_strategy=no) as False
+        if value is False and "bool" not in str(types.get(key)):
+            kwargs[key] = value = "no"
         # YAML reads 1e-4 (no dot) as a string; TrainingArguments does not convert it
         if isinstance(value, str) and str(types.get(key)) in ("float", "<class 'float'>"):
             try:
@@ -78,7 +82,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=None, echo=None) -> dict:
     """Train; returns the run summary written to run.json (only rank 0 writes files)."""
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -112,6 +115,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     loss = LossSpec(**dataclasses.asdict(cfg.loss))
     if online:
         teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+        teacher.to(args.device)  # beside the student: online mode is the baseline that shares memory
         tcfg = _text_config(teacher.config)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         manifest = {
@@ -167,7 +171,11 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     projectors = build_projectors(layer_map, d_student, d_teacher, cfg.mapping.projector,
                                   cfg.mapping.projector_init, seed=args.seed)
 
-    # 8. the loop
+    # 8. the loop. The held-out loss before training comes from eval_on_start: it runs after the Trainer has
+    # wrapped the student (DDP under several processes). A plain evaluate() before train() would make
+    # accelerate treat the bare student as prepared, and train() would then skip the DDP wrapper.
+    if len(eval_ds) and resume is None:
+        args.eval_on_start = True
     trainer = UniversalDistillationTrainer(
         model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
         data_collator=collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
@@ -179,9 +187,10 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
              f"({n_teacher} blocks); map {layer_map}; {len(train_ds)} train / {len(eval_ds)} held-out sequences")
     metrics: dict = {}
     try:
-        if len(eval_ds) and resume is None:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         result = trainer.train(resume_from_checkpoint=resume)
+        start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
+        if start:
+            metrics["eval_loss_before"] = start[0]
         metrics["train_loss"] = result.training_loss
         metrics["global_step"] = result.global_step
         if len(eval_ds):

@@ -80,3 +80,6 @@ def test_unknown_training_key():
     with pytest.raises(PipelineError) as e:
         training_arguments({"output_dir": "x", "lr_scheduler_type": "nope"})
     _one_line(e)
+    # `--set training.save_strategy=no` arrives from YAML as False; "no" is what it means
+    assert training_arguments({"output_dir": "x", "save_strategy": False}).save_strategy == "no"
+    assert training_arguments({"output_dir": "x", "use_cpu": False}).use_cpu is False
