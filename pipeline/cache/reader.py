@@ -1,5 +1,8 @@
 """Read a cache: `open_cache(dir)` validates the manifest; `c[i]` decodes sequence i.
 
+`open_cache(dir, layers=[...])` decodes only those cached hidden layers (a consumer that maps 4 of 10
+cached layers does not pay for the other 6); `c.layers` still lists every cached layer.
+
 The only module (with writer.py) that knows where arrays live. Reads go by chunk (one Arrow record
 batch + one Zarr chunk per layer) and keep the last few decoded chunks, so sequential and
 chunk-shuffled access decompress each chunk once.
@@ -26,7 +29,7 @@ _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float3
 
 
 class Cache:
-    def __init__(self, root: str | Path, chunk_cache: int = 4):
+    def __init__(self, root: str | Path, chunk_cache: int = 4, layers: list[int] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise PipelineError(f"cache directory not found: {self.root}")
@@ -43,6 +46,13 @@ class Cache:
         self.temperatures: list[float] = [float(t) for t in m["temperatures"]]
         self.layers: list[int] = [int(x) for x in m["layers"]]
         self.chunk_sequences: int = m["chunk_sequences"]
+        if layers is None:
+            self.decoded_layers = list(self.layers)
+        else:
+            self.decoded_layers = sorted({int(x) for x in layers})
+            missing = [x for x in self.decoded_layers if x not in self.layers]
+            if missing:
+                raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
         self.padded: bool = not m.get("packing", True)
         self._codec = HIDDEN_CODECS.get(m["hidden_codec"])
         self._starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
@@ -88,7 +98,8 @@ class Cache:
         return self._files[pos]
 
     def read_chunk(self, pos: int, chunk: int) -> dict:
-        """Decoded arrays of every sequence of one chunk (leading dim = rows in the chunk)."""
+        """Decoded arrays of every sequence of one chunk (leading dim = rows in the chunk); hidden holds
+        the selected layers only."""
         key = (pos, chunk)
         if key in self._chunks:
             self._chunks.move_to_end(key)
@@ -113,7 +124,7 @@ class Cache:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
         hidden = {}
-        for layer in self.layers:
+        for layer in self.decoded_layers:
             arrays = {}
             for name in group.array_keys():
                 base = hidden_array(layer)
@@ -160,5 +171,6 @@ class Cache:
         return bad
 
 
-def open_cache(root: str | Path) -> Cache:
-    return Cache(root)
+def open_cache(root: str | Path, layers: list[int] | None = None) -> Cache:
+    """The cache at `root`; `layers` limits the hidden layers decoded per sequence (default: all cached)."""
+    return Cache(root, layers=layers)

@@ -89,12 +89,9 @@ class CacheDataset(Dataset):
 
     def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float):
         self.cache_dir = str(cache_dir)
-        cache = open_cache(self.cache_dir)
-        self.indices = list(cache.indices(split))
         self.layers = sorted(set(int(x) for x in layers))
-        missing = [x for x in self.layers if x not in cache.layers]
-        if missing:
-            raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {cache.layers})")
+        cache = open_cache(self.cache_dir, layers=self.layers)  # decodes the mapped layers only
+        self.indices = list(cache.indices(split))
         self.temperature = cached_temperature(cache.temperatures, temperature)
         self.padded = cache.padded
         self.groups = chunk_groups([cache.locate(i)[:2] for i in self.indices])
@@ -110,7 +107,7 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, pos: int) -> dict:
         if self._cache is None:
-            self._cache = open_cache(self.cache_dir)
+            self._cache = open_cache(self.cache_dir, layers=self.layers)
         s = self._cache[self.indices[pos]]
         item = {
             "input_ids": s["input_ids"],

@@ -22,6 +22,7 @@ from pipeline.cache.directory import BuildLock
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.sequences import sequences_from_config
+from pipeline.errors import PipelineError
 from pipeline.sources.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +83,14 @@ def test_hidden_codecs_in_cache(tiny_config, codec):
     assert c.manifest["hidden_codec"] == codec
     h = c[3]["hidden"][4]
     assert h.dtype == np.float32 and h.shape == (32, 32) and np.isfinite(h).all()
+    # a layer selection decodes only those layers, to the same values
+    cached = c.layers
+    assert len(cached) > 1
+    some = open_cache(cache_dir, layers=[cached[-1]])
+    assert some.layers == cached and list(some[3]["hidden"]) == [cached[-1]]
+    assert np.array_equal(some[3]["hidden"][cached[-1]], c[3]["hidden"][cached[-1]])
+    with pytest.raises(PipelineError, match="not in the cache"):
+        open_cache(cache_dir, layers=[99])
 
 
 def test_padded_sequences_store_lengths(tiny_config):
