@@ -49,6 +49,7 @@ class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # packaged name | hub id | local HF dir | .gguf file
     dtype: str = field(default="float32", metadata=_choice(*DTYPES))
     revision: Union[str, None] = None
+    device: str = "auto"  # auto (the process's GPU when there is one, else CPU) | cpu | cuda | cuda:N
 
 
 @dataclass

@@ -102,6 +102,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
 
     # 3. teacher and capture hooks (validates topk against the real head, layers against the depth)
     teacher, _ = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+    teacher.to(models.pick_device(cfg.teacher.device))
     capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype)
     vocab = capture.vocab_size
 

@@ -125,6 +125,21 @@ def load_config(spec: str, revision: str | None = None):
         raise _hub_error(spec, e) from None
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """auto -> this process's GPU (LOCAL_RANK under torchrun/accelerate) when there is one, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"teacher.device: {name!r} is not auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"teacher.device: {name} requested but no CUDA device is available")
+    return device
+
+
 def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
     """(model in eval mode, tokenizer) from any supported source."""
     from transformers import AutoModelForCausalLM

@@ -109,7 +109,10 @@ class TeacherCapture:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Captured:
         self._store = {}
         base = self.model.get_decoder()
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        device = self.model.get_output_embeddings().weight.device
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        out = base(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
         normed = out.last_hidden_state  # [B, T, d] after the final norm
         B, T, _ = normed.shape
         head = self.model.get_output_embeddings()
