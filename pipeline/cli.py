@@ -159,8 +159,13 @@ def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | N
     """Train the student and its projectors from the cache named in CONFIG (no teacher weights loaded).
 
     Writes training.output_dir: student/ (plain HF folder), projectors.safetensors + projectors.json,
-    trainer_state.json, run.json and checkpoint-N/ folders. Launch with `accelerate launch` for
-    several processes.
+    trainer_state.json, run.json and checkpoint-N/ folders.
+
+    \b
+    Several processes (DDP; gloo on CPU, with training.use_cpu=true):
+      accelerate launch --multi_gpu --num_processes 2 -m pipeline.cli train CONFIG
+      torchrun --nproc_per_node 2 -m pipeline.cli train CONFIG
+    On a CPU-only machine `accelerate launch --cpu` starts ONE process (it needs mpirun for more).
     """
     from pipeline.config import load_config
     from pipeline.recipes.train import run_train

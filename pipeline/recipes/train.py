@@ -34,6 +34,7 @@ TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "dataloader_pin_memory": False,
     "save_total_limit": 2,
+    "disable_tqdm": False,  # the CLI quiets transformers' logger, which would otherwise hide the step bar
     "ddp_find_unused_parameters": False,  # every student parameter takes part in the loss: skip DDP's graph scan
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
