@@ -41,3 +41,19 @@ def test_cache_matches_online(tiny, train_overrides):
     pb = load_file(str(runs[True] / "projectors.safetensors"))
     for name in pa:
         torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_close_to_fp32(tiny, train_overrides):
+    """training.bf16 (CPU autocast): the same components within bf16 rounding, fp32 weights and projectors."""
+    logs, runs = {}, {}
+    for bf16 in (False, True):
+        out = tiny["root"] / f"precision_bf16_{bf16}"
+        run_train(load_config(None, tiny["overrides"] + train_overrides(out, bf16=bf16, max_steps=2)))
+        logs[bf16], runs[bf16] = _first_log(out), out
+    a, b = logs[False], logs[True]
+    for k in [k for k in a if k.startswith("loss")]:
+        assert abs(a[k] - b[k]) <= 3e-2 * abs(a[k]) + 1e-4, (k, a[k], b[k])
+    assert any(abs(a[k] - b[k]) > 0 for k in a if k.startswith("loss"))  # autocast did change the arithmetic
+    student = load_file(str(runs[True] / "student" / "model.safetensors"))
+    projectors = load_file(str(runs[True] / "projectors.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in [*student.values(), *projectors.values()])
