@@ -74,6 +74,9 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
     if cfg.student.model is None:
         raise PipelineError("the demo config needs student.model: the folder its prune step writes")
     student = cfg.student.model
+    if Path(student).exists() and not Path(student, "pruning.json").is_file():
+        raise PipelineError(f"student.model {student} exists and was not written by `distill prune`; "
+                            "the demo writes its student there: choose another folder")
     out = Path(cfg.training.get("output_dir", "runs/train"))
 
     source = cfg.data.sources[0]

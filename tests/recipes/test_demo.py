@@ -7,10 +7,12 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.cache import open_cache
+from pipeline.errors import PipelineError
 from pipeline.recipes.demo import DEMO_CONFIG, run_demo
 from tests.conftest import make_tiny_model
 
@@ -51,3 +53,12 @@ def test_demo_chain_on_tiny_teacher(tmp_path, smollm_tokenizer, corpus_file):
     assert math.isclose(result["perplexity_gap_recovered"],
                         (result["pruned"]["perplexity"] - result["distilled"]["perplexity"]) / gap)
     assert json.loads((tmp_path / "run" / "demo.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_demo_never_overwrites_a_folder_prune_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match="not written by `distill prune`"):
+        run_demo(DEMO_CONFIG, (f"student.model={mine}",))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
