@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_cache.py
+	$(BIN)/python scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs
