@@ -35,10 +35,6 @@ LOGITS_LEVEL = 9  # zstd level of the Arrow side data: small next to hidden stat
 # ----------------------------------------------------------------------------- helpers
 
 
-def _text_config(cfg):
-    return getattr(cfg, "text_config", None) or cfg
-
-
 def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -> list[int]:
     """cache.layers -> sorted teacher layer indices to store."""
     if layers == "all":
@@ -51,7 +47,7 @@ def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -
     # auto: what mapping.strategy needs for the configured student's depth
     if student_model is None:
         raise PipelineError("cache.layers=auto needs student.model (or set cache.layers to a list or all)")
-    n_student = _text_config(models.load_config(student_model)).num_hidden_layers
+    n_student = models.text_config(models.load_config(student_model)).num_hidden_layers
     kept = read_kept_layers(student_model) if Path(student_model).is_dir() else None
     layer_map = build_layer_map(mapping.strategy, n_student, n_teacher, mapping.stride, kept)
     return sorted(set(layer_map.values()))
@@ -92,7 +88,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
     codec = HIDDEN_CODECS.get(cc.hidden_codec)
 
     # 1. cheap checks on the teacher's config, before anything is written
-    tcfg = _text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
+    tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
     n_teacher = tcfg.num_hidden_layers
     layers = resolve_layers(cc.layers, cfg.mapping, cfg.student.model, n_teacher)
 

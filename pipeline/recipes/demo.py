@@ -12,12 +12,11 @@ Every step is the same code as its CLI command; a rerun reuses a finished cache 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
 
+from pipeline.cache.manifest import write_json_atomic
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.recipes.cache import build_cache, cache_info, verify_cache
@@ -107,8 +106,6 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
         click.echo(f"perplexity gap recovered: {100 * result['perplexity_gap_recovered']:.1f}% "
                    f"after {summary['metrics'].get('global_step')} steps")
     path = out / "demo.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     _echo(f"{path} written")
     return result

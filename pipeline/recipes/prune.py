@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate.perplexity import heldout_scores
 from pipeline.registry import Registry
 from pipeline.sources.corpus import mix_documents
-from pipeline.sources.models import load_config, load_model
+from pipeline.sources.models import load_config, load_model, write_folder_atomically
 from pipeline.student.architectures import arch_spec
 from pipeline.student.importance import WIDTH_IMPORTANCE, BlockScores, collect_stats
 from pipeline.student.prune import (
@@ -81,24 +79,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise PipelineError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PipelineError(f"--out {out} is not empty; pass --overwrite to replace it")
-
-
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """write(DIR.tmp), then swap it in; an exception leaves the old DIR (or none) and no DIR.tmp."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _dumps(record: dict) -> str:
@@ -245,7 +225,7 @@ def run_prune(
         if candidates:
             (tmp / CANDIDATES_FILE).write_text(_dumps(table))
 
-    _write_atomically(out_dir, write)
+    write_folder_atomically(out_dir, write)
     old, new = record["sizes"]["old"], record["sizes"]["new"]
     summary = (f"{out_dir}: {old['num_hidden_layers']} -> {new['num_hidden_layers']} blocks, hidden "
                f"{old['hidden_size']} -> {new['hidden_size']}, MLP {old['intermediate_size']} -> "

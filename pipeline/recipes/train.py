@@ -13,13 +13,12 @@ projectors, the Trainer loop, then the run directory:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 from pathlib import Path
 
 import click
 
+from pipeline.cache.manifest import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.digest import tokenizer_digest
@@ -38,10 +37,6 @@ TRAINING_DEFAULTS = {
     "ddp_find_unused_parameters": False,  # every student parameter takes part in the loss: skip DDP's graph scan
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _text_config(cfg):
-    return getattr(cfg, "text_config", None) or cfg
 
 
 def training_arguments(training: dict):
@@ -75,12 +70,6 @@ def _has_tokenizer(spec: str) -> bool:
     return Path(spec).is_dir() and any((Path(spec) / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=None, echo=None) -> dict:
     """Train; returns the run summary written to run.json (only rank 0 writes files)."""
     from transformers import AutoModelForCausalLM
@@ -107,7 +96,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     if cfg.student.model is None:
         raise PipelineError("student.model is not set: name the pruned student's HF folder")
     spec = cfg.student.model
-    scfg = _text_config(models.load_config(spec))
+    scfg = models.text_config(models.load_config(spec))
     n_student, d_student, v_student = scfg.num_hidden_layers, scfg.hidden_size, scfg.vocab_size
     kept = read_kept_layers(spec) if Path(spec).is_dir() else None
     student_tok = models.load_tokenizer(spec) if _has_tokenizer(spec) else None
@@ -117,7 +106,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     if online:
         teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
         teacher.to(args.device)  # beside the student: online mode is the baseline that shares memory
-        tcfg = _text_config(teacher.config)
+        tcfg = models.text_config(teacher.config)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         manifest = {
             "teacher": {"model": cfg.teacher.model, "num_layers": tcfg.num_hidden_layers,
@@ -212,19 +201,19 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
                             "fingerprint_digest": manifest.get("fingerprint_digest")}
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        tmp, final = out / "student.tmp", out / "student"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
         tok = student_tok if student_tok is not None else (teacher_tok if online else _teacher_tokenizer(manifest))
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        if Path(spec, "pruning.json").is_file():
-            shutil.copy2(Path(spec, "pruning.json"), tmp / "pruning.json")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+
+        def write_student(tmp: Path) -> None:
+            student.save_pretrained(tmp)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+            if Path(spec, "pruning.json").is_file():
+                shutil.copy2(Path(spec, "pruning.json"), tmp / "pruning.json")
+
+        models.write_folder_atomically(out / "student", write_student)
         save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": mode})
         trainer.save_state()
-        _write_json_atomic(out / "run.json", summary)
+        write_json_atomic(out / "run.json", summary)
         parts = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         echo(f"{out}: student/, projectors.*, trainer_state.json, run.json written ({parts})")
     return summary

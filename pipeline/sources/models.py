@@ -11,6 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -60,6 +61,24 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """write(DIR.tmp), then swap it in; an exception leaves the old DIR (or none) and no DIR.tmp."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize `gguf_path` once into a float32 HF folder; returns the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,12 +102,13 @@ def convert_gguf(gguf_path: Path) -> Path:
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"GGUF conversion lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "source.txt").write_text(f"{gguf_path.resolve()}\n")
-        os.replace(tmp, out)
+
+        def write(tmp: Path) -> None:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "source.txt").write_text(f"{gguf_path.resolve()}\n")
+
+        write_folder_atomically(out, write)
     return out
 
 
@@ -123,6 +143,11 @@ def load_config(spec: str, revision: str | None = None):
         return AutoConfig.from_pretrained(resolve_model(spec), revision=revision)
     except (OSError, ValueError) as e:
         raise _hub_error(spec, e) from None
+
+
+def text_config(config):
+    """The language-model part of a config (multimodal configs nest it as text_config)."""
+    return getattr(config, "text_config", None) or config
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from torch import nn
-
 from pipeline.errors import PipelineError
 
 # Axis kinds a tensor axis can be indexed by (anything else is left whole).
@@ -100,14 +98,6 @@ def tensor_axes(key: str, spec: ArchSpec) -> dict[int, str]:
     if axes is None:
         raise PipelineError(f"pruning does not know the tensor {key!r} of a {spec.model_type} model")
     return axes
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a *ForCausalLM model (model.model.layers)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise PipelineError(f"{type(model).__name__} has no model.layers; pruning needs a decoder-only causal LM")
-    return layers
 
 
 def head_dim(config) -> int:

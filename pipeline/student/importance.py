@@ -24,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.registry import Registry
-from pipeline.student.architectures import ArchSpec, decoder_layers, head_dim
+from pipeline.student.architectures import ArchSpec, head_dim
+from pipeline.teacher.capture import decoder_layers
 
 
 @dataclass
