@@ -18,10 +18,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from pipeline.errors import PipelineError
-from pipeline.losses.hidden import hidden_loss
+from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.logits import cross_entropy, logits_loss
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
 from pipeline.teacher.capture import decoder_layers
@@ -71,6 +72,7 @@ class UniversalDistillationTrainer(Trainer):
                 self._hooks.append(blocks[j - 1].register_forward_hook(self._make_hook(j)))
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._eval_sums: dict[str, torch.Tensor] = {}
 
     def _make_hook(self, j: int):
         def hook(module, args, output):
@@ -79,7 +81,10 @@ class UniversalDistillationTrainer(Trainer):
         return hook
 
     # ------------------------------------------------------------------ loss
-    def distill_loss(self, model, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def distill_loss(self, model, inputs: dict, cos_sums: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, its components). With `cos_sums`, also adds per mapped block j the sum over valid
+        tokens of cos(P_j(h_j), H_t(j)) under "cos_L<j>" and the valid-token count under "tokens"."""
         spec = self.loss_spec
         ids = inputs["input_ids"]  # [B, T]
         length = inputs.get("length")
@@ -111,8 +116,13 @@ class UniversalDistillationTrainer(Trainer):
                 teacher = inputs[hidden_key(t)].reshape(B * T, -1)  # [N, d_t]
                 value = hidden_loss(spec.hidden, student, teacher, tm)
                 parts[f"loss_hidden_L{j}"] = value
+                if cos_sums is not None:
+                    cos = F.cosine_similarity(student[tm], teacher[tm].float(), dim=-1, eps=COSINE_EPS)  # [M]
+                    cos_sums[f"cos_L{j}"] = cos_sums.get(f"cos_L{j}", 0) + cos.detach().double().sum()
                 per_layer.append(value)
             parts["loss_hidden"] = torch.stack(per_layer).mean()
+            if cos_sums is not None:
+                cos_sums["tokens"] = cos_sums.get("tokens", 0) + tm.sum().double()
             total = total + spec.gamma * parts["loss_hidden"]
         self._student_hidden = {}
         return total, parts
@@ -129,8 +139,35 @@ class UniversalDistillationTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, _ = self.distill_loss(model, inputs)
+            loss, parts = self.distill_loss(model, inputs, cos_sums=self._eval_sums)
+        # components weighted by batch size, as the Trainer weights eval_loss
+        rows = inputs["input_ids"].shape[0]
+        for key, value in parts.items():
+            self._eval_sums[key] = self._eval_sums.get(key, 0) + value.detach().double() * rows
+        self._eval_sums["rows"] = self._eval_sums.get("rows", 0) + torch.tensor(float(rows), dtype=torch.float64,
+                                                                                 device=loss.device)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop, plus held-out means of every loss component (`eval_loss_ce`, ...) and the
+        held-out cosine per mapped student block (`eval_cos_L<j>`, over all valid tokens)."""
+        self._eval_sums = {}
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        sums, self._eval_sums = self._eval_sums, {}
+        if sums:
+            keys = sorted(sums)
+            device = sums["rows"].device
+            totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            total = dict(zip(keys, totals.tolist()))
+            for key, value in total.items():
+                if key.startswith("loss_"):
+                    output.metrics[f"{prefix}_{key}"] = value / total["rows"]
+                elif key.startswith("cos_L") and total.get("tokens"):
+                    output.metrics[f"{prefix}_{key}"] = value / total["tokens"]
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._count:
