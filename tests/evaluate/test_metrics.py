@@ -1,0 +1,77 @@
+"""Recovery metrics against numbers worked out by hand from the definitions (DESIGN.md section 8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.evaluate.metrics import paired_difference, primary_metric, recovery_metrics
+
+
+def _result(ppl, kl, tasks):
+    return {"model": "m", "heldout": {"perplexity": ppl, "kl_to_teacher": kl, "tokens": 100}, "tasks": tasks}
+
+
+def _task(items, norm_items=None):
+    t = {"acc": sum(items) / len(items), "acc_stderr": 0.01, "n": len(items), "split": "validation",
+         "items": {"acc": items}}
+    if norm_items is not None:
+        t.update(acc_norm=sum(norm_items) / len(norm_items), acc_norm_stderr=0.02)
+        t["items"]["acc_norm"] = norm_items
+    return t
+
+
+TEACHER = _result(20.0, 0.0, {"arc_easy": _task([1, 1, 1, 0], [1, 1, 1, 1]), "winogrande": _task([1, 1, 0, 0])})
+PRUNED = _result(40.0, 0.8, {"arc_easy": _task([1, 0, 0, 0], [1, 0, 0, 0]), "winogrande": _task([0, 1, 0, 0])})
+MODEL = _result(25.0, 0.3, {"arc_easy": _task([1, 1, 0, 0], [1, 1, 1, 0]), "winogrande": _task([1, 1, 0, 0])})
+
+
+def test_paired_difference_by_hand():
+    # d = [0, 1, -1, 1]: mean 0.25, sample sd sqrt(((-.25)^2 + .75^2 + (-1.25)^2 + .75^2) / 3) = sqrt(2.75 / 3)
+    d = paired_difference([1, 1, 0, 1], [1, 0, 1, 0])
+    assert d["diff"] == 0.25 and d["n"] == 4
+    assert math.isclose(d["stderr"], math.sqrt(2.75 / 3) / 2)
+    assert paired_difference([1], [0])["stderr"] is None
+    with pytest.raises(PipelineError, match="same items"):
+        paired_difference([1, 0], [1])
+
+
+def test_recovery_metrics_by_hand():
+    r = recovery_metrics(TEACHER, PRUNED, MODEL)
+    assert math.isclose(r["ppl_retention"], 20 / 25)
+    assert math.isclose(r["ppl_recovery"], (40 - 25) / (40 - 20))  # 0.75
+    assert math.isclose(r["kl_recovery"], (0.8 - 0.3) / 0.8)
+    rows = {row["task"]: row for row in r["tasks"]}
+    # arc_easy reports acc_norm: teacher 1.0, pruned 0.25, model 0.75
+    assert rows["arc_easy"]["metric"] == "acc_norm" and rows["winogrande"]["metric"] == "acc"
+    assert math.isclose(rows["arc_easy"]["retention"], 0.75)
+    assert math.isclose(rows["arc_easy"]["recovery"], (0.75 - 0.25) / (1.0 - 0.25))
+    assert rows["arc_easy"]["vs_teacher"]["diff"] == -0.25  # d = [0, 0, 0, -1]
+    assert math.isclose(rows["arc_easy"]["vs_teacher"]["stderr"], math.sqrt((3 * 0.25**2 + 0.75**2) / 3) / 2)
+    assert rows["arc_easy"]["vs_pruned"]["diff"] == 0.5
+    # winogrande: teacher 0.5, pruned 0.25, model 0.5
+    assert math.isclose(rows["winogrande"]["retention"], 1.0)
+    assert math.isclose(rows["winogrande"]["recovery"], 1.0)
+    assert rows["winogrande"]["vs_teacher"] == {"diff": 0.0, "stderr": 0.0, "n": 4}
+    assert math.isclose(r["capability_retention"], (0.75 + 1.0) / 2)
+    assert math.isclose(r["benchmark_recovery"], (2 / 3 + 1.0) / 2)
+
+
+def test_no_gap_gives_none_not_inf():
+    same = _result(20.0, 0.0, {"winogrande": _task([1, 0])})
+    r = recovery_metrics(same, same, same)
+    assert r["ppl_recovery"] is None and r["kl_recovery"] is None
+    assert r["tasks"][0]["recovery"] is None and "benchmark_recovery" not in r
+
+
+def test_different_limits_refused():
+    short = _result(25.0, 0.3, {"winogrande": _task([1, 1])})
+    with pytest.raises(PipelineError, match="same --limit"):
+        recovery_metrics(TEACHER, PRUNED, short)
+
+
+def test_primary_metric():
+    assert primary_metric({"acc": 0.5, "acc_norm": 0.6}) == "acc_norm"
+    assert primary_metric({"acc": 0.5}) == "acc"
