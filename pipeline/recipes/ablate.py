@@ -1,0 +1,376 @@
+"""`distill ablate CONFIG`: many training variants over ONE teacher cache, evaluated and compared.
+
+Top to bottom:
+    1. the base config and every variant (the base with the variant's "section.key" overrides), each checked
+       before anything runs: known keys and values, loss names, training arguments, the student, its layer
+       map, the loss temperature and teacher layers against the cache (or, when it is still to be built,
+       against what the build will store)
+    2. the cache, built once if it is missing (cache.layers auto -> the union of the layers every variant's
+       map needs); a finished cache is never rebuilt, and training never loads the teacher
+    3. the teacher's scores, once (output_dir/baseline/teacher.json)
+    4. per variant, each in its own process: `distill train` into output_dir/<name>/, the untrained
+       student's scores once per student (baseline/pruned.json), then `distill eval` of the trained one
+       (held-out perplexity and KL from the cache's held-out split, the benchmarks in ablate.eval.tasks);
+       a crash (or out-of-memory kill) fails that variant only; a finished variant (variant.json) is
+       skipped on rerun, an unfinished one is removed and restarted
+    5. ablation.json, ablation.md (the chapter's Table 6.2) and ablation.png in output_dir
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import yaml
+
+from pipeline.cache.manifest import MANIFEST, read_json, write_json_atomic
+from pipeline.config import Config, config_from_dict, load_config_data, set_key
+from pipeline.errors import PipelineError
+from pipeline.sources import models
+from pipeline.student.layer_map import build_layer_map, read_kept_layers
+
+# what the one cache holds: a variant that changed these would need another cache
+SHARED_SECTIONS = ("teacher", "data", "cache", "ablate", "eval")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED = ("baseline",)
+MARKER = "variant.json"
+LOG_TAIL = 15
+
+
+def _variant_data(base: dict, name: str, overrides: Any) -> dict:
+    if not isinstance(name, str) or not VARIANT_NAME.match(name) or name in RESERVED:
+        raise PipelineError(f"ablate.variants: {name!r} is not a usable variant name (letters, digits, _ . -; "
+                            f"not {', '.join(RESERVED)})")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise PipelineError(f"ablate.variants.{name}: expected a mapping of section.key: value, got {overrides!r}")
+    data = copy.deepcopy(base)
+    data.pop("ablate", None)
+    for key, value in overrides.items():
+        keys = [k for k in str(key).split(".") if k]
+        if len(keys) < 2:
+            raise PipelineError(f"ablate.variants.{name}: {key!r} is not section.key")
+        if keys[0] in SHARED_SECTIONS:
+            raise PipelineError(f"ablate.variants.{name}: {key} cannot vary: every variant trains from the one "
+                                f"cache, so {', '.join(SHARED_SECTIONS[:3])} are shared (run another ablation for it)")
+        if keys == ["training", "output_dir"]:
+            raise PipelineError(f"ablate.variants.{name}: training.output_dir is set by the runner "
+                                "(ablate.output_dir/<variant>)")
+        set_key(data, keys, value, f"ablate.variants.{name}")
+    return data
+
+
+def _variant_config(data: dict, name: str) -> Config:
+    try:
+        return config_from_dict(data)
+    except PipelineError as e:
+        raise PipelineError(f"variant {name}: {e}") from None
+
+
+def _layer_map(cfg: Config, n_teacher: int) -> dict[int, int]:
+    spec = cfg.student.model
+    if spec is None:
+        raise PipelineError("student.model is not set: name the pruned student's HF folder")
+    n_student = models.text_config(models.load_config(spec)).num_hidden_layers
+    kept = read_kept_layers(spec) if Path(spec).is_dir() else None
+    return build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
+
+
+def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tuple[dict[str, dict], list[int]]:
+    """Every variant's config data, checked; and the teacher layers the cache must hold for all of them."""
+    from pipeline.evaluate.benchmarks import check_limit, check_tasks
+    from pipeline.losses.hidden import HIDDEN_LOSSES
+    from pipeline.losses.logits import LOGIT_LOSSES
+    from pipeline.recipes.train import training_arguments
+    from pipeline.sources.digest import tokenizer_digest
+    from pipeline.train import checks
+
+    variants = base.ablate.variants
+    if not variants:
+        raise PipelineError("ablate.variants is empty: list at least one variant ({name: {section.key: value}})")
+    if base.ablate.eval.tasks:
+        check_tasks(base.ablate.eval.tasks)
+    check_limit(base.ablate.eval.limit)
+    if manifest is not None:
+        n_teacher, teacher_vocab = int(manifest["teacher"]["num_layers"]), int(manifest["teacher"]["vocab_size"])
+        temperatures, cache_digest = manifest["temperatures"], manifest.get("fingerprint", {}).get("tokenizer_digest")
+    else:
+        tcfg = models.text_config(models.load_config(base.teacher.model, base.teacher.revision))
+        n_teacher, teacher_vocab = tcfg.num_hidden_layers, tcfg.vocab_size
+        temperatures, cache_digest = base.cache.temperatures, None
+    out, needed = {}, set()
+    for name, overrides in variants.items():
+        data = _variant_data(base_data, name, overrides)
+        cfg = _variant_config(data, name)
+        try:
+            LOGIT_LOSSES.get(cfg.loss.logits)
+            HIDDEN_LOSSES.get(cfg.loss.hidden)
+            training_arguments({**cfg.training, "output_dir": str(Path(base.ablate.output_dir) / name)})
+            layer_map = _layer_map(cfg, n_teacher)
+            scfg = models.text_config(models.load_config(cfg.student.model))
+            student_tok = None
+            if Path(cfg.student.model, "tokenizer_config.json").is_file():
+                student_tok = tokenizer_digest(models.load_tokenizer(cfg.student.model))
+            if manifest is not None:
+                checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
+                                 layer_map=layer_map, need_hidden=cfg.loss.gamma > 0, temperature=cfg.loss.temperature,
+                                 need_logits=True, seq_len=manifest["seq_len"])
+            else:
+                checks.check_vocab(scfg.vocab_size, teacher_vocab)
+                checks.check_temperature(cfg.loss.temperature, temperatures)
+                if isinstance(base.cache.layers, list) or base.cache.layers == "all":
+                    from pipeline.recipes.cache import resolve_layers
+
+                    if cfg.loss.gamma > 0:
+                        checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
+        except PipelineError as e:
+            raise PipelineError(f"variant {name}: {e}") from None
+        if cfg.loss.gamma > 0:
+            needed |= set(layer_map.values())
+        out[name] = data
+    return out, sorted(needed)
+
+
+def _tail(path: Path, n: int = LOG_TAIL) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _run(args: list[str], log: Path) -> tuple[int, float]:
+    """Run `python -m pipeline.cli ARGS` in its own process, output to `log`; (exit code, seconds)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.call([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                             env=env, stdin=subprocess.DEVNULL)
+    return rc, time.perf_counter() - t0
+
+
+def _eval_args(model: str, cache_dir: str, ev, out: Path) -> list[str]:
+    args = ["eval", "--model", model, "--heldout", cache_dir, "--out", str(out),
+            "--tasks", ",".join(ev.tasks) if ev.tasks else "none", "--batch-size", str(ev.batch_size)]
+    if ev.limit:
+        args += ["--limit", str(ev.limit)]
+    return args
+
+
+def _baseline_eval(model: str, path: Path, base: Config, echo) -> tuple[bool, str]:
+    """Eval JSON of an untrained model at `path`, computed once (kept for reruns); (ok, log tail)."""
+    if path.is_file():
+        return True, ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"baseline: evaluating {model}")
+    log = path.with_suffix(".log")
+    rc, _ = _run(_eval_args(model, base.cache.dir, base.ablate.eval, path), log)
+    return rc == 0, "" if rc == 0 else _tail(log)
+
+
+def _pruned_path(out: Path, students: list[str], student: str) -> Path:
+    name = "pruned.json" if len(students) == 1 else f"pruned-{students.index(student)}.json"
+    return out / "baseline" / name
+
+
+def _summary_metrics(result: dict) -> dict[str, Any]:
+    from pipeline.evaluate.metrics import primary_metric
+
+    h = result.get("heldout") or {}
+    m: dict[str, Any] = {"heldout_perplexity": h.get("perplexity"), "heldout_kl": h.get("kl_to_teacher")}
+    for task, t in result.get("tasks", {}).items():
+        metric = primary_metric(t)
+        m[task] = t[metric]
+        m[f"{task}_stderr"] = t.get(f"{metric}_stderr")
+    return m
+
+
+def _run_variant(name: str, data: dict, base: Config, out: Path, teacher_json: Path, pruned_json: Path,
+                 digest: str | None, echo) -> dict:
+    run_dir = out / name
+    marker = run_dir / MARKER
+    overrides = base.ablate.variants[name] or {}
+    if marker.is_file():
+        done = read_json(marker)
+        if done.get("overrides") == overrides and done.get("cache_fingerprint") == digest:
+            echo(f"variant {name}: finished earlier, skipped")
+            return done
+        echo(f"variant {name}: its overrides or the cache changed since it ran: running it again")
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts from scratch
+    run_dir.mkdir(parents=True)
+    data = copy.deepcopy(data)
+    set_key(data, ["training", "output_dir"], str(run_dir), name)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    record: dict[str, Any] = {"variant": name, "overrides": overrides, "cache_fingerprint": digest}
+
+    echo(f"variant {name}: training ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'base config'})")
+    rc, record["train_seconds"] = _run(["train", str(run_dir / "config.yaml")], run_dir / "train.log")
+    if rc != 0:
+        record.update(status="failed", stage="train", exit_code=rc, log_tail=_tail(run_dir / "train.log"))
+        echo(f"variant {name}: training FAILED (exit {rc}); see {run_dir / 'train.log'}")
+        return record  # no marker: a rerun tries it again
+    # the untrained student's scores, once per student (a student that cannot be scored fails its variants)
+    ok, tail = _baseline_eval(config_from_dict(copy.deepcopy(data)).student.model, pruned_json, base, echo)
+    if not ok:
+        record.update(status="failed", stage="baseline", log_tail=tail)
+        echo(f"variant {name}: evaluating the untrained student FAILED; see {pruned_json.with_suffix('.log')}")
+        return record
+    (run_dir / "eval").mkdir(exist_ok=True)
+    student_json = run_dir / "eval" / "student.json"
+    echo(f"variant {name}: evaluating")
+    rc, record["eval_seconds"] = _run(_eval_args(str(run_dir / "student"), base.cache.dir, base.ablate.eval,
+                                                 student_json), run_dir / "eval.log")
+    if rc != 0:
+        record.update(status="failed", stage="eval", exit_code=rc, log_tail=_tail(run_dir / "eval.log"))
+        echo(f"variant {name}: eval FAILED (exit {rc}); see {run_dir / 'eval.log'}")
+        return record
+    # the run dir is a complete `distill report` input: teacher and pruned scores beside the student's
+    shutil.copy2(teacher_json, run_dir / "eval" / "teacher.json")
+    shutil.copy2(pruned_json, run_dir / "eval" / "pruned.json")
+    record["status"] = "done"
+    write_json_atomic(marker, record)
+    return record
+
+
+def _row(record: dict, out: Path) -> dict:
+    from pipeline.evaluate.metrics import recovery_metrics
+
+    row = {k: record.get(k) for k in ("variant", "overrides", "status", "train_seconds", "eval_seconds")}
+    if record.get("status") != "done":
+        row.update(stage=record.get("stage"), log_tail=record.get("log_tail"))
+        return row
+    run_dir = out / record["variant"]
+    student = read_json(run_dir / "eval" / "student.json")
+    teacher = read_json(run_dir / "eval" / "teacher.json")
+    pruned = read_json(run_dir / "eval" / "pruned.json")
+    run = read_json(run_dir / "run.json")
+    row["metrics"] = {**_summary_metrics(student), "eval_loss": run["metrics"].get("eval_loss_after")}
+    recovery = recovery_metrics(teacher, pruned, student)
+    row["recovery"] = {k: v for k, v in recovery.items() if k != "tasks"}
+    row["steps"] = run["metrics"].get("global_step")
+    return row
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def ablation_markdown(result: dict) -> str:
+    tasks = result["tasks"]
+    head = ["variant", "overrides", "held-out PPL", "KL to teacher", "eval loss", *tasks,
+            "PPL recovery", "KL recovery", "capability retention", "train s"]
+    lines = [f"# Ablation over one cache ({result['cache']})", "",
+             f"Held-out perplexity and KL(teacher || model) at T = 1 on the cache's {result['heldout_sequences']} "
+             "held-out sequences (KL on the top-k ids plus an exact tail bucket); benchmarks: lm-eval stock tasks, "
+             f"packaged validation splits, limit {result['limit']}, primary metric (acc_norm where reported) ± stderr. "
+             "eval loss is each variant's own held-out compound loss (not comparable across loss settings).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    b = result["baseline"]
+    for label, m in (("teacher", b["teacher"]), ("pruned (untrained)", b["pruned"])):
+        if m is None:
+            continue
+        cells = [label, "", _num(m["heldout_perplexity"], ".2f"), _num(m["heldout_kl"], ".4f"), ""]
+        cells += [_pct(m.get(t)) for t in tasks] + ["", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in result["rows"]:
+        overrides = ", ".join(f"{k}={v}" for k, v in (r["overrides"] or {}).items()) or "(base)"
+        if r["status"] != "done":
+            lines.append(f"| {r['variant']} | {overrides} | failed in {r.get('stage')} |" + " |" * (len(head) - 3))
+            continue
+        m, rec = r["metrics"], r["recovery"]
+        cells = [r["variant"], overrides, _num(m["heldout_perplexity"], ".2f"), _num(m["heldout_kl"], ".4f"),
+                 _num(m["eval_loss"], ".4f")]
+        cells += [_pct(m.get(t)) + (f" ± {100 * m[t + '_stderr']:.1f}" if m.get(t + "_stderr") else "") for t in tasks]
+        cells += [_pct(rec.get("ppl_recovery")), _pct(rec.get("kl_recovery")), _pct(rec.get("capability_retention")),
+                  _num(r["train_seconds"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["failed"]:
+        lines += ["", "Failed variants (rerun `distill ablate` to retry them):", ""]
+        for r in result["rows"]:
+            if r["status"] != "done":
+                lines += [f"- {r['variant']} ({r.get('stage')}):", "", "```", r.get("log_tail") or "", "```"]
+    return "\n".join(lines) + "\n"
+
+
+def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the ablation; returns what it writes to ablation.json."""
+    from pipeline.recipes.cache import build_cache
+
+    echo = echo or (lambda msg: click.echo(msg, err=True))
+    # 1. base config and every variant, checked before anything runs
+    base_data = load_config_data(config, overrides)
+    base = config_from_dict(copy.deepcopy(base_data))
+    out = Path(base.ablate.output_dir)
+    manifest_path = Path(base.cache.dir) / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    variants, needed = check_variants(base, base_data, manifest)
+    students = sorted({config_from_dict(copy.deepcopy(d)).student.model for d in variants.values()})
+    echo(f"ablate: {len(variants)} variants ({', '.join(variants)}) over the cache {base.cache.dir} -> {out}")
+
+    # 2. the cache, once
+    if manifest is None:
+        build = copy.deepcopy(base)
+        if build.cache.layers == "auto":
+            build.cache.layers = needed
+        echo(f"cache: building {base.cache.dir} once for all variants (teacher layers {needed})")
+        build_cache(build)
+        manifest = read_json(manifest_path)
+    else:
+        echo(f"cache: {base.cache.dir} exists (layers {manifest['layers']}); not rebuilt")
+    digest = manifest.get("fingerprint_digest")
+
+    # 3. the teacher's scores, once (each untrained student's, once, after its first variant trained)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_json = out / "baseline" / "teacher.json"
+    ok, tail = _baseline_eval(base.teacher.model, teacher_json, base, echo)
+    if not ok:
+        raise PipelineError(f"evaluating the teacher {base.teacher.model} failed; see "
+                            f"{teacher_json.with_suffix('.log')}:\n{tail}")
+
+    # 4. the variants, each in its own processes
+    records = []
+    for i, (name, data) in enumerate(variants.items(), 1):
+        echo(f"[{i}/{len(variants)}] {name}")
+        student = config_from_dict(copy.deepcopy(data)).student.model
+        records.append(_run_variant(name, data, base, out, teacher_json, _pruned_path(out, students, student),
+                                    digest, echo))
+
+    # 5. tables and figure
+    teacher = read_json(teacher_json)
+    pruned_files = [_pruned_path(out, students, s) for s in students]
+    pruned = next((read_json(p) for p in pruned_files if p.is_file()), None)
+    rows = [_row(r, out) for r in records]
+    result = {
+        "config": str(config), "cache": base.cache.dir, "cache_fingerprint": digest,
+        "limit": base.ablate.eval.limit, "tasks": list(base.ablate.eval.tasks),
+        "heldout_sequences": (teacher.get("heldout") or {}).get("sequences"),
+        "baseline": {"teacher": _summary_metrics(teacher),
+                     "pruned": _summary_metrics(pruned) if pruned is not None else None,
+                     "files": {"teacher": str(teacher_json),
+                               **{s: str(p) for s, p in zip(students, pruned_files) if p.is_file()}}},
+        "rows": rows, "failed": [r["variant"] for r in rows if r["status"] != "done"],
+    }
+    write_json_atomic(out / "ablation.json", result)
+    (out / "ablation.md.tmp").write_text(ablation_markdown(result))
+    os.replace(out / "ablation.md.tmp", out / "ablation.md")
+    if any(r["status"] == "done" for r in rows):
+        from pipeline.evaluate.plots import plot_ablation
+
+        plot_ablation(result, out / "ablation.png")
+    click.echo(ablation_markdown(result))
+    echo(f"{out}: ablation.json, ablation.md{', ablation.png' if any(r['status'] == 'done' for r in rows) else ''} "
+         f"written; {len(result['failed'])} failed")
+    return result

@@ -1,0 +1,149 @@
+"""`distill ablate`: one cache built once for every variant, each variant trained and scored in its own process,
+a crashing variant leaves the others, reruns skip finished variants and restart unfinished ones, and every
+bad variant is refused before anything runs. Scores are checked against plain transformers losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from pipeline.cache import open_cache
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.recipes.ablate import run_ablate
+from tests.train.conftest import SEQ_LEN, VOCAB, base_overrides, byte_tokenizer, save_model, tiny_llama  # noqa: F401
+
+
+def _config(tmp_path, teacher, student, variants, cache_dir=None) -> str:
+    data = {
+        "teacher": {"model": teacher},
+        "student": {"model": student},
+        "data": {"sources": [{"path": str(tmp_path / "corpus.txt")}], "seq_len": SEQ_LEN, "num_sequences": 12,
+                 "heldout_fraction": 0.25, "seed": 0},
+        "cache": {"dir": str(cache_dir or tmp_path / "cache"), "topk": 16, "temperatures": [1.0, 2.0],
+                  "layers": "auto", "batch_size": 4, "shard_sequences": 8, "chunk_sequences": 4},
+        "mapping": {"strategy": "uniform"},
+        "loss": {"temperature": 2.0},
+        "training": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_steps": 2, "logging_steps": 1,
+                     "save_strategy": "no", "seed": 3, "use_cpu": True},
+        "ablate": {"output_dir": str(tmp_path / "ablate"), "variants": variants},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate_models")
+    tok = byte_tokenizer()
+    teacher = save_model(tiny_llama(4, 32, seed=0, init_range=0.2), tok, root / "teacher")
+    student = save_model(tiny_llama(2, 24, seed=1), tok, root / "student")
+    broken = root / "broken"
+    shutil.copytree(student, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config fine, weights unreadable
+    words = "rivers carry old stories of kings and scholars who measured the stars at night".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(30 + i % 9)) for i in range(60)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    return {"root": root, "teacher": teacher, "student": student, "broken": str(broken)}
+
+
+def _ppl(model_dir, ids) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    x = torch.from_numpy(ids).long()
+    with torch.no_grad():
+        return math.exp(model(input_ids=x, labels=x).loss.item())
+
+
+def test_ablation_over_one_cache(models, tmp_path):
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    variants = {
+        "ce_only": {"loss.beta": 0, "loss.gamma": 0},
+        "kd_uniform": {},
+        "kd_last": {"mapping.strategy": "last"},
+        "broken": {"student.model": models["broken"]},
+    }
+    config = _config(tmp_path, models["teacher"], models["student"], variants)
+    result = run_ablate(config)
+    out = tmp_path / "ablate"
+
+    # one cache, built once, holding the union of what the variants with a hidden loss map
+    cache = open_cache(tmp_path / "cache")
+    assert cache.layers == [2, 3, 4]  # uniform {1: 2, 2: 4} and last {1: 3, 2: 4}
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert result["failed"] == ["broken"] and rows["broken"]["stage"] == "train"
+    assert "Error while deserializing" in rows["broken"]["log_tail"]  # the crash, as the variant's log tail
+    assert not (out / "broken" / "variant.json").exists()
+    for name in ("ce_only", "kd_uniform", "kd_last"):
+        run = json.loads((out / name / "run.json").read_text())
+        assert run["mode"] == "cache" and rows[name]["status"] == "done" and rows[name]["steps"] == 2
+        assert sorted(p.name for p in (out / name / "eval").iterdir()) == ["pruned.json", "student.json", "teacher.json"]
+    assert json.loads((out / "kd_last" / "run.json").read_text())["layer_map"] == {"1": 3, "2": 4}
+
+    # the scores are held-out perplexities of the real folders, and the recovery follows from them
+    held = np.stack([cache[i]["input_ids"] for i in cache.indices("heldout")])
+    ppl_teacher, ppl_pruned = _ppl(models["teacher"], held), _ppl(models["student"], held)
+    assert math.isclose(result["baseline"]["teacher"]["heldout_perplexity"], ppl_teacher, rel_tol=1e-4)
+    assert math.isclose(result["baseline"]["pruned"]["heldout_perplexity"], ppl_pruned, rel_tol=1e-4)
+    for name in ("ce_only", "kd_last"):
+        ppl = _ppl(out / name / "student", held)
+        assert math.isclose(rows[name]["metrics"]["heldout_perplexity"], ppl, rel_tol=1e-4)
+        assert math.isclose(rows[name]["recovery"]["ppl_recovery"], (ppl_pruned - ppl) / (ppl_pruned - ppl_teacher),
+                            rel_tol=1e-3)
+    assert json.loads((out / "ablation.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    table = (out / "ablation.md").read_text()
+    assert "| kd_last | mapping.strategy=last |" in table and "failed in train" in table
+    assert (out / "ablation.png").stat().st_size > 0
+
+    # rerun: finished variants are skipped (no new process), the failed one is tried again
+    stamps = {n: (out / n / "variant.json").stat().st_mtime_ns for n in ("ce_only", "kd_uniform", "kd_last")}
+    # an interrupted variant: no marker, a leftover file -> restarted from a clean folder
+    (out / "kd_uniform" / "variant.json").unlink()
+    (out / "kd_uniform" / "leftover.txt").write_text("half-written")
+    again = run_ablate(config)
+    assert (out / "ce_only" / "variant.json").stat().st_mtime_ns == stamps["ce_only"]
+    assert (out / "kd_last" / "variant.json").stat().st_mtime_ns == stamps["kd_last"]
+    assert (out / "kd_uniform" / "variant.json").is_file() and not (out / "kd_uniform" / "leftover.txt").exists()
+    assert again["failed"] == ["broken"]
+
+    # the CLI exits non-zero while a variant fails
+    assert CliRunner().invoke(main, ["ablate", config]).exit_code == 1
+
+
+@pytest.mark.parametrize("variants,message", [
+    ({"a": {"loss.alpah": 1}}, "variant a: unknown key loss.alpah"),
+    ({"a": {"loss.temperature": 3.0}}, "variant a: loss.temperature 3 is not in the cache; cached temperatures: 1, 2"),
+    ({"a": {"cache.topk": 8}}, "ablate.variants.a: cache.topk cannot vary"),
+    ({"a": {"loss.logits": "nope"}}, "variant a: unknown logits loss 'nope'"),
+    ({"a": {"training.max_stepz": 2}}, "variant a: unknown key training.max_stepz"),
+    ({"bad name": {}}, "ablate.variants: 'bad name' is not a usable variant name"),
+    ({}, "ablate.variants is empty"),
+])
+def test_bad_variants_refused_before_anything_runs(models, tmp_path, variants, message):
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"ok": {}, **variants} if variants else {})
+    with pytest.raises(PipelineError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+        run_ablate(config)
+    assert not (tmp_path / "ablate").exists() and not (tmp_path / "cache").exists()
+
+
+def test_layer_the_existing_cache_lacks(models, tmp_path):
+    """An existing cache is never rebuilt: a variant mapping a teacher layer it lacks is refused up front."""
+    from pipeline.config import load_config
+    from pipeline.recipes.cache import build_cache
+
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"ok": {}, "deep": {"mapping.strategy": {1: 1, 2: 4}}})
+    build_cache(load_config(config))  # uniform map only: layers [2, 4]
+    result = CliRunner().invoke(main, ["ablate", config])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: variant deep: the layer map needs teacher layer 1")
+    assert not (tmp_path / "ablate").exists()
