@@ -27,6 +27,8 @@ demo: setup
 bench: setup
 	$(BIN)/python scripts/bench_cache.py
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_eval.py
+	$(BIN)/python scripts/bench_ablate.py
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs
