@@ -288,7 +288,7 @@ def fmt(v: Any, spec: str = ".4f") -> str:
 
 def pct(v: float | None, digits: int = 2) -> str:
     """A ratio or accuracy in percent; None (no gap to recover, or not measured) -> 'n/a'."""
-    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+    return "n/a" if v is None else f"{round(100 * v, digits) + 0.0:.{digits}f}%"  # + 0.0: never "-0.00%"
 
 
 def pm(value: float | None, stderr: float | None, scale: float = 100.0, unit: str = "") -> str:
