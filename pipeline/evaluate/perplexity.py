@@ -25,6 +25,11 @@ from pipeline.errors import PipelineError
 KL_TEMPERATURE = 1.0
 
 
+def _perplexity(mean_nll: float) -> float:
+    """exp(mean NLL); inf (not OverflowError) past float range, NaN stays NaN (callers map both to null)."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else (math.inf if mean_nll == mean_nll else math.nan)
+
+
 def _batch_masks(ids: torch.Tensor, lengths: np.ndarray | None, s: int, batch_size: int):
     """(attention mask or None, valid next-token positions [B, T-1])."""
     if lengths is None:
@@ -76,7 +81,7 @@ def heldout_scores(
         count += int(target_ok.sum())
     if count == 0:
         raise PipelineError("no valid next-token positions to score (every row is shorter than 2 tokens)")
-    return {n: {"perplexity": math.exp(nll[n] / count), "kl": kl[n] / count if reference is not None else None,
+    return {n: {"perplexity": _perplexity(nll[n] / count), "kl": kl[n] / count if reference is not None else None,
                 "tokens": count} for n in names}
 
 
@@ -115,7 +120,7 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
     if count == 0:
         raise PipelineError(f"{cache.root}: no valid next-token positions in the held-out split")
     return {
-        "perplexity": math.exp(nll / count),
+        "perplexity": _perplexity(nll / count),
         "kl_to_teacher": kl / count if temp is not None else None,
         "tokens": count,
         "sequences": len(rows),

@@ -19,6 +19,7 @@ Top to bottom:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 
 # what the one cache holds: a variant that changed these would need another cache
 SHARED_SECTIONS = ("teacher", "data", "cache", "ablate", "eval")
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: never ablation.json, *.tmp, ...
 RESERVED = ("baseline",)
 MARKER = "variant.json"
 LOG_TAIL = 15
@@ -48,7 +49,7 @@ LOG_TAIL = 15
 
 def _variant_data(base: dict, name: str, overrides: Any) -> dict:
     if not isinstance(name, str) or not VARIANT_NAME.match(name) or name in RESERVED:
-        raise PipelineError(f"ablate.variants: {name!r} is not a usable variant name (letters, digits, _ . -; "
+        raise PipelineError(f"ablate.variants: {name!r} is not a usable variant name (letters, digits, _ and -; "
                             f"not {', '.join(RESERVED)})")
     if overrides is None:
         overrides = {}
@@ -88,11 +89,14 @@ def _layer_map(cfg: Config, n_teacher: int) -> dict[int, int]:
 
 def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tuple[dict[str, dict], list[int]]:
     """Every variant's config data, checked; and the teacher layers the cache must hold for all of them."""
+    from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
     from pipeline.losses.hidden import HIDDEN_LOSSES
     from pipeline.losses.logits import LOGIT_LOSSES
-    from pipeline.recipes.train import training_arguments
+    from pipeline.recipes.cache import resolve_layers
+    from pipeline.recipes.train import has_tokenizer, training_arguments
     from pipeline.sources.digest import tokenizer_digest
+    from pipeline.student.projectors import PROJECTOR_INITS, PROJECTOR_KINDS
     from pipeline.train import checks
 
     variants = base.ablate.variants
@@ -102,37 +106,51 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
         check_tasks(base.ablate.eval.tasks)
     check_limit(base.ablate.eval.limit)
     if manifest is not None:
+        if manifest["teacher"]["model"] != base.teacher.model:
+            raise PipelineError(f"the cache {base.cache.dir} holds teacher {manifest['teacher']['model']}, the config "
+                                f"names {base.teacher.model}: the baseline scores would be of another model")
+        if not manifest["split"]["heldout"][1] > manifest["split"]["heldout"][0]:
+            raise PipelineError(f"the cache {base.cache.dir} has no held-out sequences to score the variants on")
         n_teacher, teacher_vocab = int(manifest["teacher"]["num_layers"]), int(manifest["teacher"]["vocab_size"])
-        temperatures, cache_digest = manifest["temperatures"], manifest.get("fingerprint", {}).get("tokenizer_digest")
+        d_teacher = int(manifest["teacher"]["hidden_size"])
+        temperatures, teacher_tok = manifest["temperatures"], manifest.get("fingerprint", {}).get("tokenizer_digest")
     else:
+        if heldout_count(base.data.num_sequences, base.data.heldout_fraction) == 0:
+            raise PipelineError("data.heldout_fraction gives no held-out sequences to score the variants on")
         tcfg = models.text_config(models.load_config(base.teacher.model, base.teacher.revision))
-        n_teacher, teacher_vocab = tcfg.num_hidden_layers, tcfg.vocab_size
-        temperatures, cache_digest = base.cache.temperatures, None
+        n_teacher, teacher_vocab, d_teacher = tcfg.num_hidden_layers, tcfg.vocab_size, tcfg.hidden_size
+        temperatures = base.cache.temperatures
+        teacher_tok = tokenizer_digest(models.load_tokenizer(base.teacher.model, base.teacher.revision))
+    out_dir = Path(base.ablate.output_dir)
     out, needed = {}, set()
     for name, overrides in variants.items():
         data = _variant_data(base_data, name, overrides)
         cfg = _variant_config(data, name)
+        run_dir = out_dir / name
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
+            raise PipelineError(f"{run_dir} exists and was not written by `distill ablate`; choose another "
+                                "ablate.output_dir or variant name")
         try:
             LOGIT_LOSSES.get(cfg.loss.logits)
             HIDDEN_LOSSES.get(cfg.loss.hidden)
-            training_arguments({**cfg.training, "output_dir": str(Path(base.ablate.output_dir) / name)})
+            PROJECTOR_INITS.get(cfg.mapping.projector_init)
+            training_arguments({**cfg.training, "output_dir": str(run_dir)})
             layer_map = _layer_map(cfg, n_teacher)
             scfg = models.text_config(models.load_config(cfg.student.model))
+            PROJECTOR_KINDS.get(cfg.mapping.projector)(scfg.hidden_size, d_teacher)
             student_tok = None
-            if Path(cfg.student.model, "tokenizer_config.json").is_file():
+            if has_tokenizer(cfg.student.model):
                 student_tok = tokenizer_digest(models.load_tokenizer(cfg.student.model))
             if manifest is not None:
                 checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
                                  layer_map=layer_map, need_hidden=cfg.loss.gamma > 0, temperature=cfg.loss.temperature,
-                                 need_logits=True, seq_len=manifest["seq_len"])
+                                 need_logits=True, seq_len=cfg.data.seq_len)
             else:
                 checks.check_vocab(scfg.vocab_size, teacher_vocab)
                 checks.check_temperature(cfg.loss.temperature, temperatures)
-                if isinstance(base.cache.layers, list) or base.cache.layers == "all":
-                    from pipeline.recipes.cache import resolve_layers
-
-                    if cfg.loss.gamma > 0:
-                        checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
+                checks.check_tokenizer(student_tok, teacher_tok)
+                if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and cfg.loss.gamma > 0:
+                    checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
         except PipelineError as e:
             raise PipelineError(f"variant {name}: {e}") from None
         if cfg.loss.gamma > 0:
@@ -158,22 +176,36 @@ def _run(args: list[str], log: Path) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def _eval_args(model: str, cache_dir: str, ev, out: Path) -> list[str]:
-    args = ["eval", "--model", model, "--heldout", cache_dir, "--out", str(out),
+def _eval_args(model: str, cache_dir: str, ev, out: Path, dtype: str = "float32", revision: str | None = None
+               ) -> list[str]:
+    args = ["eval", "--model", model, "--heldout", cache_dir, "--out", str(out), "--dtype", dtype,
             "--tasks", ",".join(ev.tasks) if ev.tasks else "none", "--batch-size", str(ev.batch_size)]
     if ev.limit:
         args += ["--limit", str(ev.limit)]
+    if revision:
+        args += ["--revision", revision]
     return args
 
 
-def _baseline_eval(model: str, path: Path, base: Config, echo) -> tuple[bool, str]:
+def _still_valid(path: Path, model: str, ev, digest: str | None) -> bool:
+    """A kept baseline eval counts only for the same model, cache, tasks and limit."""
+    try:
+        r = read_json(path)
+    except PipelineError:
+        return False
+    return (r.get("model") == model and r.get("limit") == ev.limit and sorted(r.get("tasks", {})) == sorted(ev.tasks)
+            and (r.get("heldout") or {}).get("cache_fingerprint") == digest)
+
+
+def _baseline_eval(model: str, path: Path, base: Config, digest: str | None, echo, dtype: str = "float32",
+                   revision: str | None = None) -> tuple[bool, str]:
     """Eval JSON of an untrained model at `path`, computed once (kept for reruns); (ok, log tail)."""
-    if path.is_file():
+    if path.is_file() and _still_valid(path, model, base.ablate.eval, digest):
         return True, ""
     path.parent.mkdir(parents=True, exist_ok=True)
     echo(f"baseline: evaluating {model}")
     log = path.with_suffix(".log")
-    rc, _ = _run(_eval_args(model, base.cache.dir, base.ablate.eval, path), log)
+    rc, _ = _run(_eval_args(model, base.cache.dir, base.ablate.eval, path, dtype, revision), log)
     return rc == 0, "" if rc == 0 else _tail(log)
 
 
@@ -194,23 +226,32 @@ def _summary_metrics(result: dict) -> dict[str, Any]:
     return m
 
 
+def variant_identity(data: dict, eval_cfg, digest: str | None) -> Any:
+    """What a variant's result depends on: its whole resolved config, the eval settings and the cache, in
+    JSON form (so a marker read back from disk compares equal, int mapping keys included)."""
+    return json.loads(json.dumps({"config": data, "eval": dataclasses.asdict(eval_cfg), "cache": digest},
+                                 sort_keys=True, default=str))
+
+
 def _run_variant(name: str, data: dict, base: Config, out: Path, teacher_json: Path, pruned_json: Path,
                  digest: str | None, echo) -> dict:
     run_dir = out / name
     marker = run_dir / MARKER
     overrides = base.ablate.variants[name] or {}
+    identity = variant_identity(data, base.ablate.eval, digest)
     if marker.is_file():
         done = read_json(marker)
-        if done.get("overrides") == overrides and done.get("cache_fingerprint") == digest:
+        if done.get("identity") == identity:
             echo(f"variant {name}: finished earlier, skipped")
             return done
-        echo(f"variant {name}: its overrides or the cache changed since it ran: running it again")
+        echo(f"variant {name}: its config, the eval settings or the cache changed since it ran: running it again")
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts from scratch
     run_dir.mkdir(parents=True)
     data = copy.deepcopy(data)
     set_key(data, ["training", "output_dir"], str(run_dir), name)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    record: dict[str, Any] = {"variant": name, "overrides": overrides, "cache_fingerprint": digest}
+    record: dict[str, Any] = {"variant": name, "overrides": overrides, "cache_fingerprint": digest,
+                              "identity": identity}
 
     echo(f"variant {name}: training ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'base config'})")
     rc, record["train_seconds"] = _run(["train", str(run_dir / "config.yaml")], run_dir / "train.log")
@@ -219,7 +260,7 @@ def _run_variant(name: str, data: dict, base: Config, out: Path, teacher_json: P
         echo(f"variant {name}: training FAILED (exit {rc}); see {run_dir / 'train.log'}")
         return record  # no marker: a rerun tries it again
     # the untrained student's scores, once per student (a student that cannot be scored fails its variants)
-    ok, tail = _baseline_eval(config_from_dict(copy.deepcopy(data)).student.model, pruned_json, base, echo)
+    ok, tail = _baseline_eval(config_from_dict(copy.deepcopy(data)).student.model, pruned_json, base, digest, echo)
     if not ok:
         record.update(status="failed", stage="baseline", log_tail=tail)
         echo(f"variant {name}: evaluating the untrained student FAILED; see {pruned_json.with_suffix('.log')}")
@@ -254,7 +295,11 @@ def _row(record: dict, out: Path) -> dict:
     pruned = read_json(run_dir / "eval" / "pruned.json")
     run = read_json(run_dir / "run.json")
     row["metrics"] = {**_summary_metrics(student), "eval_loss": run["metrics"].get("eval_loss_after")}
-    recovery = recovery_metrics(teacher, pruned, student)
+    try:
+        recovery = recovery_metrics(teacher, pruned, student)
+    except PipelineError as e:
+        row.update(status="failed", stage="metrics", log_tail=str(e))
+        return row
     row["recovery"] = {k: v for k, v in recovery.items() if k != "tasks"}
     row["steps"] = run["metrics"].get("global_step")
     return row
@@ -307,8 +352,6 @@ def ablation_markdown(result: dict) -> str:
 
 def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) the ablation; returns what it writes to ablation.json."""
-    from pipeline.recipes.cache import build_cache
-
     echo = echo or (lambda msg: click.echo(msg, err=True))
     # 1. base config and every variant, checked before anything runs
     base_data = load_config_data(config, overrides)
@@ -320,22 +363,29 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     students = sorted({config_from_dict(copy.deepcopy(d)).student.model for d in variants.values()})
     echo(f"ablate: {len(variants)} variants ({', '.join(variants)}) over the cache {base.cache.dir} -> {out}")
 
-    # 2. the cache, once
+    # 2. the cache, once, in its own process (the teacher's memory is gone before any variant trains)
+    out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
-        build = copy.deepcopy(base)
-        if build.cache.layers == "auto":
-            build.cache.layers = needed
-        echo(f"cache: building {base.cache.dir} once for all variants (teacher layers {needed})")
-        build_cache(build)
+        build = copy.deepcopy(base_data)
+        build.pop("ablate", None)
+        if base.cache.layers == "auto":
+            set_key(build, ["cache", "layers"], needed, "cache.layers")
+        (out / "cache.yaml").write_text(yaml.safe_dump(build, sort_keys=False))
+        echo(f"cache: building {base.cache.dir} once for all variants (teacher layers {needed}); log {out / 'cache.log'}")
+        rc, seconds = _run(["cache", "build", str(out / "cache.yaml")], out / "cache.log")
+        if rc != 0 or not manifest_path.is_file():
+            raise PipelineError(f"building the cache failed (exit {rc}); see {out / 'cache.log'}:\n"
+                                f"{_tail(out / 'cache.log')}")
+        echo(f"cache: built in {seconds:.0f} s")
         manifest = read_json(manifest_path)
     else:
         echo(f"cache: {base.cache.dir} exists (layers {manifest['layers']}); not rebuilt")
     digest = manifest.get("fingerprint_digest")
 
     # 3. the teacher's scores, once (each untrained student's, once, after its first variant trained)
-    out.mkdir(parents=True, exist_ok=True)
     teacher_json = out / "baseline" / "teacher.json"
-    ok, tail = _baseline_eval(base.teacher.model, teacher_json, base, echo)
+    ok, tail = _baseline_eval(base.teacher.model, teacher_json, base, digest, echo, base.teacher.dtype,
+                              base.teacher.revision)
     if not ok:
         raise PipelineError(f"evaluating the teacher {base.teacher.model} failed; see "
                             f"{teacher_json.with_suffix('.log')}:\n{tail}")
@@ -366,10 +416,14 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     write_json_atomic(out / "ablation.json", result)
     (out / "ablation.md.tmp").write_text(ablation_markdown(result))
     os.replace(out / "ablation.md.tmp", out / "ablation.md")
+    figure = out / "ablation.png"
     if any(r["status"] == "done" for r in rows):
         from pipeline.evaluate.plots import plot_ablation
 
-        plot_ablation(result, out / "ablation.png")
+        plot_ablation(result, out / "ablation.tmp.png")
+        os.replace(out / "ablation.tmp.png", figure)
+    else:
+        figure.unlink(missing_ok=True)  # never a figure of an earlier run beside this run's table
     click.echo(ablation_markdown(result))
     echo(f"{out}: ablation.json, ablation.md{', ablation.png' if any(r['status'] == 'done' for r in rows) else ''} "
          f"written; {len(result['failed'])} failed")

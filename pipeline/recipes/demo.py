@@ -21,10 +21,12 @@ import click
 
 from pipeline.cache.manifest import write_json_atomic
 from pipeline.config import load_config
+from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError
+from pipeline.evaluate.benchmarks import check_limit
 from pipeline.evaluate.metrics import primary_metric, recovery_metrics
 from pipeline.recipes.cache import build_cache, cache_info, verify_cache
-from pipeline.recipes.evaluate import run_eval
+from pipeline.recipes.evaluate import parse_tasks, run_eval
 from pipeline.recipes.prune import run_prune
 from pipeline.recipes.report import run_report
 from pipeline.recipes.train import run_train
@@ -45,9 +47,10 @@ def evaluate_all(cfg, student_before: str, student_after: str, eval_dir: Path) -
     results = {}
     for role, label in ROLES:
         _echo(f"  {label}: {models[role]}")
+        dtype, revision = (cfg.teacher.dtype, cfg.teacher.revision) if role == "teacher" else (cfg.student.dtype, None)
         results[role] = run_eval(models[role], tasks=list(cfg.eval.tasks), limit=cfg.eval.limit,
-                                 heldout=cfg.cache.dir, batch_size=cfg.eval.batch_size,
-                                 out=str(eval_dir / f"{role}.json"), echo=_echo)
+                                 heldout=cfg.cache.dir, batch_size=cfg.eval.batch_size, dtype=dtype,
+                                 revision=revision, out=str(eval_dir / f"{role}.json"), echo=_echo)
     return results
 
 
@@ -56,12 +59,16 @@ def summary_table(results: dict[str, dict], recovery: dict) -> str:
     tasks = list(results["teacher"]["tasks"])
     head = ["model", "held-out PPL", "KL to teacher", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    def num(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for role, label in ROLES:
         r = results[role]
-        cells = [label, f"{r['heldout']['perplexity']:.2f}", f"{r['heldout']['kl_to_teacher']:.4f}"]
+        cells = [label, num(r["heldout"]["perplexity"], ".2f"), num(r["heldout"]["kl_to_teacher"], ".4f")]
         for t in tasks:
             task = r["tasks"][t]
-            cells.append(f"{100 * task[primary_metric(task)]:.1f}")
+            value = task[primary_metric(task)]
+            cells.append(num(None if value is None else 100 * value, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     parts = [f"{name} {100 * recovery[key]:.1f}%" for key, name in (
         ("ppl_recovery", "PPL recovery"), ("kl_recovery", "KL recovery"),
@@ -81,6 +88,11 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
         raise PipelineError(f"student.model {student} exists and was not written by `distill prune`; "
                             "the demo writes its student there: choose another folder")
     out = Path(cfg.training.get("output_dir", "runs/train"))
+    # the eval step's settings, checked before the first step runs
+    parse_tasks(cfg.eval.tasks)
+    check_limit(cfg.eval.limit)
+    if heldout_count(cfg.data.num_sequences, cfg.data.heldout_fraction) == 0:
+        raise PipelineError("data.heldout_fraction gives no held-out sequences: the demo scores on them")
 
     source = cfg.data.sources[0]
     _echo(f"[1/5] prune: {cfg.teacher.model} minus its {remove} least important blocks -> {student}")

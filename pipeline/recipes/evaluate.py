@@ -14,6 +14,7 @@ The JSON (a contract `distill report`, `distill ablate` and pipeline/evaluate/me
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 from pipeline.cache.manifest import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.sources import models
+from pipeline.sources.corpus import LOCAL_SUFFIXES
 
 NO_TASKS = ("none", "")
 
@@ -48,7 +50,11 @@ def text_rows(path: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarra
     from pipeline.config import SourceConfig
 
     ids: list[int] = []
-    for doc in iter_documents(SourceConfig(path=path), "text", seed=0):
+    try:
+        docs = list(iter_documents(SourceConfig(path=path), "text", seed=0))
+    except UnicodeDecodeError:
+        raise PipelineError(f"--text {path}: not UTF-8 text") from None
+    for doc in docs:
         if doc.strip():
             ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
@@ -83,8 +89,22 @@ def check_model_against_cache(spec: str, cache) -> None:
     checks.check_tokenizer(tokenizer_digest(tok), cache.manifest.get("fingerprint", {}).get("tokenizer_digest"))
 
 
+def json_safe(value):
+    """NaN / inf floats -> None, recursively: the eval JSON never holds a value JSON cannot express."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def markdown_table(result: dict) -> str:
     lines = [f"model: {result['model']}", "", "| task | split | n | acc | acc_norm |", "|---|---|---:|---:|---:|"]
+
+    def num(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
 
     def cell(value, err) -> str:
         if value is None:
@@ -96,9 +116,9 @@ def markdown_table(result: dict) -> str:
                      f"{cell(t.get('acc_norm'), t.get('acc_norm_stderr'))} |")
     h = result.get("heldout")
     if h:
-        kl = f"{h['kl_to_teacher']:.4f}" if h.get("kl_to_teacher") is not None else "-"
         lines += ["", "| held-out | tokens | perplexity | KL to teacher |", "|---|---:|---:|---:|",
-                  f"| {h['source']} | {h['tokens']} | {h['perplexity']:.3f} | {kl} |"]
+                  f"| {h['source']} | {h['tokens']} | {num(h['perplexity'], '.3f')} | "
+                  f"{num(h.get('kl_to_teacher'), '.4f')} |"]
     return "\n".join(lines)
 
 
@@ -111,6 +131,8 @@ def run_eval(
     text: str | None = None,
     batch_size: int = 8,
     seq_len: int = 256,
+    dtype: str = "float32",
+    revision: str | None = None,
     out: str | None = None,
     echo: Callable[[str], None] | None = None,
     progress: bool = True,
@@ -132,6 +154,10 @@ def run_eval(
         raise PipelineError("--reference is for --text (KL to a live model); --heldout takes the teacher from the cache")
     if text and not Path(text).is_file():
         raise PipelineError(f"--text: file not found: {text}")
+    if text and Path(text).suffix.lower() not in LOCAL_SUFFIXES:
+        raise PipelineError(f"--text {text}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+    if dtype not in models.TORCH_DTYPES:
+        raise PipelineError(f"--dtype {dtype!r} is not one of {', '.join(models.TORCH_DTYPES)}")
     if out is not None and Path(out).is_dir():
         raise PipelineError(f"--out {out} is a folder; give a .json file path")
     if not task_names and not heldout and not text:
@@ -139,6 +165,14 @@ def run_eval(
     models.describe_model_spec(model)
     if reference:
         models.describe_model_spec(reference)
+        ref_vocab = models.text_config(models.load_config(reference)).vocab_size
+        model_vocab = models.text_config(models.load_config(model, revision)).vocab_size
+        if ref_vocab != model_vocab:
+            raise PipelineError(f"--reference {reference} (vocabulary {ref_vocab}) and --model {model} "
+                                f"(vocabulary {model_vocab}) do not share a vocabulary: no KL between them")
+    rows = None
+    if text:  # tokenized before any weights are loaded: a bad file fails in seconds
+        rows = text_rows(text, models.load_tokenizer(model, revision), seq_len)
     cache = None
     if heldout:
         from pipeline.cache import open_cache
@@ -148,10 +182,12 @@ def run_eval(
             raise PipelineError(f"--heldout {heldout}: the cache has no held-out sequences")
         check_model_against_cache(model, cache)
 
-    # 2. the model, once
-    lm, tokenizer = models.load_model(model)
-    result: dict = {"model": model, "lm_eval_version": None, "limit": limit, "batch_size": batch_size,
-                    "tasks": {}, "heldout": None, "seconds": {}}
+    # 2. the model, once, on this process's GPU when there is one
+    device = models.pick_device("auto")
+    lm, tokenizer = models.load_model(model, dtype, revision)
+    lm.to(device)
+    result: dict = {"model": model, "dtype": dtype, "revision": revision, "lm_eval_version": None, "limit": limit,
+                    "batch_size": batch_size, "tasks": {}, "heldout": None, "seconds": {}}
 
     # 3. benchmarks through lm-eval's stock tasks
     if task_names:
@@ -169,16 +205,16 @@ def run_eval(
         from pipeline.evaluate.perplexity import cache_heldout_scores
 
         h = cache_heldout_scores(lm, cache, batch_size=min(batch_size, 4), progress=progress)
-        result["heldout"] = {**h, "source": f"cache {heldout}"}
+        result["heldout"] = {**h, "source": f"cache {heldout}",
+                             "cache_fingerprint": cache.manifest.get("fingerprint_digest")}
     elif text:
         from pipeline.evaluate.perplexity import heldout_scores
 
-        ids, lengths = text_rows(text, tokenizer, seq_len)
+        ids, lengths = rows
         ref = None
         if reference:
-            ref, _ = models.load_model(reference)
-            if ref.get_output_embeddings().weight.shape[0] != lm.get_output_embeddings().weight.shape[0]:
-                raise PipelineError(f"--reference {reference} and --model {model} have different vocabularies")
+            ref, _ = models.load_model(reference, dtype)
+            ref.to(device)
         s = heldout_scores(ref, {"model": lm}, ids, lengths, batch_size=min(batch_size, 4), progress=progress)["model"]
         result["heldout"] = {"perplexity": s["perplexity"], "kl_to_teacher": s["kl"], "tokens": s["tokens"],
                              "sequences": int(len(ids)), "source": f"text {text}",
@@ -187,6 +223,7 @@ def run_eval(
         result["seconds"]["heldout"] = time.perf_counter() - t0
 
     # 5. outputs
+    result = json_safe(result)
     click.echo(markdown_table(result))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def training_arguments(training: dict):
         raise PipelineError(f"training: {first}") from None
 
 
-def _has_tokenizer(spec: str) -> bool:
+def has_tokenizer(spec: str) -> bool:
     return Path(spec).is_dir() and any((Path(spec) / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -99,7 +99,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     scfg = models.text_config(models.load_config(spec))
     n_student, d_student, v_student = scfg.num_hidden_layers, scfg.hidden_size, scfg.vocab_size
     kept = read_kept_layers(spec) if Path(spec).is_dir() else None
-    student_tok = models.load_tokenizer(spec) if _has_tokenizer(spec) else None
+    student_tok = models.load_tokenizer(spec) if has_tokenizer(spec) else None
 
     # 3. the teacher side: the cache manifest (no teacher weights), or the live teacher
     loss = LossSpec(**dataclasses.asdict(cfg.loss))

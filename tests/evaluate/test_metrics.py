@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -75,3 +76,13 @@ def test_different_limits_refused():
 def test_primary_metric():
     assert primary_metric({"acc": 0.5, "acc_norm": 0.6}) == "acc_norm"
     assert primary_metric({"acc": 0.5}) == "acc"
+
+
+def test_heldout_on_different_text_refused():
+    teacher, pruned, model = copy.deepcopy(TEACHER), copy.deepcopy(PRUNED), copy.deepcopy(MODEL)
+    for r, source in ((teacher, "cache a"), (pruned, "cache a"), (model, "cache b")):
+        r["heldout"]["source"] = source
+    with pytest.raises(PipelineError, match="different text"):
+        recovery_metrics(teacher, pruned, model)
+    model["heldout"]["source"] = "cache a"
+    assert recovery_metrics(teacher, pruned, model)["ppl_recovery"] == 0.75

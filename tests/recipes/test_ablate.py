@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from pipeline.cache import open_cache
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.recipes.ablate import run_ablate
+from pipeline.config import AblateEvalConfig
+from pipeline.recipes.ablate import run_ablate, variant_identity
 from tests.train.conftest import SEQ_LEN, VOCAB, base_overrides, byte_tokenizer, save_model, tiny_llama  # noqa: F401
 
 
@@ -124,6 +125,8 @@ def test_ablation_over_one_cache(models, tmp_path):
     ({"a": {"cache.topk": 8}}, "ablate.variants.a: cache.topk cannot vary"),
     ({"a": {"loss.logits": "nope"}}, "variant a: unknown logits loss 'nope'"),
     ({"a": {"training.max_stepz": 2}}, "variant a: unknown key training.max_stepz"),
+    ({"a": {"mapping.projector_init": "nope"}}, "variant a: unknown projector init 'nope'"),
+    ({"a": {"mapping.projector": "identity"}}, "variant a: projector kind 'identity' needs equal widths"),
     ({"bad name": {}}, "ablate.variants: 'bad name' is not a usable variant name"),
     ({}, "ablate.variants is empty"),
 ])
@@ -147,3 +150,25 @@ def test_layer_the_existing_cache_lacks(models, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: variant deep: the layer map needs teacher layer 1")
     assert not (tmp_path / "ablate").exists()
+
+
+def test_variant_identity_tracks_base_config_eval_and_cache():
+    data = {"training": {"max_steps": 2}, "mapping": {"strategy": {1: 2, 2: 4}}}
+    ident = variant_identity(data, AblateEvalConfig(), "abc")
+    assert json.loads(json.dumps(ident)) == ident  # a marker read back from disk compares equal (int keys too)
+    assert variant_identity({**data, "training": {"max_steps": 3}}, AblateEvalConfig(), "abc") != ident
+    assert variant_identity(data, AblateEvalConfig(limit=5), "abc") != ident
+    assert variant_identity(data, AblateEvalConfig(), "abd") != ident
+
+
+def test_no_heldout_and_foreign_folders_refused(models, tmp_path):
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"ok": {}})
+    with pytest.raises(PipelineError, match="no held-out sequences"):
+        run_ablate(config, ("data.heldout_fraction=0",))
+    (tmp_path / "ablate" / "ok").mkdir(parents=True)
+    (tmp_path / "ablate" / "ok" / "mine.txt").write_text("keep me")
+    with pytest.raises(PipelineError, match="was not written by `distill ablate`"):
+        run_ablate(config)
+    assert (tmp_path / "ablate" / "ok" / "mine.txt").read_text() == "keep me"
+    assert not (tmp_path / "cache").exists()

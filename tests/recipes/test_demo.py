@@ -69,3 +69,15 @@ def test_demo_never_overwrites_a_folder_prune_did_not_write(tmp_path):
     with pytest.raises(PipelineError, match="not written by `distill prune`"):
         run_demo(DEMO_CONFIG, (f"student.model={mine}",))
     assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.tasks=[arc_easy, nope]", "unknown benchmark task"),
+    ("eval.limit=0", "eval.limit: 0 must be >= 1"),
+    ("data.heldout_fraction=0", "no held-out sequences"),
+])
+def test_demo_checks_its_eval_step_before_the_first_step(tmp_path, override, message):
+    with pytest.raises(PipelineError, match=message):
+        run_demo(DEMO_CONFIG, (f"student.model={tmp_path / 'student'}", f"cache.dir={tmp_path / 'cache'}",
+                               f"training.output_dir={tmp_path / 'run'}", override))
+    assert list(tmp_path.iterdir()) == []
