@@ -6,7 +6,14 @@ full teacher vocab), so p_i = exp(z_i / T - lse) is exact for i in I and p_tail 
 Tail modes build a pair of discrete distributions over the same support, each as (weights, logs):
 - `bucket`: the (k+1)-bucket coarsening, I plus one tail bucket; equals the full-vocab divergence at k = V.
 - `renormalize`: the top-k ids only, both sides renormalised (biased at T > 1; kept for comparison).
-Divergences (`kl`, `reverse_kl`, `skew_kl`, `skew_reverse_kl`) act on such a pair, row by row.
+Divergences act on such a pair, row by row; each declares the parameters it takes (name, default, range),
+so a config's `loss.logits_args` is checked before any model loads (`check_logits_args`):
+- `kl` KL(p || q); `reverse_kl` KL(q || p);
+- `skew_kl` (DistiLLM) KL(p || lam p + (1 - lam) q), `skew_reverse_kl` KL(q || (1 - lam) p + lam q),
+  lam in [0, 1): lam = 0 is the plain KL, lam = 1 compares a distribution with itself (identically 0);
+- `jsd` 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2;
+- `gjsd` (TRL's GKD generalized JSD) beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q,
+  beta in (0, 1); beta = 1/2 is `jsd`.
 
 Everything is computed in fp32. Memory: the bucket mode builds exactly one [M, V] fp32 scaled copy of the
 student rows and its log-softmax (M = valid positions); everything after that is [M, k+1].
@@ -15,7 +22,8 @@ student rows and its log-softmax (M = valid positions); everything after that is
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +46,77 @@ class Pair(NamedTuple):
     log_q: torch.Tensor
 
 
-Divergence = Callable[[Pair, float], torch.Tensor]  # (pair, skew_lambda) -> [M]
+DivergenceFn = Callable[[Pair, Mapping[str, float]], torch.Tensor]  # (pair, resolved args) -> [M]
 TailMode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], Pair]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One divergence parameter: its default and its allowed interval (open or closed at each end)."""
+
+    default: float
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  # said when a value is refused
+
+    def contains(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def interval(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Divergence:
+    fn: DivergenceFn
+    params: Mapping[str, Param] = field(default_factory=dict)
+
 
 LOGIT_LOSSES: Registry[Divergence] = Registry("logits loss")
 TAIL_MODES: Registry[TailMode] = Registry("logits tail mode")
 
 
+def register_divergence(name: str, **params: Param) -> Callable[[DivergenceFn], DivergenceFn]:
+    """Register `fn(pair, args) -> [M]` under `name`, taking exactly the parameters `params`."""
+
+    def deco(fn: DivergenceFn) -> DivergenceFn:
+        LOGIT_LOSSES.register(name)(Divergence(fn, dict(params)))
+        return fn
+
+    return deco
+
+
+def check_logits_args(name: str, args: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The parameters of divergence `name`: `args` checked (names, ranges) over the declared defaults.
+
+    Unknown divergence, unknown parameter or a value out of range -> one-line PipelineError.
+    """
+    divergence = LOGIT_LOSSES.get(name)
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(divergence.params))
+    if unknown:
+        takes = ", ".join(divergence.params) or "none"
+        raise PipelineError(f"loss.logits_args: {name} takes no parameter {unknown[0]!r} (it takes: {takes})")
+    resolved = {}
+    for key, param in divergence.params.items():
+        value = args.get(key, param.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"loss.logits_args.{key}: expected a number, got {value!r}")
+        if not param.contains(float(value)):
+            why = f" ({param.why})" if param.why else ""
+            raise PipelineError(f"loss.logits_args.{key}: {value!r} for {name} must be in {param.interval()}{why}")
+        resolved[key] = float(value)
+    return resolved
+
+
 # ---- divergences over a Pair -------------------------------------------------------------------------
+
+_SKEW = Param(0.1, 0.0, 1.0, hi_open=True, why="lambda = 1 compares a distribution with itself: the loss is identically 0")
+_BETA = Param(0.5, 0.0, 1.0, lo_open=True, hi_open=True, why="beta = 0 or 1 makes the mixture equal one side")
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w_a: float) -> torch.Tensor:
@@ -55,30 +126,51 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w_a: float) -> torch.Tens
     return torch.logaddexp(log_a + la, log_b + lb)
 
 
-@LOGIT_LOSSES.register("kl")
-def forward_kl(pair: Pair, skew_lambda: float = 0.0) -> torch.Tensor:
+def _kl_rows(w: torch.Tensor, log_w: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i (log w_i - log m_i) per row [M]."""
+    return (w * (log_w - log_m)).sum(-1)
+
+
+@register_divergence("kl")
+def forward_kl(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
     """KL(p || q) per row [M]."""
-    return (pair.p * (pair.log_p - pair.log_q)).sum(-1)
+    return _kl_rows(pair.p, pair.log_p, pair.log_q)
 
 
-@LOGIT_LOSSES.register("reverse_kl")
-def reverse_kl(pair: Pair, skew_lambda: float = 0.0) -> torch.Tensor:
+@register_divergence("reverse_kl")
+def reverse_kl(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
     """KL(q || p) per row [M]."""
-    return (pair.q * (pair.log_q - pair.log_p)).sum(-1)
+    return _kl_rows(pair.q, pair.log_q, pair.log_p)
 
 
-@LOGIT_LOSSES.register("skew_kl")
-def skew_kl(pair: Pair, skew_lambda: float) -> torch.Tensor:
+@register_divergence("skew_kl", **{"lambda": _SKEW})
+def skew_kl(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
     """DistiLLM skew KL: KL(p || lam p + (1 - lam) q) per row [M]; lam = 0 is forward KL."""
-    log_m = _log_mix(pair.log_p, pair.log_q, skew_lambda)
-    return (pair.p * (pair.log_p - log_m)).sum(-1)
+    return _kl_rows(pair.p, pair.log_p, _log_mix(pair.log_p, pair.log_q, args["lambda"]))
 
 
-@LOGIT_LOSSES.register("skew_reverse_kl")
-def skew_reverse_kl(pair: Pair, skew_lambda: float) -> torch.Tensor:
+@register_divergence("skew_reverse_kl", **{"lambda": _SKEW})
+def skew_reverse_kl(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
     """DistiLLM skew reverse KL: KL(q || (1 - lam) p + lam q) per row [M]; lam = 0 is reverse KL."""
-    log_m = _log_mix(pair.log_p, pair.log_q, 1.0 - skew_lambda)
-    return (pair.q * (pair.log_q - log_m)).sum(-1)
+    return _kl_rows(pair.q, pair.log_q, _log_mix(pair.log_p, pair.log_q, 1.0 - args["lambda"]))
+
+
+def _generalized_jsd(pair: Pair, beta: float) -> torch.Tensor:
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, per row [M]."""
+    log_m = _log_mix(pair.log_p, pair.log_q, beta)  # [M, K]
+    return beta * _kl_rows(pair.p, pair.log_p, log_m) + (1.0 - beta) * _kl_rows(pair.q, pair.log_q, log_m)
+
+
+@register_divergence("jsd")
+def jsd(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
+    """Jensen-Shannon divergence per row [M]: symmetric, bounded by log 2."""
+    return _generalized_jsd(pair, 0.5)
+
+
+@register_divergence("gjsd", beta=_BETA)
+def gjsd(pair: Pair, args: Mapping[str, float]) -> torch.Tensor:
+    """Generalized JSD of TRL's GKD per row [M]; small beta ~ beta * KL(p || q), beta near 1 ~ (1 - beta) * KL(q || p)."""
+    return _generalized_jsd(pair, args["beta"])
 
 
 # ---- teacher / student sides -------------------------------------------------------------------------
@@ -167,21 +259,21 @@ def logits_loss(
     mask: torch.Tensor,
     temperature: float,
     tail: str = "bucket",
-    skew_lambda: float = 0.1,
+    args: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
     """T^2 * mean over masked positions of divergence `name` (scalar, fp32).
 
     student_logits [N, V] (any float dtype), topk_ids [N, k] (integer ids into V), topk_logits [N, k] raw
     teacher logits, lse [N] = logsumexp(z / T) over the full teacher vocab, mask [N] bool.
     Rows where mask is False are never read into the computation (their values may be anything);
-    an all-False mask gives 0 (still attached to the graph).
+    an all-False mask gives 0 (still attached to the graph). `args`: the divergence's parameters
+    (e.g. {"lambda": 0.1} for skew_kl, {"beta": 0.5} for gjsd); missing ones take their declared defaults.
     """
     divergence = LOGIT_LOSSES.get(name)
+    resolved = check_logits_args(name, args)
     build_pair = TAIL_MODES.get(tail)
     if not temperature > 0:
         raise PipelineError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= skew_lambda <= 1.0:
-        raise PipelineError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
     n = student_logits.shape[0]
     _check_rows("student_logits", student_logits, n, 2)
     _check_rows("topk_ids", topk_ids, n, 2)
@@ -199,7 +291,7 @@ def logits_loss(
         lse.index_select(0, rows),
         float(temperature),
     )
-    per_row = divergence(pair, float(skew_lambda))  # [M]
+    per_row = divergence.fn(pair, resolved)  # [M]
     return per_row.sum() * (temperature**2 / max(rows.numel(), 1))
 
 
