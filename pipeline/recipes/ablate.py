@@ -91,10 +91,8 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
     """Every variant's config data, checked; and the teacher layers the cache must hold for all of them."""
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
-    from pipeline.losses.hidden import HIDDEN_LOSSES
-    from pipeline.losses.logits import LOGIT_LOSSES
     from pipeline.recipes.cache import resolve_layers
-    from pipeline.recipes.train import has_tokenizer, training_arguments
+    from pipeline.recipes.train import check_dynamics_map, has_tokenizer, loss_spec, training_arguments
     from pipeline.sources.digest import tokenizer_digest
     from pipeline.student.projectors import PROJECTOR_INITS, PROJECTOR_KINDS
     from pipeline.train import checks
@@ -131,11 +129,11 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
             raise PipelineError(f"{run_dir} exists and was not written by `distill ablate`; choose another "
                                 "ablate.output_dir or variant name")
         try:
-            LOGIT_LOSSES.get(cfg.loss.logits)
-            HIDDEN_LOSSES.get(cfg.loss.hidden)
+            loss = loss_spec(cfg.loss)
             PROJECTOR_INITS.get(cfg.mapping.projector_init)
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
             layer_map = _layer_map(cfg, n_teacher)
+            check_dynamics_map(loss, layer_map)
             scfg = models.text_config(models.load_config(cfg.student.model))
             PROJECTOR_KINDS.get(cfg.mapping.projector)(scfg.hidden_size, d_teacher)
             student_tok = None
@@ -143,17 +141,17 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
                 student_tok = tokenizer_digest(models.load_tokenizer(cfg.student.model))
             if manifest is not None:
                 checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
-                                 layer_map=layer_map, need_hidden=cfg.loss.gamma > 0, temperature=cfg.loss.temperature,
+                                 layer_map=layer_map, need_hidden=loss.needs_states, temperature=cfg.loss.temperature,
                                  need_logits=True, seq_len=cfg.data.seq_len)
             else:
                 checks.check_vocab(scfg.vocab_size, teacher_vocab)
                 checks.check_temperature(cfg.loss.temperature, temperatures)
                 checks.check_tokenizer(student_tok, teacher_tok)
-                if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and cfg.loss.gamma > 0:
+                if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and loss.needs_states:
                     checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
         except PipelineError as e:
             raise PipelineError(f"variant {name}: {e}") from None
-        if cfg.loss.gamma > 0:
+        if loss.needs_states:
             needed |= set(layer_map.values())
         out[name] = data
     return out, sorted(needed)

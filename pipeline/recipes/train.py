@@ -66,6 +66,24 @@ def training_arguments(training: dict):
         raise PipelineError(f"training: {first}") from None
 
 
+def loss_spec(loss) -> "LossSpec":
+    """cfg.loss -> a checked LossSpec (registry names, the divergence's parameters); one-line errors."""
+    from pipeline.losses.spec import LossSpec
+
+    return LossSpec(**{f.name: getattr(loss, f.name) for f in dataclasses.fields(LossSpec)}).checked()
+
+
+def check_dynamics_map(loss, layer_map: dict[int, int]) -> None:
+    """loss.delta > 0 compares consecutive mapped blocks: the map must have at least two."""
+    from pipeline.losses.dynamics import MIN_LAYERS
+
+    if loss.delta > 0 and len(layer_map) < MIN_LAYERS:
+        raise PipelineError(
+            f"loss.delta > 0 ({loss.dynamics}) compares consecutive mapped student blocks, but the layer map "
+            f"{dict(layer_map)} has {len(layer_map)}: map at least {MIN_LAYERS} (mapping.stride/strategy) or set loss.delta=0"
+        )
+
+
 def has_tokenizer(spec: str) -> bool:
     return Path(spec).is_dir() and any((Path(spec) / f).is_file() for f in TOKENIZER_FILES)
 
@@ -76,12 +94,15 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.train.dataset import CacheDataset, OnlineTeacherCollator, SequenceDataset, collate
-    from pipeline.train.trainer import LossSpec, UniversalDistillationTrainer
+    from pipeline.train.trainer import UniversalDistillationTrainer
 
     echo = echo or (lambda msg: click.echo(msg, err=True))
 
-    # 1. training arguments (validated before anything heavy)
+    # 1. training arguments and the loss (validated before anything heavy)
     args = training_arguments(cfg.training)
+    loss = loss_spec(cfg.loss)
+    if args.should_save:
+        echo(f"loss: {loss.describe()}")
     out = Path(args.output_dir)
     if online and args.dataloader_num_workers:
         raise PipelineError("--online runs the teacher in the collator: set training.dataloader_num_workers=0")
@@ -101,37 +122,39 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     kept = read_kept_layers(spec) if Path(spec).is_dir() else None
     student_tok = models.load_tokenizer(spec) if has_tokenizer(spec) else None
 
-    # 3. the teacher side: the cache manifest (no teacher weights), or the live teacher
-    loss = LossSpec(**dataclasses.asdict(cfg.loss))
+    # 3. the teacher's depth and width: the cache manifest (no teacher weights), or the live teacher's config
     if online:
-        teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
-        teacher.to(args.device)  # beside the student: online mode is the baseline that shares memory
-        tcfg = models.text_config(teacher.config)
-        vocab = teacher.get_output_embeddings().weight.shape[0]
-        manifest = {
-            "teacher": {"model": cfg.teacher.model, "num_layers": tcfg.num_hidden_layers,
-                        "hidden_size": tcfg.hidden_size, "vocab_size": vocab},
-            "seq_len": cfg.data.seq_len, "temperatures": [float(loss.temperature)],
-            "layers": list(range(tcfg.num_hidden_layers + 1)),
-            "fingerprint": {"tokenizer_digest": tokenizer_digest(teacher_tok)},
-        }
+        tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
+        n_teacher, d_teacher = tcfg.num_hidden_layers, tcfg.hidden_size
     else:
         from pipeline.cache.reader import open_cache
 
         cache = open_cache(cfg.cache.dir)
         manifest = cache.manifest
-    n_teacher = int(manifest["teacher"]["num_layers"])
-    d_teacher = int(manifest["teacher"]["hidden_size"])
+        n_teacher = int(manifest["teacher"]["num_layers"])
+        d_teacher = int(manifest["teacher"]["hidden_size"])
 
     # 4. layer map: student depth from its config, teacher depth from the manifest, kept blocks from pruning.json
     layer_map = build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
-    needed = sorted(set(layer_map.values())) if loss.gamma > 0 else []
+    check_dynamics_map(loss, layer_map)
+    needed = sorted(set(layer_map.values())) if loss.needs_states else []
+    if online:  # now the live teacher, beside the student: online mode is the baseline that shares memory
+        teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+        teacher.to(args.device)
+        vocab = teacher.get_output_embeddings().weight.shape[0]
+        manifest = {
+            "teacher": {"model": cfg.teacher.model, "num_layers": n_teacher, "hidden_size": d_teacher,
+                        "vocab_size": vocab},
+            "seq_len": cfg.data.seq_len, "temperatures": [float(loss.temperature)],
+            "layers": list(range(n_teacher + 1)),
+            "fingerprint": {"tokenizer_digest": tokenizer_digest(teacher_tok)},
+        }
 
     # 5. compatibility checks, before step one
     checks.check_all(
         manifest=manifest, student_vocab=v_student,
         student_tokenizer_digest=tokenizer_digest(student_tok) if student_tok is not None else None,
-        layer_map=layer_map, need_hidden=loss.gamma > 0, temperature=loss.temperature, need_logits=True,
+        layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature, need_logits=True,
         seq_len=cfg.data.seq_len,
     )
 

@@ -1,10 +1,11 @@
 """The one Trainer subclass: the compound distillation loss, projectors in the optimizer and checkpoints.
 
     L = alpha * CE(true next token) + beta * logits loss (T^2 included) + gamma * mean_j hidden(P_j(h_j), H_t(j))
+      + delta * dynamics (FDD: mean over consecutive mapped blocks (a, b) of 1 - cos(P_b h_b - P_a h_a, H_t(b) - H_t(a)))
 
 h_j is the output of student block j before the final norm (forward hooks, the cache's convention),
 P_j its projector, H_t(j) the teacher's cached block output. CE and KL average over valid next-token
-positions, the hidden loss over valid tokens.
+positions, the hidden and dynamics losses over valid tokens (the same positions for both).
 
 The student is the Trainer's model (so the run's student folder stays a plain HF model); the
 projectors live beside it: an extra optimizer param group (optional LR multiplier), gradients averaged
@@ -15,32 +16,20 @@ Loss components are summed as detached tensors and turned into floats only at lo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
 from pipeline.errors import PipelineError
+from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.logits import cross_entropy, logits_loss
+from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
 from pipeline.teacher.capture import decoder_layers
 from pipeline.train.dataset import ChunkShuffleSampler, hidden_key
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
-
-
-@dataclass
-class LossSpec:
-    alpha: float = 0.4
-    beta: float = 0.4
-    gamma: float = 0.2
-    temperature: float = 2.0
-    logits: str = "kl"
-    tail: str = "bucket"
-    hidden: str = "cosine"
-    skew_lambda: float = 0.1
 
 
 def masks(input_ids: torch.Tensor, length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +48,14 @@ class UniversalDistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.projectors = projectors.to(self.args.device)
         self.layer_map = dict(sorted(layer_map.items()))
-        self.loss_spec = loss
+        self.loss_spec = loss.checked()
         self.projector_lr_multiplier = float(projector_lr_multiplier)
         # our loss is a per-batch mean: let the Trainer divide it by the accumulation steps
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
         self._student_hidden: dict[int, torch.Tensor] = {}
         self._hooks = []
-        if loss.gamma > 0:
+        if self.loss_spec.needs_states:  # the hidden and the dynamics terms both read the mapped block outputs
             blocks = decoder_layers(self.model)
             for j in self.layer_map:
                 self._hooks.append(blocks[j - 1].register_forward_hook(self._make_hook(j)))
@@ -104,26 +93,31 @@ class UniversalDistillationTrainer(Trainer):
             k = inputs["topk_ids"].shape[-1]
             parts["loss_kl"] = logits_loss(
                 spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),
-                inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, skew_lambda=spec.skew_lambda,
+                inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, args=spec.logits_args,
             )
             total = total + spec.beta * parts["loss_kl"]
-        if spec.gamma > 0:
-            tm = tok_mask.reshape(-1)
-            per_layer = []
+        if spec.needs_states:
+            tm = tok_mask.reshape(-1)  # [N] valid tokens: the positions of both the hidden and the dynamics loss
+            students, teachers = [], []  # per mapped block j, increasing: P_j(h_j) [N, d_t], H_t(j) [N, d_t]
             for j, t in self.layer_map.items():
-                h = self._student_hidden[j]
-                student = self.projectors[str(j)](h.reshape(B * T, -1).float())  # [N, d_t]
-                teacher = inputs[hidden_key(t)].reshape(B * T, -1)  # [N, d_t]
-                value = hidden_loss(spec.hidden, student, teacher, tm)
-                parts[f"loss_hidden_L{j}"] = value
+                h = self._student_hidden[j]  # [B, T, d_s]
+                students.append(self.projectors[str(j)](h.reshape(B * T, -1).float()))
+                teachers.append(inputs[hidden_key(t)].reshape(B * T, -1))
                 if cos_sums is not None:
-                    cos = F.cosine_similarity(student[tm], teacher[tm].float(), dim=-1, eps=COSINE_EPS)  # [M]
+                    cos = F.cosine_similarity(students[-1][tm], teachers[-1][tm].float(), dim=-1, eps=COSINE_EPS)  # [M]
                     cos_sums[f"cos_L{j}"] = cos_sums.get(f"cos_L{j}", 0) + cos.detach().double().sum()
-                per_layer.append(value)
-            parts["loss_hidden"] = torch.stack(per_layer).mean()
             if cos_sums is not None:
                 cos_sums["tokens"] = cos_sums.get("tokens", 0) + tm.sum().double()
+        if spec.gamma > 0:
+            per_layer = []
+            for j, student, teacher in zip(self.layer_map, students, teachers):
+                parts[f"loss_hidden_L{j}"] = value = hidden_loss(spec.hidden, student, teacher, tm)
+                per_layer.append(value)
+            parts["loss_hidden"] = torch.stack(per_layer).mean()
             total = total + spec.gamma * parts["loss_hidden"]
+        if spec.delta > 0:
+            parts["loss_fdd"] = dynamics_loss(spec.dynamics, students, teachers, tm)
+            total = total + spec.delta * parts["loss_fdd"]
         self._student_hidden = {}
         return total, parts
 
