@@ -17,6 +17,7 @@ from typing import Any, Union
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,8 +41,8 @@ def _choice(*values: str) -> dict:
     return {"choices": values}
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open)}
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
 
 
 @dataclass
@@ -102,16 +103,37 @@ class MappingConfig:
     projector_lr_multiplier: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # projector LR = this x training.learning_rate
 
 
+# The chapter's starting points (6.4, 6.5.1) by pruning kind: `loss.preset: NAME` fills these keys, then
+# every key the user wrote (YAML, --set, an ablation variant) overrides them. Temperature stays as
+# configured. The divergence's parameters (`logits_args`) travel with the preset's `logits` choice and are
+# dropped when the user sets the divergence (logits, logits_args, skew_lambda or skew_alpha) themselves.
+LOSS_PRESETS: Registry[dict[str, Any]] = Registry("loss preset")
+LOSS_PRESETS.register("depth")({"alpha": 0.5, "beta": 0.5, "gamma": 0.1, "delta": 0.0})
+LOSS_PRESETS.register("width")({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "delta": 0.0})
+LOSS_PRESETS.register("depth_width")({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "delta": 0.0})
+LOSS_PRESETS.register("advanced")({
+    "alpha": 0.2, "beta": 0.5, "logits": "skew_kl", "logits_args": {"lambda": 0.5},
+    "gamma": 0.1, "hidden": "cosine", "delta": 0.2, "dynamics": "fdd",
+})
+_DIVERGENCE_KEYS = ("logits", "logits_args", "skew_lambda", "skew_alpha")
+
+
 @dataclass
 class LossConfig:
+    preset: Union[str, None] = None  # LOSS_PRESETS name; resolved from the raw mapping in config_from_dict
     alpha: float = field(default=0.4, metadata=_range(0.0, None))
     beta: float = field(default=0.4, metadata=_range(0.0, None))
     gamma: float = field(default=0.2, metadata=_range(0.0, None))
+    delta: float = field(default=0.0, metadata=_range(0.0, None))  # feature-dynamics (FDD) loss weight
     temperature: float = field(default=2.0, metadata=_range(0.0, None, lo_open=True))
-    logits: str = "kl"
+    logits: str = "kl"  # divergence: registry name, checked (with logits_args) before anything loads
+    logits_args: dict[str, float] = field(default_factory=dict)  # the divergence's parameters, e.g. {beta: 0.3}
     tail: str = field(default="bucket", metadata=_choice("bucket", "renormalize"))
     hidden: str = "cosine"
-    skew_lambda: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    dynamics: str = "fdd"  # dynamics loss: registry name
+    # accepted spellings of logits_args.lambda (folded into it at load): DistiLLM's lambda, the book's s = 1 - lambda
+    skew_lambda: Union[float, None] = None  # [0, 1); 0 = plain KL
+    skew_alpha: Union[float, None] = None  # (0, 1]; 1 = plain KL
 
 
 @dataclass
@@ -218,11 +240,11 @@ def _check(value: Any, meta: typing.Mapping, key: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise PipelineError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     if "range" in meta and value is not None:
-        lo, hi, lo_open = meta["range"]
+        lo, hi, lo_open, hi_open = meta["range"]
         if lo is not None and (value <= lo if lo_open else value < lo):
             raise PipelineError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
-        if hi is not None and value > hi:
-            raise PipelineError(f"{key}: {value!r} must be <= {hi}")
+        if hi is not None and (value >= hi if hi_open else value > hi):
+            raise PipelineError(f"{key}: {value!r} must be {'<' if hi_open else '<='} {hi}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -247,7 +269,45 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _apply_loss_preset(data: dict) -> dict:
+    """The raw config mapping with loss.preset's keys filled in under the ones the user wrote."""
+    loss = data.get("loss") if isinstance(data, dict) else None
+    if not isinstance(loss, dict) or loss.get("preset") is None:
+        return data
+    name = loss["preset"]
+    if not isinstance(name, str):
+        raise PipelineError(f"loss.preset: expected str, got {name!r}")
+    preset = dict(LOSS_PRESETS.get(name))
+    if any(k in loss for k in _DIVERGENCE_KEYS):
+        preset.pop("logits_args", None)
+    return {**data, "loss": {**preset, **loss}}
+
+
+def _resolve_skew(loss: LossConfig) -> None:
+    """Fold skew_lambda / skew_alpha (lambda = 1 - skew_alpha) into logits_args["lambda"], each given once."""
+    if loss.skew_alpha is not None and loss.skew_lambda is not None:
+        raise PipelineError("loss.skew_alpha and loss.skew_lambda are two spellings of one setting "
+                            "(lambda = 1 - skew_alpha): give one")
+    if loss.skew_alpha is None and loss.skew_lambda is None:
+        return
+    if loss.skew_alpha is not None:
+        key, lam = "skew_alpha", round(1.0 - loss.skew_alpha, 12)
+        if not 0.0 < loss.skew_alpha <= 1.0:
+            raise PipelineError(f"loss.skew_alpha: {loss.skew_alpha!r} must be in (0, 1] "
+                                "(s = 0 compares a distribution with itself: the loss is identically 0)")
+    else:
+        key, lam = "skew_lambda", loss.skew_lambda
+        if not 0.0 <= lam < 1.0:
+            raise PipelineError(f"loss.skew_lambda: {lam!r} must be in [0, 1) "
+                                "(lambda = 1 compares a distribution with itself: the loss is identically 0)")
+    if "lambda" in loss.logits_args:
+        raise PipelineError(f"loss.{key} and loss.logits_args.lambda set the same parameter: give one")
+    loss.logits_args = {**loss.logits_args, "lambda": lam}
+    loss.skew_lambda = loss.skew_alpha = None
+
+
 def _validate(cfg: Config) -> None:
+    _resolve_skew(cfg.loss)
     for i, t in enumerate(cfg.cache.temperatures):
         if t <= 0:
             raise PipelineError(f"cache.temperatures[{i}]: {t!r} must be > 0")
@@ -304,7 +364,7 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = _build(Config, _apply_loss_preset(data), "")
     _validate(cfg)
     return cfg
 
