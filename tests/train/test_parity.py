@@ -17,18 +17,28 @@ def _first_log(run_dir):
 
 
 def test_cache_matches_online(tiny, train_overrides):
+    """Every term on, FDD included (loss.delta > 0): hooks, projectors and teacher layers on both paths."""
     runs = {}
     for online in (False, True):
         out = tiny["root"] / ("parity_online" if online else "parity_cache")
-        cfg = load_config(None, tiny["overrides"] + train_overrides(out, optim="sgd", learning_rate=0.5))
+        cfg = load_config(None, tiny["overrides"] + train_overrides(out, optim="sgd", learning_rate=0.5)
+                          + ["loss.delta=0.3"])
         run_train(cfg, online=online)
         runs[online] = out
     a, b = _first_log(runs[False]), _first_log(runs[True])
     keys = [k for k in a if k.startswith("loss")]
-    assert {"loss", "loss_ce", "loss_kl", "loss_hidden", "loss_hidden_L1", "loss_hidden_L2"} <= set(keys)
+    assert {"loss", "loss_ce", "loss_kl", "loss_hidden", "loss_hidden_L1", "loss_hidden_L2", "loss_fdd"} <= set(keys)
+    assert a["loss_fdd"] > 0.05  # random student blocks: the FDD term is not trivially ~0
     assert a["loss_kl"] > 0.05  # a sharp teacher: the KL term is not trivially ~0
     for k in keys:
         assert abs(a[k] - b[k]) <= 1e-4 * abs(b[k]) + 1e-7, (k, a[k], b[k])
+    # held-out: eval_loss_fdd logged, and the compound loss is the weighted sum with delta
+    for run in runs.values():
+        evals = [h for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "eval_loss" in h]
+        assert evals
+        for h in evals:
+            total = 0.4 * h["eval_loss_ce"] + 0.4 * h["eval_loss_kl"] + 0.2 * h["eval_loss_hidden"] + 0.3 * h["eval_loss_fdd"]
+            assert abs(h["eval_loss"] - total) <= 1e-6 * total, h
     sa = load_file(str(runs[False] / "student" / "model.safetensors"))
     sb = load_file(str(runs[True] / "student" / "model.safetensors"))
     start = load_file(str(tiny["root"] / "student" / "model.safetensors"))
