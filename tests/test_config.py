@@ -18,8 +18,27 @@ def test_demo_config_and_overrides():
 
 
 def test_reference_config_lists_valid_keys():
+    import dataclasses
+
+    import yaml
+
+    from pipeline.config import LossConfig
+    from pipeline.recipes.train import loss_spec
+
     cfg = load_config("configs/reference.yaml")
     assert cfg.cache.dir and cfg.data.sources[0].path == "wiki-vital"
+    loss_keys = set(yaml.safe_load(open("configs/reference.yaml"))["loss"])
+    assert loss_keys == {f.name for f in dataclasses.fields(LossConfig)}
+    assert loss_spec(cfg.loss).logits_args == {}  # the reference's loss passes the recipe's checks
+
+
+@pytest.mark.parametrize("path", ["configs/depth.yaml", "configs/width.yaml", "configs/depth_width.yaml"])
+def test_example_configs_load(path):
+    from pipeline.recipes.train import loss_spec
+
+    cfg = load_config(path)
+    assert cfg.loss.preset == path.split("/")[1][: -len(".yaml")]
+    assert loss_spec(cfg.loss).describe()
 
 
 @pytest.mark.parametrize(
@@ -48,3 +67,61 @@ def test_errors_name_the_key(override, message):
 def test_missing_file():
     with pytest.raises(PipelineError, match="config file not found"):
         load_config("nope.yaml")
+
+
+# ---- loss presets and the skew spellings ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,weights", [
+    ("depth", (0.5, 0.5, 0.1, 0.0)), ("width", (0.4, 0.4, 0.2, 0.0)), ("depth_width", (0.4, 0.4, 0.2, 0.0)),
+    ("advanced", (0.2, 0.5, 0.1, 0.2)),
+])
+def test_loss_presets(preset, weights):
+    loss = load_config(None, [f"loss.preset={preset}", "loss.temperature=1"]).loss
+    assert (loss.alpha, loss.beta, loss.gamma, loss.delta) == weights
+    assert loss.temperature == 1.0 and loss.preset == preset  # T stays as configured
+    if preset == "advanced":
+        assert (loss.logits, loss.logits_args, loss.hidden, loss.dynamics) == ("skew_kl", {"lambda": 0.5}, "cosine", "fdd")
+    else:
+        assert (loss.logits, loss.logits_args, loss.hidden) == ("kl", {}, "cosine")
+
+
+def test_explicit_keys_override_the_preset(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("loss:\n  preset: advanced\n  gamma: 0.0\n")
+    loss = load_config(config, ["loss.alpha=0.3"]).loss
+    assert (loss.alpha, loss.beta, loss.gamma, loss.delta) == (0.3, 0.5, 0.0, 0.2)
+    assert loss.temperature == 2.0 and loss.logits_args == {"lambda": 0.5}
+    # choosing the divergence drops the preset's parameters with it
+    assert load_config(config, ["loss.logits=kl"]).loss.logits_args == {}
+    assert load_config(config, ["loss.logits=gjsd", "loss.logits_args={beta: 0.2}"]).loss.logits_args == {"beta": 0.2}
+    skewed = load_config(config, ["loss.skew_alpha=0.3"]).loss  # the book's s = 1 - lambda
+    assert skewed.logits == "skew_kl" and skewed.logits_args == {"lambda": 0.7}
+    # a resolved config reloads to itself (run.json, ablation children)
+    from pipeline.config import config_from_dict
+
+    cfg = load_config(config, ["loss.skew_lambda=0.25"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_skew_spellings():
+    assert load_config(None, ["loss.skew_lambda=0"]).loss.logits_args == {"lambda": 0.0}
+    assert load_config(None, ["loss.skew_alpha=1"]).loss.logits_args == {"lambda": 0.0}
+    loss = load_config(None, ["loss.skew_alpha=0.25"]).loss
+    assert loss.logits_args == {"lambda": 0.75} and loss.skew_alpha is None and loss.skew_lambda is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss.preset=shallow"], "unknown loss preset 'shallow'; valid: advanced, depth, depth_width, width"),
+    (["loss.preset=[depth]"], "loss.preset: expected str"),
+    (["loss.skew_alpha=0.5", "loss.skew_lambda=0.5"], "loss.skew_alpha and loss.skew_lambda are two spellings"),
+    (["loss.skew_lambda=1"], "loss.skew_lambda: 1.0 must be in [0, 1) (lambda = 1 compares"),
+    (["loss.skew_alpha=0"], "loss.skew_alpha: 0.0 must be in (0, 1] (s = 0 compares"),
+    (["loss.skew_lambda=0.2", "loss.logits_args={lambda: 0.3}"], "loss.skew_lambda and loss.logits_args.lambda"),
+    (["loss.logits_args={beta: high}"], "loss.logits_args.beta: expected float"),
+    (["loss.delta=-0.1"], "loss.delta: -0.1 must be >= 0"),
+])
+def test_loss_errors(overrides, message):
+    with pytest.raises(PipelineError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)

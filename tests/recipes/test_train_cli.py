@@ -43,6 +43,7 @@ def test_train_writes_run_dir(setup):
     training = tiny_mod.training_overrides(out, max_steps=2, save_strategy="steps", save_steps=1)
     result = _invoke(config, overrides + training)
     assert result.exit_code == 0, result.output
+    assert "loss: 0.5 ce + 0.3 kl(T=1, tail bucket) + 0.2 cosine hidden\n" in result.output  # the resolved loss
     for name in ("student/config.json", "student/model.safetensors", "projectors.safetensors", "projectors.json",
                  "trainer_state.json", "run.json", "checkpoint-2/projectors.safetensors"):
         assert (out / name).is_file(), name
@@ -73,6 +74,16 @@ def test_train_writes_run_dir(setup):
     (["--set", "mapping.strategy={1: 1, 2: 3}"], "needs teacher layer 1"),
     (["--set", "cache.dir=/nonexistent/cache"], "cache directory not found"),
     (["--resume"], "no checkpoint"),
+    (["--set", "loss.logits=nope"], "unknown logits loss 'nope'; valid: gjsd, jsd, kl, reverse_kl, skew_kl, skew_reverse_kl"),
+    (["--set", "loss.hidden=l1"], "unknown hidden loss 'l1'; valid: cosine, mse, nmse"),
+    (["--set", "loss.dynamics=fd"], "unknown dynamics loss 'fd'; valid: fdd"),
+    (["--set", "loss.preset=shallow"], "unknown loss preset 'shallow'; valid: advanced, depth, depth_width, width"),
+    (["--set", "loss.logits_args={beta: 0.5}"], "kl takes no parameter 'beta' (it takes: none)"),
+    (["--set", "loss.logits=gjsd", "--set", "loss.logits_args={beta: 1.0}"], "beta: 1.0 for gjsd must be in (0, 1)"),
+    (["--set", "loss.logits=skew_kl", "--set", "loss.logits_args={lambda: 1}"], "must be in [0, 1) (lambda = 1"),
+    (["--set", "loss.logits=skew_kl", "--set", "loss.skew_alpha=0"], "loss.skew_alpha: 0.0 must be in (0, 1]"),
+    (["--set", "loss.skew_alpha=0.5", "--set", "loss.skew_lambda=0.5"], "two spellings of one setting"),
+    (["--set", "loss.delta=0.2", "--set", "mapping.stride=2"], "loss.delta > 0 (fdd) compares consecutive mapped"),
 ])
 def test_one_line_errors(setup, extra, needle):
     root, config, overrides = setup
