@@ -43,7 +43,7 @@ def test_train_writes_run_dir(setup):
     training = tiny_mod.training_overrides(out, max_steps=2, save_strategy="steps", save_steps=1)
     result = _invoke(config, overrides + training)
     assert result.exit_code == 0, result.output
-    assert "loss: 0.5 ce + 0.3 kl(T=1, tail bucket) + 0.2 cosine hidden\n" in result.output  # the resolved loss
+    assert "loss: 0.5 ce + 0.3 kl(T=2, tail bucket) + 0.2 cosine hidden\n" in result.output  # the resolved loss
     for name in ("student/config.json", "student/model.safetensors", "projectors.safetensors", "projectors.json",
                  "trainer_state.json", "run.json", "checkpoint-2/projectors.safetensors"):
         assert (out / name).is_file(), name
