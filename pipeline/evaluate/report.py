@@ -316,7 +316,9 @@ def _table(header: list[str], rows: list[list[str]], align: list[str] | None = N
 
 def _loss_summary(run: Run) -> str:
     loss = (run.run.get("config") or {}).get("loss") or {}
-    return ", ".join(f"{k} {v}" for k, v in loss.items()) if loss else DASH
+    weights = [k for k in ("alpha", "beta", "gamma", "delta") if k in loss]  # the compound loss's weights first
+    keys = weights + sorted(k for k in loss if k not in weights and loss[k] is not None)
+    return ", ".join(f"{k} {loss[k]}" for k in keys) if loss else DASH
 
 
 def _eval_loss(run: Run) -> tuple[float | None, float | None]:
