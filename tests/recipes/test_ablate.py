@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.config import AblateEvalConfig
 from pipeline.recipes.ablate import run_ablate, variant_identity
-from tests.train.conftest import SEQ_LEN, VOCAB, base_overrides, byte_tokenizer, save_model, tiny_llama  # noqa: F401
+from tests.train.conftest import SEQ_LEN, tiny_pair
 
 
 def _config(tmp_path, teacher, student, variants, cache_dir=None) -> str:
@@ -45,9 +45,7 @@ def _config(tmp_path, teacher, student, variants, cache_dir=None) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate_models")
-    tok = byte_tokenizer()
-    teacher = save_model(tiny_llama(4, 32, seed=0, init_range=0.2), tok, root / "teacher")
-    student = save_model(tiny_llama(2, 24, seed=1), tok, root / "student")
+    teacher, student = tiny_pair(root)
     broken = root / "broken"
     shutil.copytree(student, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config fine, weights unreadable

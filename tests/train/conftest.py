@@ -66,6 +66,14 @@ def training_overrides(out: Path, **extra) -> list[str]:
     return [f"training.{k}={json.dumps(v)}" for k, v in base.items()]
 
 
+def tiny_pair(root: Path) -> tuple[str, str]:
+    """(teacher, student) folders: a 4-block d=32 teacher with a sharp head, a 2-block d=24 student."""
+    tok = byte_tokenizer()
+    teacher = save_model(tiny_llama(4, 32, seed=0, init_range=0.2), tok, root / "teacher")
+    student = save_model(tiny_llama(2, 24, seed=1), tok, root / "student")
+    return teacher, student
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{root, teacher, student, cache, overrides}: a 4-block d=32 teacher, a 2-block d=24 student."""
@@ -73,9 +81,7 @@ def tiny(tmp_path_factory):
     from pipeline.recipes.cache import build_cache
 
     root = tmp_path_factory.mktemp("tiny")
-    tok = byte_tokenizer()
-    teacher = save_model(tiny_llama(4, 32, seed=0, init_range=0.2), tok, root / "teacher")
-    student = save_model(tiny_llama(2, 24, seed=1), tok, root / "student")
+    teacher, student = tiny_pair(root)
     cache_dir = str(root / "cache")
     overrides = base_overrides(root, teacher, student, cache_dir)
     build_cache(load_config(None, overrides))
