@@ -207,7 +207,6 @@ def run_benchmarks(model, tokenizer, tasks: list[str], limit: int | None = None,
     check_limit(limit)
     if batch_size <= 0:
         raise PipelineError(f"benchmark batch size must be positive, got {batch_size}")
-    _lm_eval_tasks_dir()
     import datasets
     import lm_eval
     from lm_eval.models.huggingface import HFLM

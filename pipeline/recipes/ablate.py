@@ -78,17 +78,10 @@ def _variant_config(data: dict, name: str) -> Config:
         raise PipelineError(f"variant {name}: {e}") from None
 
 
-def _layer_map(cfg: Config, n_teacher: int) -> dict[int, int]:
-    spec = cfg.student.model
-    if spec is None:
-        raise PipelineError("student.model is not set: name the pruned student's HF folder")
-    n_student = models.text_config(models.load_config(spec)).num_hidden_layers
-    kept = read_kept_layers(spec) if Path(spec).is_dir() else None
-    return build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
-
-
-def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tuple[dict[str, dict], list[int]]:
-    """Every variant's config data, checked; and the teacher layers the cache must hold for all of them."""
+def check_variants(base: Config, base_data: dict, manifest: dict | None
+                   ) -> tuple[dict[str, dict], dict[str, str], list[int]]:
+    """Every variant's config data, checked; each variant's student; and the teacher layers the cache must
+    hold for all of them."""
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
     from pipeline.recipes.cache import resolve_layers
@@ -120,7 +113,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
         temperatures = base.cache.temperatures
         teacher_tok = tokenizer_digest(models.load_tokenizer(base.teacher.model, base.teacher.revision))
     out_dir = Path(base.ablate.output_dir)
-    out, needed = {}, set()
+    out, students, needed = {}, {}, set()
     for name, overrides in variants.items():
         data = _variant_data(base_data, name, overrides)
         cfg = _variant_config(data, name)
@@ -132,9 +125,12 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
             loss = loss_spec(cfg.loss)
             PROJECTOR_INITS.get(cfg.mapping.projector_init)
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
-            layer_map = _layer_map(cfg, n_teacher)
-            check_dynamics_map(loss, layer_map)
+            if cfg.student.model is None:
+                raise PipelineError("student.model is not set: name the pruned student's HF folder")
             scfg = models.text_config(models.load_config(cfg.student.model))
+            layer_map = build_layer_map(cfg.mapping.strategy, scfg.num_hidden_layers, n_teacher, cfg.mapping.stride,
+                                        read_kept_layers(cfg.student.model))
+            check_dynamics_map(loss, layer_map)
             PROJECTOR_KINDS.get(cfg.mapping.projector)(scfg.hidden_size, d_teacher)
             student_tok = None
             if has_tokenizer(cfg.student.model):
@@ -153,8 +149,8 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None) -> tupl
             raise PipelineError(f"variant {name}: {e}") from None
         if loss.needs_states:
             needed |= set(layer_map.values())
-        out[name] = data
-    return out, sorted(needed)
+        out[name], students[name] = data, cfg.student.model
+    return out, students, sorted(needed)
 
 
 def _tail(path: Path, n: int = LOG_TAIL) -> str:
@@ -231,8 +227,8 @@ def variant_identity(data: dict, eval_cfg, digest: str | None) -> Any:
                                  sort_keys=True, default=str))
 
 
-def _run_variant(name: str, data: dict, base: Config, out: Path, teacher_json: Path, pruned_json: Path,
-                 digest: str | None, echo) -> dict:
+def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, teacher_json: Path,
+                 pruned_json: Path, digest: str | None, echo) -> dict:
     run_dir = out / name
     marker = run_dir / MARKER
     overrides = base.ablate.variants[name] or {}
@@ -258,7 +254,7 @@ def _run_variant(name: str, data: dict, base: Config, out: Path, teacher_json: P
         echo(f"variant {name}: training FAILED (exit {rc}); see {run_dir / 'train.log'}")
         return record  # no marker: a rerun tries it again
     # the untrained student's scores, once per student (a student that cannot be scored fails its variants)
-    ok, tail = _baseline_eval(config_from_dict(copy.deepcopy(data)).student.model, pruned_json, base, digest, echo)
+    ok, tail = _baseline_eval(student, pruned_json, base, digest, echo)
     if not ok:
         record.update(status="failed", stage="baseline", log_tail=tail)
         echo(f"variant {name}: evaluating the untrained student FAILED; see {pruned_json.with_suffix('.log')}")
@@ -357,8 +353,8 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     out = Path(base.ablate.output_dir)
     manifest_path = Path(base.cache.dir) / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
-    variants, needed = check_variants(base, base_data, manifest)
-    students = sorted({config_from_dict(copy.deepcopy(d)).student.model for d in variants.values()})
+    variants, student_of, needed = check_variants(base, base_data, manifest)
+    students = sorted(set(student_of.values()))
     echo(f"ablate: {len(variants)} variants ({', '.join(variants)}) over the cache {base.cache.dir} -> {out}")
 
     # 2. the cache, once, in its own process (the teacher's memory is gone before any variant trains)
@@ -392,9 +388,9 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     records = []
     for i, (name, data) in enumerate(variants.items(), 1):
         echo(f"[{i}/{len(variants)}] {name}")
-        student = config_from_dict(copy.deepcopy(data)).student.model
-        records.append(_run_variant(name, data, base, out, teacher_json, _pruned_path(out, students, student),
-                                    digest, echo))
+        student = student_of[name]
+        records.append(_run_variant(name, data, student, base, out, teacher_json,
+                                    _pruned_path(out, students, student), digest, echo))
 
     # 5. tables and figure
     teacher = read_json(teacher_json)

@@ -59,6 +59,7 @@ def summary_table(results: dict[str, dict], recovery: dict) -> str:
     tasks = list(results["teacher"]["tasks"])
     head = ["model", "held-out PPL", "KL to teacher", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
     def num(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 

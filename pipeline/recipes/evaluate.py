@@ -27,9 +27,6 @@ from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.corpus import LOCAL_SUFFIXES
 
-NO_TASKS = ("none", "")
-
-
 def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     """'a,b' | ['a', 'b'] | None (the default six) | 'none' (no benchmarks) -> validated, ordered names."""
     from pipeline.evaluate import benchmarks
