@@ -60,7 +60,8 @@ def overrides(args, work: Path, teacher: str) -> list[str]:
 def training(args, out: Path) -> list[str]:
     t = {
         "output_dir": str(out), "per_device_train_batch_size": args.batch_size, "max_steps": args.warmup + args.steps + 1,
-        "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no", "warmup_steps": 0, "seed": 0,
+        "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no", "eval_strategy": "no", "warmup_steps": 0,
+        "seed": 0,
         "use_cpu": not _cuda(), "dataloader_num_workers": 0,
     }
     return [f"training.{k}={json.dumps(v)}" for k, v in t.items()]

@@ -175,6 +175,9 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         capture, collator = None, collate
     if len(train_ds) == 0:
         raise PipelineError("the cache's train split is empty")
+    if len(eval_ds) == 0 and args.eval_strategy != "no":
+        raise PipelineError(f"training.eval_strategy is {args.eval_strategy.value} but the held-out split is empty "
+                            "(data.heldout_fraction 0): set training.eval_strategy=no")
 
     # 7. the student and one projector per mapped pair (seeded: same run, same projectors)
     try:

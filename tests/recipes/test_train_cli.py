@@ -92,3 +92,19 @@ def test_one_line_errors(setup, extra, needle):
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], result.output
     assert not (root / "err").exists()
+
+
+def test_evaluations_without_a_heldout_split(setup, tmp_path):
+    """eval_strategy=steps on a cache with no held-out rows: one line before the student loads, no run dir."""
+    root, config, overrides = setup
+    no_heldout = [o for o in overrides if not o.startswith("cache.dir=")] + [
+        f"cache.dir={tmp_path / 'cache'}", "data.heldout_fraction=0"]
+    built = CliRunner().invoke(main, ["cache", "build", str(config)] + [x for o in no_heldout for x in ("--set", o)])
+    assert built.exit_code == 0, built.output
+    result = _invoke(config, no_heldout + tiny_mod.training_overrides(tmp_path / "run"),
+                     "--set", "training.eval_strategy=steps", "--set", "training.eval_steps=1")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: training.eval_strategy is steps but the held-out split is empty (data.heldout_fraction 0): "
+        "set training.eval_strategy=no")
+    assert not (tmp_path / "run").exists()
