@@ -102,17 +102,36 @@ def finished_record(root: Path, index: int, start: int, n_rows: int) -> dict | N
 
 def finalize(root: Path, header: dict, n_shards: int) -> dict:
     """Gather the shard records into manifest.json (written last, atomically)."""
-    shards = []
+    shards, records = [], []
     for index in range(n_shards):
         record = read_json(shard_paths(root, index)[2])
+        records.append(record)
         shards.append({k: record[k] for k in ("name", "index", "start", "sequences", "tokens", "bytes", "checksum")})
     manifest = dict(header, shards=shards)
+    mean_square = train_mean_square(records, int(header["teacher"]["hidden_size"]))
+    if mean_square:
+        manifest["hidden_mean_square"] = mean_square
     validate_manifest(manifest, root / MANIFEST)
     write_json_atomic(root / MANIFEST, manifest)
     (root / BUILD).unlink(missing_ok=True)
     for tmp in (root / SHARDS).glob("*.tmp"):
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     return manifest
+
+
+def train_mean_square(records: list[dict], hidden_size: int) -> dict[str, float]:
+    """{layer: the teacher's mean square over the train split} from the shard records; {} when a record
+    lacks the sums (a shard written before they were recorded) or the train split is empty."""
+    if not records or any("hidden_square_sums" not in r for r in records):
+        return {}
+    tokens = sum(r["hidden_square_sums"]["train"]["tokens"] for r in records)
+    if not tokens:
+        return {}
+    sums: dict[str, float] = {}
+    for r in records:
+        for layer, value in r["hidden_square_sums"]["train"]["layers"].items():
+            sums[layer] = sums.get(layer, 0.0) + value
+    return {layer: sums[layer] / (tokens * hidden_size) for layer in sorted(sums, key=int)}
 
 
 def remove_if_empty_claim(root: Path, created: bool) -> None:

@@ -151,6 +151,31 @@ class Cache:
             s["length"] = int(c["length"][row])
         return s
 
+    def hidden_mean_square(self, layers: list[int], progress: bool = False) -> dict[int, float]:
+        """{layer: the teacher's mean square of that block's output over the train split's valid tokens}.
+
+        From the manifest (gathered from the captured fp32 values at build time); a cache built before
+        the manifest held it gets it computed here, once, from the decoded train split."""
+        from pipeline.cache.stats import SquareSums
+
+        stored = self.manifest.get("hidden_mean_square", {})
+        if all(str(x) in stored for x in layers):
+            return {int(x): float(stored[str(x)]) for x in layers}
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
+        reader = Cache(self.root, layers=list(layers))
+        acc = SquareSums()
+        train = self.indices("train")
+        from tqdm.auto import tqdm
+
+        for i in tqdm(train, desc="teacher mean square per layer", unit="seq", disable=not progress):
+            row = reader[i]
+            n = row.get("length", self.seq_len)
+            valid = (np.arange(self.seq_len) < n)[None, :]
+            acc.add({layer: h[None] for layer, h in row["hidden"].items()}, valid)
+        return acc.mean_square(int(self.manifest["teacher"]["hidden_size"]))
+
     # ------------------------------------------------------------------ integrity
     def verify(self) -> list[str]:
         """Recompute every checksum; returns the bad files (relative paths), empty when sound."""

@@ -19,6 +19,7 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import HIDDEN_CODECS, encode_topk_ids, encode_topk_logits, zarr_compressor
+from pipeline.cache.stats import SquareSums
 from pipeline.cache.manifest import (
     checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths, write_json_atomic,
 )
@@ -38,6 +39,7 @@ class ShardLayout:
     chunk_sequences: int
     hidden_level: int
     logits_level: int
+    train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -68,6 +70,7 @@ class ShardWriter:
         self._pending_rows = 0
         self._written = 0
         self._tokens = 0
+        self._squares = {"train": SquareSums(), "heldout": SquareSums()}
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
@@ -97,6 +100,13 @@ class ShardWriter:
     def _flush(self, n: int) -> None:
         rows = self._take(n)
         lay = self.layout
+        valid = np.ones(rows["input_ids"].shape, dtype=bool)  # [n, T]
+        if lay.padded:
+            valid = np.arange(lay.seq_len)[None, :] < rows["length"][:, None]
+        cut = min(max(lay.train_sequences - (self.start + self._written), 0), n)  # rows [0, cut) are train
+        for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, n))):
+            if b > a:
+                self._squares[split].add({layer: h[a:b] for layer, h in rows["hidden"].items()}, valid[a:b])
         cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
         if lay.padded:
             cols["length"] = pa.array(rows["length"].astype(np.int32))
@@ -151,6 +161,10 @@ class ShardWriter:
             "start": self.start,
             "sequences": self.n_rows,
             "tokens": self._tokens,
+            "hidden_square_sums": {
+                split: {"tokens": acc.tokens, "layers": {str(k): v for k, v in acc.sums.items()}}
+                for split, acc in self._squares.items()
+            },
             "bytes": {"arrow": self.arrow.stat().st_size, "hidden": hidden_bytes},
             "files": per_file,
             "checksum": checksum,

@@ -1,8 +1,13 @@
 """Hidden-state losses for one mapped layer pair (DESIGN.md section 3, "Hidden losses").
 
 Each registered loss takes the valid rows only, student [M, d] (already projected to the teacher width)
-and teacher [M, d], both fp32, and returns a scalar averaged over those rows. The caller averages over
-layer pairs. Hidden norms grow ~100x with depth, hence `cosine` and `nmse` besides plain `mse`.
+and teacher [M, d], both fp32, plus the layer's normaliser `norm` (None unless the loss needs one), and
+returns a scalar averaged over those rows. The caller averages over layer pairs. Hidden norms grow ~100x
+with depth, hence `cosine` and `nmse` besides plain `mse`.
+
+`nmse` divides by one constant per teacher layer: the teacher's mean square of that block's output over
+the cache's train split (valid tokens, all features), stored in the manifest at build time. A per-batch
+denominator would let the few huge BOS rows (|h| ~100x the rest) set the scale of every other token.
 """
 
 from __future__ import annotations
@@ -14,35 +19,39 @@ import torch.nn.functional as F
 
 from pipeline.registry import Registry
 
-HiddenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ([M, d], [M, d]) -> scalar
+HiddenLoss = Callable[[torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]  # ([M, d], [M, d], norm) -> scalar
 
 HIDDEN_LOSSES: Registry[HiddenLoss] = Registry("hidden loss")
 
-# cosine: guards a zero vector (padding that slipped through, a dead projector); nmse: an all-zero teacher.
+# cosine: guards a zero vector (padding that slipped through, a dead projector)
 COSINE_EPS = 1e-8
-NMSE_EPS = 1e-12
+NEEDS_NORM = ("nmse",)
 
 
 @HIDDEN_LOSSES.register("cosine")
-def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, norm: float | None = None) -> torch.Tensor:
     """mean over rows of 1 - cos(student_r, teacher_r) along the feature dim."""
     return (1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=COSINE_EPS)).mean()
 
 
 @HIDDEN_LOSSES.register("mse")
-def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor, norm: float | None = None) -> torch.Tensor:
     """mean over rows and features of (student - teacher)^2."""
     return (student - teacher).square().mean()
 
 
 @HIDDEN_LOSSES.register("nmse")
-def nmse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """mse / mean(teacher^2) over these rows and features: scale-free across depths."""
-    return mse_loss(student, teacher) / teacher.square().mean().clamp(min=NMSE_EPS)
+def nmse_loss(student: torch.Tensor, teacher: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    """mse / norm, norm the teacher layer's mean square over the train split: scale-free across depths."""
+    if norm is None or not norm > 0:
+        raise ValueError(f"nmse needs the teacher layer's mean square (> 0), got {norm}")
+    return mse_loss(student, teacher) / norm
 
 
-def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Loss `name` between student [N, d] and teacher [N, d] over rows where mask [N] is True (fp32 scalar).
+def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                norm: float | None = None) -> torch.Tensor:
+    """Loss `name` between student [N, d] and teacher [N, d] over rows where mask [N] is True (fp32 scalar);
+    `norm` is the layer's normaliser for the losses in NEEDS_NORM.
 
     Masked-out rows are never read into the computation; an all-False mask gives 0 (attached to the graph).
     """
@@ -56,4 +65,4 @@ def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: t
     if rows.numel() == 0:
         return s.sum()
     t = teacher.index_select(0, rows).float()  # [M, d]
-    return loss(s, t)
+    return loss(s, t, norm)

@@ -138,7 +138,8 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             if manifest is not None:
                 checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
                                  layer_map=layer_map, need_hidden=loss.needs_states, temperature=cfg.loss.temperature,
-                                 need_logits=True, seq_len=cfg.data.seq_len)
+                                 need_logits=True, seq_len=None,
+                                 student_positions=getattr(scfg, "max_position_embeddings", None))
             else:
                 checks.check_vocab(scfg.vocab_size, teacher_vocab)
                 checks.check_temperature(cfg.loss.temperature, temperatures)

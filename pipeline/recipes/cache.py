@@ -177,6 +177,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             seq_len=data.seq_len, topk=cc.topk, layers=tuple(layers), n_temps=len(cc.temperatures),
             hidden_codec=codec.name, id_dtype=id_dtype(vocab).name, padded=not data.packing,
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
+            train_sequences=seqs.n_train,
         )
 
         # 6. capture loop: the teacher runs here, encoding and writing on the writer thread

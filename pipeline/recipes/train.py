@@ -17,9 +17,11 @@ import shutil
 from pathlib import Path
 
 import click
+import torch
 
 from pipeline.cache.manifest import write_json_atomic
 from pipeline.errors import PipelineError
+from pipeline.losses.hidden import NEEDS_NORM
 from pipeline.sources import models
 from pipeline.sources.digest import tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
@@ -82,6 +84,26 @@ def check_dynamics_map(loss, layer_map: dict[int, int]) -> None:
             f"loss.delta > 0 ({loss.dynamics}) compares consecutive mapped student blocks, but the layer map "
             f"{dict(layer_map)} has {len(layer_map)}: map at least {MIN_LAYERS} (mapping.stride/strategy) or set loss.delta=0"
         )
+
+
+def online_mean_square(capture, rows, batch_size: int, hidden_size: int) -> dict[int, float]:
+    """The nmse constants without a cache: the live teacher's mean square per captured layer over the train
+    rows (the same fp32 values a cache build sums), one no-grad pass before training."""
+    import numpy as np
+
+    from pipeline.cache.stats import SquareSums
+    from pipeline.train.dataset import collate
+
+    acc = SquareSums()
+    for a in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(a, min(a + batch_size, len(rows)))])
+        ids = batch["input_ids"]
+        valid = torch.ones(ids.shape, dtype=torch.bool)
+        if "length" in batch:
+            valid = torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]
+        cap = capture(ids, valid.long() if "length" in batch else None)
+        acc.add(cap.hidden, np.asarray(valid))
+    return acc.mean_square(hidden_size)
 
 
 def has_tokenizer(spec: str) -> bool:
@@ -150,13 +172,16 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
             "fingerprint": {"tokenizer_digest": tokenizer_digest(teacher_tok)},
         }
 
-    # 5. compatibility checks, before step one
+    # 5. compatibility checks, before step one. From a cache, the sequence length (like every other data
+    # property) is the manifest's: the YAML's data section describes how that cache was built.
     checks.check_all(
         manifest=manifest, student_vocab=v_student,
         student_tokenizer_digest=tokenizer_digest(student_tok) if student_tok is not None else None,
         layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature, need_logits=True,
-        seq_len=cfg.data.seq_len,
+        seq_len=None, student_positions=getattr(scfg, "max_position_embeddings", None),
     )
+    if not online and int(cfg.data.seq_len) != int(manifest["seq_len"]) and args.should_save:
+        echo(f"note: data.seq_len {cfg.data.seq_len} is not used; the cache holds {manifest['seq_len']}-token sequences")
 
     # 6. datasets (and, online, the live-teacher collator)
     if online:
@@ -178,6 +203,12 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     if len(eval_ds) == 0 and args.eval_strategy != "no":
         raise PipelineError(f"training.eval_strategy is {args.eval_strategy.value} but the held-out split is empty "
                             "(data.heldout_fraction 0): set training.eval_strategy=no")
+    hidden_norms = None
+    if loss.gamma > 0 and loss.hidden in NEEDS_NORM:  # nmse: one constant per teacher layer, from the train split
+        if online:
+            hidden_norms = online_mean_square(capture, train_ds, cfg.cache.batch_size, d_teacher)
+        else:
+            hidden_norms = cache.hidden_mean_square(needed, progress=args.should_save)
 
     # 7. the student and one projector per mapped pair (seeded: same run, same projectors)
     try:
@@ -195,7 +226,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     trainer = UniversalDistillationTrainer(
         model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
         data_collator=collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
-        projector_lr_multiplier=cfg.mapping.projector_lr_multiplier,
+        projector_lr_multiplier=cfg.mapping.projector_lr_multiplier, hidden_norms=hidden_norms,
     )
     mode = "online" if online else "cache"
     if args.should_save:
@@ -223,8 +254,11 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         "resumed_from": resume,
     }
     if not online:
-        summary["cache"] = {"dir": cfg.cache.dir, "fingerprint": manifest.get("fingerprint"),
+        summary["cache"] = {"dir": cfg.cache.dir, "seq_len": manifest["seq_len"], "topk": manifest["topk"],
+                            "fingerprint": manifest.get("fingerprint"),
                             "fingerprint_digest": manifest.get("fingerprint_digest")}
+    if hidden_norms is not None:
+        summary["hidden_mean_square"] = {str(t): v for t, v in hidden_norms.items()}
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
         tok = student_tok if student_tok is not None else (teacher_tok if online else _teacher_tokenizer(manifest))

@@ -55,6 +55,15 @@ def check_seq_len(seq_len: int | None, cache_seq_len: int) -> None:
         )
 
 
+def check_positions(student_positions: int | None, cache_seq_len: int) -> None:
+    """The student must be able to attend over the cache's whole sequences."""
+    if student_positions is not None and int(student_positions) < int(cache_seq_len):
+        raise PipelineError(
+            f"the cache holds sequences of {cache_seq_len} tokens but the student's max_position_embeddings is "
+            f"{student_positions}: rebuild the cache with data.seq_len <= {student_positions}"
+        )
+
+
 def check_all(
     *,
     manifest: dict,
@@ -65,10 +74,13 @@ def check_all(
     temperature: float,
     need_logits: bool,
     seq_len: int | None,
+    student_positions: int | None = None,
 ) -> None:
-    """All checks against a cache manifest, cheapest first."""
+    """All checks against a cache manifest, cheapest first. `seq_len` (None: not checked) is a length the
+    caller needs the cache to have; `student_positions` the student's max_position_embeddings."""
     check_vocab(student_vocab, int(manifest["teacher"]["vocab_size"]))
     check_seq_len(seq_len, manifest["seq_len"])
+    check_positions(student_positions, manifest["seq_len"])
     if need_logits:
         check_temperature(temperature, manifest["temperatures"])
     if need_hidden:

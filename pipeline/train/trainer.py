@@ -9,7 +9,9 @@ positions, the hidden and dynamics losses over valid tokens (the same positions 
 
 The student is the Trainer's model (so the run's student folder stays a plain HF model); the
 projectors live beside it: an extra optimizer param group (optional LR multiplier), gradients averaged
-across processes and clipped before each optimizer step, saved into every checkpoint, restored on resume.
+across processes before clipping, clipped together with the student's under one global norm (the
+logged grad_norm covers both), zeroed with the student's after every optimizer step, skipped or not,
+saved into every checkpoint, restored on resume and by load_best_model_at_end.
 Loss components are summed as detached tensors and turned into floats only at logging steps.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from pipeline.errors import PipelineError
 from pipeline.losses.dynamics import dynamics_loss
@@ -44,8 +46,11 @@ def masks(input_ids: torch.Tensor, length: torch.Tensor | None) -> tuple[torch.T
 
 class UniversalDistillationTrainer(Trainer):
     def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
-                 projector_lr_multiplier: float = 1.0, **kwargs):
+                 projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise PipelineError("the projectors live beside the student: DeepSpeed and FSDP are not supported "
+                                "(use DDP: torchrun --nproc_per_node N)")
         self.projectors = projectors.to(self.args.device)
         self.layer_map = dict(sorted(layer_map.items()))
         self.loss_spec = loss.checked()
@@ -62,6 +67,13 @@ class UniversalDistillationTrainer(Trainer):
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._eval_sums: dict[str, torch.Tensor] = {}
+        self._projector_grads_synced = False
+        self.hidden_norms = {int(t): float(v) for t, v in (hidden_norms or {}).items()}
+        if self.loss_spec.gamma > 0 and self.loss_spec.hidden == "nmse":
+            missing = sorted(set(self.layer_map.values()) - set(self.hidden_norms))
+            if missing:
+                raise PipelineError(f"loss.hidden nmse needs the teacher's mean square of layers {missing}")
+        self.add_callback(_ZeroProjectorGrads(self))
 
     def _make_hook(self, j: int):
         def hook(module, args, output):
@@ -111,7 +123,9 @@ class UniversalDistillationTrainer(Trainer):
         if spec.gamma > 0:
             per_layer = []
             for j, student, teacher in zip(self.layer_map, students, teachers):
-                parts[f"loss_hidden_L{j}"] = value = hidden_loss(spec.hidden, student, teacher, tm)
+                t = self.layer_map[j]
+                parts[f"loss_hidden_L{j}"] = value = hidden_loss(spec.hidden, student, teacher, tm,
+                                                                 norm=self.hidden_norms.get(t))
                 per_layer.append(value)
             parts["loss_hidden"] = torch.stack(per_layer).mean()
             total = total + spec.gamma * parts["loss_hidden"]
@@ -192,23 +206,42 @@ class UniversalDistillationTrainer(Trainer):
                 "params": params, "weight_decay": self.args.weight_decay,
                 "lr": self.args.learning_rate * self.projector_lr_multiplier,
             })
-            optimizer.register_step_pre_hook(self._projector_grads_hook)
-            # the Trainer zeroes only the model's gradients; the projectors' must not leak into the next step
-            optimizer.register_step_post_hook(lambda *_: self.projectors.zero_grad(set_to_none=True))
+            # in case neither norm hook below ran (they always do inside the Trainer's loop)
+            optimizer.register_step_pre_hook(lambda *_: self._sync_projector_grads())
         return optimizer
 
-    def _projector_grads_hook(self, optimizer, args, kwargs):
-        grads = [p.grad for p in self.projectors.parameters() if p.grad is not None]
-        if not grads:
+    def _sync_projector_grads(self) -> None:
+        """Average the projectors' gradients across processes, once per optimizer step: they are outside
+        the DDP wrapper, and the global norm must see the averaged values."""
+        if self._projector_grads_synced:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            if world > 1:  # the projectors are outside the DDP wrapper: average their gradients here
-                for g in grads:
-                    torch.distributed.all_reduce(g)
-                    g.div_(world)
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.projectors.parameters()), self.args.max_grad_norm)
+        self._projector_grads_synced = True
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            for p in self.projectors.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+
+    def _parameters(self, model):
+        return [*model.parameters(), *self.projectors.parameters()]
+
+    def _clip_grad_norm(self, model):
+        """One global norm over the student and the projectors, clipped together; returns the pre-clip norm."""
+        self._sync_projector_grads()
+        return self.accelerator.clip_grad_norm_(self._parameters(model), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # max_grad_norm 0: the norm is still logged, over the same parameters
+            self._sync_projector_grads()
+            grad_norm = self.accelerator.clip_grad_norm_(self._parameters(model), float("inf"))
+        return grad_norm
+
+    def _zero_projector_grads(self) -> None:
+        self.projectors.zero_grad(set_to_none=True)
+        self._projector_grads_synced = False
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -219,12 +252,20 @@ class UniversalDistillationTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, INDEX_FILE)):
-            raise PipelineError(f"checkpoint {resume_from_checkpoint} has no {INDEX_FILE}: cannot restore the projectors")
-        saved = load_projectors(resume_from_checkpoint)
+        self._restore_projectors(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: the best checkpoint's student (the Trainer) and its projectors (here)."""
+        super()._load_best_model()
+        self._restore_projectors(self.state.best_model_checkpoint)
+
+    def _restore_projectors(self, checkpoint: str) -> None:
+        if not os.path.isfile(os.path.join(checkpoint, INDEX_FILE)):
+            raise PipelineError(f"checkpoint {checkpoint} has no {INDEX_FILE}: cannot restore the projectors")
+        saved = load_projectors(checkpoint)
         if set(saved.keys()) != set(self.projectors.keys()) or saved.kinds() != self.projectors.kinds():
             raise PipelineError(
-                f"checkpoint {resume_from_checkpoint} has projectors for layers {sorted(saved.keys())}, "
+                f"checkpoint {checkpoint} has projectors for layers {sorted(saved.keys())}, "
                 f"this run maps {sorted(self.projectors.keys())}"
             )
         with torch.no_grad():
@@ -236,3 +277,15 @@ class UniversalDistillationTrainer(Trainer):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class _ZeroProjectorGrads(TrainerCallback):
+    """The Trainer zeroes the student's gradients after every optimizer step, taken or skipped (fp16 loss
+    scaling skips a step on inf/nan); the projectors' are zeroed at the same moment, so none survive into
+    the next step."""
+
+    def __init__(self, trainer: UniversalDistillationTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._zero_projector_grads()

@@ -47,13 +47,29 @@ def test_temperature_layers_seq_len(tiny, train_overrides, tmp_path):
     for override, message in [
         ("loss.temperature=4.0", "cached temperatures"),
         ("mapping.strategy={1: 1, 2: 4}", "teacher layer 1"),
-        ("data.seq_len=64", "seq_len"),
         ("mapping.strategy=selected", "pruning.json"),
     ]:
         with pytest.raises(PipelineError) as e:
             _run(tiny, train_overrides, out, override)
         assert message in _one_line(e), override
     assert not out.exists()  # nothing written before the checks pass
+
+
+def test_seq_len_comes_from_the_manifest(tiny, train_overrides, tmp_path, tiny_factory, capsys):
+    """The YAML's data.seq_len describes a cache build; training from a cache takes the manifest's."""
+    out = tmp_path / "run"
+    summary = run_train(load_config(None, tiny["overrides"] + train_overrides(out) + ["data.seq_len=512"]))
+    assert summary["cache"]["seq_len"] == 32 and summary["metrics"]["global_step"] == 1
+    assert "data.seq_len 512 is not used; the cache holds 32-token sequences" in capsys.readouterr().err
+    # a student that cannot attend over the cached sequences is refused before anything is written
+    short = tiny_factory.model(tmp_path / "short")
+    config = json.loads((tmp_path / "short" / "config.json").read_text())
+    config["max_position_embeddings"] = 16
+    (tmp_path / "short" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError) as e:
+        _run(tiny, train_overrides, tmp_path / "r_short", f"student.model={short}")
+    assert "max_position_embeddings is 16" in _one_line(e)
+    assert not (tmp_path / "r_short").exists()
 
 
 def test_vocab_and_tokenizer(tiny, train_overrides, tmp_path, tiny_factory):

@@ -1,0 +1,37 @@
+"""Per-layer statistics of the teacher's hidden states, gathered while the cache is written.
+
+`hidden_mean_square` (manifest, train split): for each cached layer, the mean over valid tokens and
+features of the captured (fp32, before encoding) block output squared. The `nmse` hidden loss divides by
+it: one constant per layer, the same for every batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def square_sums(hidden: dict[int, np.ndarray], valid: np.ndarray) -> dict[int, float]:
+    """{layer: sum over valid tokens [r, T] and features of h^2} for hidden {layer: [r, T, d]}, in float64."""
+    out = {}
+    for layer, h in hidden.items():
+        per_token = np.einsum("rtd,rtd->rt", h, h, dtype=np.float64)  # [r, T]
+        out[int(layer)] = float(per_token[valid].sum())
+    return out
+
+
+class SquareSums:
+    """Running per-layer sums of squares and the valid-token count; `mean_square(d)` -> {layer: mean}."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, float] = {}
+        self.tokens = 0
+
+    def add(self, hidden: dict[int, np.ndarray], valid: np.ndarray) -> None:
+        for layer, value in square_sums(hidden, valid).items():
+            self.sums[layer] = self.sums.get(layer, 0.0) + value
+        self.tokens += int(valid.sum())
+
+    def mean_square(self, hidden_size: int) -> dict[int, float]:
+        if not self.tokens:
+            return {}
+        return {layer: value / (self.tokens * hidden_size) for layer, value in sorted(self.sums.items())}
