@@ -4,12 +4,19 @@ The teacher thread only captures and enqueues; a `ShardWriter` streams each shar
 `*.tmp` files, and on `end_shard` renames them into place and writes the shard record last. An
 exception in the writer thread is re-raised in the main thread at its next `put`/`end_shard`/exit;
 leaving the `with` block on an exception stops the thread without committing the open shard.
+
+Crash-test hook: with DISTILL_CACHE_KILL_AFTER_SHARDS=N in the environment, the process SIGKILLs
+itself once this writer has committed N shards and written the first chunk of the next one, so a
+test can stop a build at a fixed point with finished shards and one half-written shard on disk.
+Unset (the normal case), it does nothing.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +220,8 @@ class CacheWriter:
         self._shards: dict[int, ShardWriter] = {}
         self.records: list[dict] = []
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        kill_after = os.environ.get("DISTILL_CACHE_KILL_AFTER_SHARDS")  # crash-test hook, see the docstring
+        self._kill_after = int(kill_after) if kill_after else None
 
     def __enter__(self) -> "CacheWriter":
         self._thread.start()
@@ -229,7 +238,10 @@ class CacheWriter:
                     start, n_rows = payload
                     self._shards[index] = ShardWriter(self.root, index, start, n_rows, self.layout)
                 elif op == "rows":
-                    self._shards[index].add(payload)
+                    shard = self._shards[index]
+                    shard.add(payload)
+                    if self._kill_after == len(self.records) and shard._written:
+                        os.kill(os.getpid(), signal.SIGKILL)  # crash-test hook, see the docstring
                 else:  # "end"
                     self.records.append(self._shards.pop(index).finish())
         except BaseException as e:  # surfaced in the main thread

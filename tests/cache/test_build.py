@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -158,35 +156,43 @@ def _build_cmd(cfg_path, *extra):
     return [sys.executable, "-m", "pipeline.cli", "cache", "build", str(cfg_path), *extra]
 
 
+def _file_identities(root: Path, names) -> dict[str, tuple[int, int, int]]:
+    """{path: (inode, mtime_ns, ctime_ns)} of every file of the named shards. A rewrite, a rename or a
+    copy changes it; a rebuild reproduces the same bytes, so contents alone cannot tell reuse from it."""
+    shards = root / "shards"
+    files = sorted(p for p in shards.rglob("*")
+                   if p.is_file() and p.relative_to(shards).parts[0].split(".")[0] in names)
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files}
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
+    # 48 sequences in 6 shards of 8, written in chunks of 4: killed (SIGKILL, by the writer's crash-test
+    # hook) with shards 0-1 committed and the first chunk of shard 2 in its *.tmp files
     cfg_path, cache_dir = tiny_config(data__num_sequences=48, cache__batch_size=2)
     ref = tmp_path / "ref"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("DISTILL_CACHE_KILL_AFTER_SHARDS", None)
     subprocess.run(_build_cmd(cfg_path, "--set", f"cache.dir={ref}"), check=True, env=env, capture_output=True)
-    rng = random.Random(int(time.time()))
-    killed_mid_build = False
-    for attempt in range(3):
-        proc = subprocess.Popen(_build_cmd(cfg_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # wait until the build is really writing, then kill at a random moment
-        deadline = time.time() + 60
-        while time.time() < deadline and not (cache_dir / "build.json").exists():
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if not (cache_dir / "manifest.json").exists():
-            killed_mid_build = True
-            break
-        import shutil
-
-        shutil.rmtree(cache_dir)
-    assert killed_mid_build
+    killed = subprocess.run(_build_cmd(cfg_path), env=dict(env, DISTILL_CACHE_KILL_AFTER_SHARDS="2"),
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    shards = cache_dir / "shards"
+    done = ["shard-00000", "shard-00001"]
+    assert sorted(p.stem for p in shards.glob("*.json")) == done
+    assert (shards / "shard-00002.arrow.tmp").is_file()
+    assert any(p.is_file() and p.name != "zarr.json" for p in (shards / "shard-00002.zarr.tmp").rglob("*"))
+    assert not (shards / "shard-00002.arrow").exists() and not (cache_dir / "manifest.json").exists()
     assert run_cli("cache", "verify", cache_dir).exit_code != 0  # unfinished: not a cache yet
+    before = _file_identities(cache_dir, done)
+    assert len(before) > 2 * 3  # per shard: the record, the Arrow file and the Zarr store's files
+
     r = subprocess.run(_build_cmd(cfg_path), env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming, 2 of 6 shards already written" in r.stderr
+    assert _file_identities(cache_dir, done) == before  # reused as they were, not rebuilt
     assert run_cli("cache", "verify", cache_dir).exit_code == 0
     assert_same_cache(cache_dir, ref)
-    assert not list((cache_dir / "shards").glob("*.tmp"))
+    assert not list(shards.rglob("*.tmp"))
 
 
 def test_two_process_build_equals_one_process(tiny_config, tmp_path):
