@@ -15,6 +15,13 @@ in one run, with the same student, the same batches and the same loss.
     python scripts/bench_train.py [--sequences 40] [--steps 6] [--warmup 2] [--batch-size 4]
     python scripts/bench_train.py --teacher-size 360m   # a larger (random-init, SmolLM2-360M shape) teacher
 
+`--objectives` times the loss objectives instead, all from the same cache, one child per variant: the
+demo loss (kl, gamma 0.2 cosine) with and without FDD (delta 0.2; goal <= 1.05x), and each divergence
+in place of kl (`loss.logits`), side by side with the plain kl step. The step-time ratios are the point;
+the variants run in the order listed, twice each (ABAB), and the median of both runs' medians is used.
+
+    python scripts/bench_train.py --objectives [--steps 6]
+
 `--teacher-size 360m|1.7b` swaps in a random-init teacher of that SmolLM2 shape (same tokenizer): the
 numbers measure time and memory, not quality, and show how the ratios move as the teacher outgrows
 the student.
@@ -97,7 +104,19 @@ def peak_memory() -> dict:
 # ----------------------------------------------------------------------------- children
 
 
-def child_train(args, work: Path, online: bool) -> dict:
+# --objectives: (name, loss overrides) over the demo loss; the first is the reference of the ratios
+OBJECTIVES = [
+    ("kl (demo loss)", []),
+    ("kl + fdd (delta 0.2)", ["loss.delta=0.2", "loss.dynamics=fdd"]),
+    ("reverse_kl", ["loss.logits=reverse_kl"]),
+    ("skew_kl (lambda 0.1)", ["loss.logits=skew_kl"]),
+    ("skew_reverse_kl (lambda 0.1)", ["loss.logits=skew_reverse_kl"]),
+    ("jsd", ["loss.logits=jsd"]),
+    ("gjsd (beta 0.5)", ["loss.logits=gjsd"]),
+]
+
+
+def child_train(args, work: Path, online: bool, loss: list[str] | None = None) -> dict:
     from transformers import TrainerCallback
 
     from pipeline.config import load_config
@@ -117,7 +136,8 @@ def child_train(args, work: Path, online: bool) -> dict:
             ends.append(time.perf_counter())
 
     mode = "online" if online else "cache"
-    cfg = load_config(DEMO, overrides(args, work, args.teacher_path) + training(args, work / f"run-{mode}"))
+    cfg = load_config(DEMO, overrides(args, work, args.teacher_path) + training(args, work / f"run-{mode}")
+                      + list(loss or []))
     run_train(cfg, online=online, callbacks=[StepClock()], echo=lambda m: None)
     steps = [b - a for a, b in zip(ends, ends[1:])][args.warmup : args.warmup + args.steps]
     return {"step_s": statistics.median(steps), "steps": steps, **peak_memory()}
@@ -172,10 +192,11 @@ def make_teacher(size: str, work: Path) -> str:
     return str(path)
 
 
-def run_child(mode: str, args, work: Path) -> dict:
+def run_child(mode: str, args, work: Path, loss: list[str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--work", str(work), "--teacher-path", args.teacher_path,
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k in ("sequences", "seq_len", "batch_size", "steps", "warmup", "stride", "mapping")]]
+             if k in ("sequences", "seq_len", "batch_size", "steps", "warmup", "stride", "mapping")],
+           *[f"--child-loss={x}" for x in loss or []]]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{mode} child failed:\n{r.stderr[-4000:]}")
@@ -194,7 +215,10 @@ def main() -> None:
     ap.add_argument("--mapping", default="selected", help="mapping.strategy (selected needs the packaged teacher)")
     ap.add_argument("--teacher-size", choices=["135m", *TEACHER_SHAPES], default="135m",
                     help="135m: the packaged SmolLM2 teacher; others: a random-init teacher of that shape")
+    ap.add_argument("--objectives", action="store_true",
+                    help="time FDD and each divergence against the plain kl step (cache mode only)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--child-loss", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["cache", "online", "loader"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--teacher-path", help=argparse.SUPPRESS)
@@ -206,7 +230,10 @@ def main() -> None:
 
     if args.child:
         work = Path(args.work)
-        result = child_loader(args, work) if args.child == "loader" else child_train(args, work, args.child == "online")
+        if args.child == "loader":
+            result = child_loader(args, work)
+        else:
+            result = child_train(args, work, args.child == "online", args.child_loss)
         print("RESULT " + json.dumps(result))
         return
 
@@ -232,10 +259,31 @@ def main() -> None:
               f"{args.sequences} x {args.seq_len} tokens, batch {args.batch_size}, mapping {args.mapping} "
               f"stride {args.stride}; {args.steps} timed steps after {args.warmup} warm-up; "
               f"torch threads {torch.get_num_threads()}; device {'cuda' if _cuda() else 'cpu'}", flush=True)
-        res = {mode: run_child(mode, args, work) for mode in ("cache", "online", "loader")}
+        if args.objectives:
+            runs: dict[str, list[dict]] = {name: [] for name, _ in OBJECTIVES}
+            for _ in range(2):
+                for name, loss in OBJECTIVES:
+                    runs[name].append(run_child("cache", args, work, loss))
+                    print(f"  {name}: {runs[name][-1]['step_s']:.2f} s", flush=True)
+        else:
+            res = {mode: run_child(mode, args, work) for mode in ("cache", "online", "loader")}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+    if args.objectives:
+        step = {name: statistics.median([r["step_s"] for r in rs]) for name, rs in runs.items()}
+        mem = "cuda_peak_allocated_mib" if "cuda_peak_allocated_mib" in runs[OBJECTIVES[0][0]][0] else "peak_rss_mib"
+        peak = {name: max(r[mem] for r in rs) for name, rs in runs.items()}
+        ref = OBJECTIVES[0][0]
+        print(f"\n| objective | step s (median) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |")
+        print("|---|---:|---:|---:|---:|")
+        for name, _ in OBJECTIVES:
+            print(f"| {name} | {step[name]:.2f} | {step[name] / step[ref]:.3f} | {peak[name]:.0f} | "
+                  f"{peak[name] / peak[ref]:.2f} |")
+        print("steps (s): " + "; ".join(f"{name}: " + " ".join(f"{s:.2f}" for r in rs for s in r["steps"])
+                                         for name, rs in runs.items()))
+        return
 
     c, o, ld = res["cache"], res["online"], res["loader"]
     tok_step = args.batch_size * args.seq_len
