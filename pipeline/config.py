@@ -131,6 +131,9 @@ class LossConfig:
     tail: str = field(default="bucket", metadata=_choice("bucket", "renormalize"))
     hidden: str = "cosine"
     dynamics: str = "fdd"  # dynamics loss: registry name
+    # CE and the divergence from the final hidden states, this many valid tokens at a time (the full
+    # [tokens, vocab] logits never exist); 0 = the dense path (full logits, the reference)
+    chunk_tokens: int = field(default=512, metadata=_range(0, None))
     # accepted spellings of logits_args.lambda (folded into it at load): DistiLLM's lambda, the book's s = 1 - lambda
     skew_lambda: Union[float, None] = None  # [0, 1); 0 = plain KL
     skew_alpha: Union[float, None] = None  # (0, 1]; 1 = plain KL

@@ -29,8 +29,9 @@ _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float3
 
 
 class Cache:
-    def __init__(self, root: str | Path, chunk_cache: int = 4, layers: list[int] | None = None):
+    def __init__(self, root: str | Path, chunk_cache: int = 4, layers: list[int] | None = None, logits: bool = True):
         self.root = Path(root)
+        self.with_logits = bool(logits)  # False: top-k ids, logits and lse are neither read nor decoded
         if not self.root.is_dir():
             raise PipelineError(f"cache directory not found: {self.root}")
         path = self.root / MANIFEST
@@ -92,7 +93,13 @@ class Cache:
         if pos not in self._files:
             index = self.manifest["shards"][pos]["index"]
             arrow, zdir, _ = shard_paths(self.root, index)
-            reader = pa.ipc.open_file(pa.memory_map(str(arrow), "r"))
+            source = pa.memory_map(str(arrow), "r")
+            options = None
+            if not self.with_logits:  # the top-k and lse columns are not even decompressed
+                schema = pa.ipc.open_file(source).schema
+                keep = [i for i, name in enumerate(schema.names) if name in ("input_ids", "length")]
+                options = pa.ipc.IpcReadOptions(included_fields=keep)
+            reader = pa.ipc.open_file(source, options=options)
             group = zarr.open_group(store=str(zdir), mode="r", zarr_format=3)
             self._files[pos] = (reader, group)
         return self._files[pos]
@@ -113,13 +120,14 @@ class Cache:
             values = batch.column(name).flatten().to_numpy(zero_copy_only=False)
             return values.astype(dtype, copy=False).reshape(n, -1)
 
-        stored_logits = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
-        out = {
-            "input_ids": col("input_ids", np.int64),
-            "topk_ids": decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
-            "topk_logits": logits_from_numpy(stored_logits, m["logit_dtype"]),
-            "lse": {temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
-        }
+        out = {"input_ids": col("input_ids", np.int64)}
+        if self.with_logits:
+            stored = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
+            out.update(
+                topk_ids=decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
+                topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
+                lse={temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
+            )
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
@@ -140,13 +148,10 @@ class Cache:
     def __getitem__(self, i: int) -> dict:
         pos, chunk, row = self.locate(int(i))
         c = self.read_chunk(pos, chunk)
-        s = {
-            "input_ids": c["input_ids"][row],
-            "topk_ids": c["topk_ids"][row],
-            "topk_logits": c["topk_logits"][row],
-            "lse": {temp: v[row] for temp, v in c["lse"].items()},
-            "hidden": {layer: h[row] for layer, h in c["hidden"].items()},
-        }
+        s = {"input_ids": c["input_ids"][row], "hidden": {layer: h[row] for layer, h in c["hidden"].items()}}
+        if self.with_logits:
+            s.update(topk_ids=c["topk_ids"][row], topk_logits=c["topk_logits"][row],
+                     lse={temp: v[row] for temp, v in c["lse"].items()})
         if "length" in c:
             s["length"] = int(c["length"][row])
         return s
@@ -164,7 +169,7 @@ class Cache:
         missing = [x for x in layers if x not in self.layers]
         if missing:
             raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
-        reader = Cache(self.root, layers=list(layers))
+        reader = Cache(self.root, layers=list(layers), logits=False)
         acc = SquareSums()
         train = self.indices("train")
         from tqdm.auto import tqdm
@@ -196,6 +201,7 @@ class Cache:
         return bad
 
 
-def open_cache(root: str | Path, layers: list[int] | None = None) -> Cache:
-    """The cache at `root`; `layers` limits the hidden layers decoded per sequence (default: all cached)."""
-    return Cache(root, layers=layers)
+def open_cache(root: str | Path, layers: list[int] | None = None, logits: bool = True) -> Cache:
+    """The cache at `root`; `layers` limits the hidden layers decoded per sequence (default: all cached);
+    logits=False reads no top-k ids, logits or lse."""
+    return Cache(root, layers=layers, logits=logits)

@@ -284,15 +284,23 @@ def logits_loss(
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} != topk_logits {tuple(topk_logits.shape)}")
 
     rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    pair = build_pair(
+    total = divergence_sum(
+        divergence, build_pair, resolved,
         student_logits.index_select(0, rows),  # [M, V], a fresh copy owned by the tail mode
         topk_ids.long().index_select(0, rows),  # cache ids may be uint16/uint32
         topk_logits.index_select(0, rows),
         lse.index_select(0, rows),
         float(temperature),
     )
-    per_row = divergence.fn(pair, resolved)  # [M]
-    return per_row.sum() * (temperature**2 / max(rows.numel(), 1))
+    return total * (temperature**2 / max(rows.numel(), 1))
+
+
+def divergence_sum(divergence: Divergence, build_pair: TailMode, args: Mapping[str, float], student_rows: torch.Tensor,
+                   topk_ids: torch.Tensor, topk_logits: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over rows of the divergence (no T^2, no mean): the part the dense and the chunked paths share.
+    `student_rows` [M, V] must be a tensor the caller gives away (the tail mode may scale it in place);
+    topk_ids [M, k] long, topk_logits [M, k], lse [M] at T; `args` resolved (check_logits_args)."""
+    return divergence.fn(build_pair(student_rows, topk_ids, topk_logits, lse, temperature), args).sum()
 
 
 def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ class LossSpec:
     tail: str = "bucket"
     hidden: str = "cosine"
     dynamics: str = "fdd"
+    chunk_tokens: int = 512  # 0 = dense vocabulary losses (pipeline/losses/chunked.py)
     preset: str | None = None  # where the defaults came from (for the record only)
 
     def checked(self) -> "LossSpec":

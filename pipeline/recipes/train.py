@@ -195,8 +195,9 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         capture = TeacherCapture(teacher, needed, cc.topk, [loss.temperature], cc.logit_dtype)
         collator = OnlineTeacherCollator(capture, loss.temperature)
     else:
-        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature)
-        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature)
+        # only what the loss reads: no hidden layers without gamma/delta, no top-k logits without beta
+        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0)
+        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature, logits=loss.beta > 0)
         capture, collator = None, collate
     if len(train_ds) == 0:
         raise PipelineError("the cache's train split is empty")
@@ -215,6 +216,13 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         student = AutoModelForCausalLM.from_pretrained(models.resolve_model(spec), dtype=models.TORCH_DTYPES[cfg.student.dtype])
     except (OSError, ValueError) as e:
         raise PipelineError(f"cannot load student {spec!r}: {str(e).strip().splitlines()[0]}") from None
+    if loss.chunk_tokens:
+        from pipeline.losses.chunked import chunk_support
+
+        why = chunk_support(student)
+        if why:
+            echo(f"note: loss.chunk_tokens: {why}; the vocabulary losses take the dense path")
+            loss = dataclasses.replace(loss, chunk_tokens=0)
     projectors = build_projectors(layer_map, d_student, d_teacher, cfg.mapping.projector,
                                   cfg.mapping.projector_init, seed=args.seed)
 

@@ -87,10 +87,11 @@ class CacheDataset(Dataset):
     The Cache is opened lazily in each process (DataLoader workers get their own file handles).
     """
 
-    def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float):
+    def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float, logits: bool = True):
         self.cache_dir = str(cache_dir)
         self.layers = sorted(set(int(x) for x in layers))
-        cache = open_cache(self.cache_dir, layers=self.layers)  # decodes the mapped layers only
+        self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
+        cache = open_cache(self.cache_dir, layers=self.layers, logits=self.logits)  # the mapped layers only
         self.indices = list(cache.indices(split))
         self.temperature = cached_temperature(cache.temperatures, temperature)
         self.padded = cache.padded
@@ -107,14 +108,11 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, pos: int) -> dict:
         if self._cache is None:
-            self._cache = open_cache(self.cache_dir, layers=self.layers)
+            self._cache = open_cache(self.cache_dir, layers=self.layers, logits=self.logits)
         s = self._cache[self.indices[pos]]
-        item = {
-            "input_ids": s["input_ids"],
-            "topk_ids": s["topk_ids"],
-            "topk_logits": s["topk_logits"],
-            "lse": s["lse"][self.temperature],
-        }
+        item = {"input_ids": s["input_ids"]}
+        if self.logits:
+            item.update(topk_ids=s["topk_ids"], topk_logits=s["topk_logits"], lse=s["lse"][self.temperature])
         for layer in self.layers:
             item[hidden_key(layer)] = s["hidden"][layer]
         if "length" in s:

@@ -17,12 +17,15 @@ Loss components are summed as detached tensors and turned into floats only at lo
 
 from __future__ import annotations
 
+import dataclasses
 import os
+
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from pipeline.errors import PipelineError
+from pipeline.losses.chunked import VocabTerms, chunked_head_loss, final_hidden, head_spec
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.logits import cross_entropy, logits_loss
@@ -74,6 +77,14 @@ class UniversalDistillationTrainer(Trainer):
             if missing:
                 raise PipelineError(f"loss.hidden nmse needs the teacher's mean square of layers {missing}")
         self.add_callback(_ZeroProjectorGrads(self))
+        # the chunked vocabulary loss (loss.chunk_tokens > 0; run_train has checked that the head is one we
+        # reproduce): the student's forward stops at the final hidden states, captured here
+        self._final_hidden: torch.Tensor | None = None
+        if self.loss_spec.chunk_tokens:
+            self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
+
+    def _keep_final_hidden(self, module, args, output):
+        self._final_hidden = final_hidden(output)
 
     def _make_hook(self, j: int):
         def hook(module, args, output):
@@ -92,22 +103,43 @@ class UniversalDistillationTrainer(Trainer):
         tok_mask, next_mask = masks(ids, length)
         attention = tok_mask.long() if length is not None else None
         self._student_hidden = {}
-        out = model(input_ids=ids, attention_mask=attention, use_cache=False)
         B, T = ids.shape
-        logits = out.logits.reshape(B * T, -1)  # [N, V]
         nm = next_mask.reshape(-1)  # [N]
         targets = torch.roll(ids, -1, dims=1).reshape(-1)  # [N] token t+1 (last column masked out)
-
+        # CE is logged at evaluation always, in training only when it is part of the loss
+        want_ce = spec.alpha > 0 or not model.training
         parts: dict[str, torch.Tensor] = {}
-        parts["loss_ce"] = cross_entropy(logits, targets, nm)
-        total = spec.alpha * parts["loss_ce"]
-        if spec.beta > 0:
-            k = inputs["topk_ids"].shape[-1]
-            parts["loss_kl"] = logits_loss(
-                spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),
-                inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, args=spec.logits_args,
-            )
-            total = total + spec.beta * parts["loss_kl"]
+        if spec.chunk_tokens:
+            self._final_hidden = None
+            model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
+            rows = nm.nonzero(as_tuple=True)[0]  # [M] valid next-token positions
+            h = self._final_hidden.reshape(B * T, -1).index_select(0, rows)  # [M, d]
+            self._final_hidden = None
+            terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets[rows] if want_ce else None)
+            if spec.beta > 0:
+                k = inputs["topk_ids"].shape[-1]
+                terms = dataclasses.replace(
+                    terms, divergence=spec.logits, tail=spec.tail, args=spec.logits_args, temperature=spec.temperature,
+                    topk_ids=inputs["topk_ids"].reshape(-1, k).index_select(0, rows).long(),
+                    topk_logits=inputs["topk_logits"].reshape(-1, k).index_select(0, rows),
+                    lse=inputs["lse"].reshape(-1).index_select(0, rows))
+            head, _ = head_spec(self.model)
+            total, vocab_parts = chunked_head_loss(h, head, terms, spec.chunk_tokens)
+            parts.update(vocab_parts)
+        else:  # the dense reference: the full [N, V] logits
+            out = model(input_ids=ids, attention_mask=attention, use_cache=False)
+            logits = out.logits.reshape(B * T, -1)  # [N, V]
+            total = torch.zeros((), device=ids.device)
+            if want_ce:
+                parts["loss_ce"] = cross_entropy(logits, targets, nm)
+                total = spec.alpha * parts["loss_ce"]
+            if spec.beta > 0:
+                k = inputs["topk_ids"].shape[-1]
+                parts["loss_kl"] = logits_loss(
+                    spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),
+                    inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, args=spec.logits_args,
+                )
+                total = total + spec.beta * parts["loss_kl"]
         if spec.needs_states:
             tm = tok_mask.reshape(-1)  # [N] valid tokens: the positions of both the hidden and the dynamics loss
             students, teachers = [], []  # per mapped block j, increasing: P_j(h_j) [N, d_t], H_t(j) [N, d_t]

@@ -1,0 +1,172 @@
+"""The chunked head + vocabulary loss against an independent dense fp64 computation: values and gradients
+(hidden states and output embedding), every divergence, both tail modes, uneven chunks, logit transforms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.losses.chunked import HeadSpec, VocabTerms, chunked_head_loss
+from pipeline.losses.logits import LOGIT_LOSSES
+
+M, D, V, K, T = 11, 16, 300, 8, 2.0
+ARGS = {"kl": {}, "reverse_kl": {}, "skew_kl": {"lambda": 0.3}, "skew_reverse_kl": {"lambda": 0.3}, "jsd": {},
+        "gjsd": {"beta": 0.2}}
+
+
+def _case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(M, D, generator=g)
+    w = torch.randn(V, D, generator=g) * 0.5
+    teacher = torch.randn(M, V, generator=g, dtype=torch.float64) * 3  # full teacher logits
+    topk_logits, topk_ids = teacher.topk(K, dim=-1)
+    lse = torch.logsumexp(teacher / T, dim=-1)
+    targets = torch.randint(0, V, (M,), generator=g)
+    return h, w, targets, topk_ids, topk_logits.float(), lse.float()
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+def _reference_divergence(name: str, p: torch.Tensor, q: torch.Tensor, args: dict) -> torch.Tensor:
+    if name == "kl":
+        return _kl(p, q)
+    if name == "reverse_kl":
+        return _kl(q, p)
+    if name == "skew_kl":
+        lam = args["lambda"]
+        return _kl(p, lam * p + (1 - lam) * q)
+    if name == "skew_reverse_kl":
+        lam = args["lambda"]
+        return _kl(q, (1 - lam) * p + lam * q)
+    beta = 0.5 if name == "jsd" else args["beta"]
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+def _reference(h, w, targets, ids, tl, lse, name, tail, alpha, beta, transform=None):
+    """fp64, dense [M, V], written from the definitions: alpha * CE + beta * T^2 * divergence, row means."""
+    z = h @ w.T
+    if transform is not None:
+        z = transform(z)
+    ce = -torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    tl, lse = tl.double(), lse.double()
+    if tail == "bucket":
+        p_in = torch.exp(tl / T - lse[:, None])
+        q_in = torch.softmax(z / T, -1).gather(-1, ids)
+        p = torch.cat([p_in, 1 - p_in.sum(-1, keepdim=True)], -1)
+        q = torch.cat([q_in, 1 - q_in.sum(-1, keepdim=True)], -1)
+    else:
+        p = torch.softmax(tl / T, -1)
+        q = torch.softmax(z.gather(-1, ids) / T, -1)
+    div = _reference_divergence(name, p, q, ARGS[name])
+    return alpha * ce.mean() + beta * T**2 * div.mean(), ce.mean(), T**2 * div.mean()
+
+
+def _grads(fn, h, w):
+    h = h.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    loss, *parts = fn(h, w)
+    loss.backward()
+    return loss.detach(), [p.detach() for p in parts], h.grad, w.grad
+
+
+# fp32 rounding bounds relative to the largest reference value (eps = 2^-23 ~ 1.2e-7): a loss value is a few
+# roundings off (measured 6e-8); a gradient entry sums ~V = 300 rounded terms, ~sqrt(V) * eps ~ 2e-6 (measured 6e-7)
+VALUE_REL, GRAD_REL = 5e-7, 3e-6
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    """|got - ref| <= rel * max|ref| elementwise."""
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), (err, ref.abs().max().item())
+
+
+def test_registry_covered():
+    assert set(LOGIT_LOSSES.names()) == set(ARGS)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_matches_dense_fp64(name, tail):
+    h, w, targets, ids, tl, lse = _case()
+    alpha, beta = 0.3, 0.7
+    terms = VocabTerms(alpha=alpha, beta=beta, targets=targets, divergence=name, tail=tail, args=ARGS[name],
+                       temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+
+    def chunked(hh, ww):
+        loss, parts = chunked_head_loss(hh, HeadSpec(ww), terms, chunk=4)  # 11 rows: chunks of 4, 4, 3
+        return loss, parts["loss_ce"], parts["loss_kl"]
+
+    def reference(hh, ww):
+        return _reference(hh, ww, targets, ids, tl, lse, name, tail, alpha, beta)
+
+    got = _grads(chunked, h, w)
+    ref = _grads(reference, h.double(), w.double())
+    for g, r in zip([got[0], *got[1]], [ref[0], *ref[1]]):
+        _close(g, r, VALUE_REL)
+    _close(got[2], ref[2], GRAD_REL)  # d loss / d hidden
+    _close(got[3], ref[3], GRAD_REL)  # d loss / d output embedding
+    assert got[2].abs().max() > 0 and got[3].abs().max() > 0
+
+
+@pytest.mark.parametrize("transform", ["softcap", "scale"])
+def test_final_logit_transforms(transform):
+    h, w, targets, ids, tl, lse = _case(1)
+    if transform == "softcap":
+        head_of = lambda ww: HeadSpec(ww, softcap=5.0)  # noqa: E731
+        fn = lambda z: torch.tanh(z / 5.0) * 5.0  # noqa: E731
+    else:
+        head_of = lambda ww: HeadSpec(ww, scale=0.25)  # noqa: E731
+        fn = lambda z: z * 0.25  # noqa: E731
+    terms = VocabTerms(alpha=0.5, beta=0.5, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    got = _grads(lambda hh, ww: (chunked_head_loss(hh, head_of(ww), terms, chunk=5)[0],), h, w)
+    ref = _grads(lambda hh, ww: _reference(hh, ww, targets, ids, tl, lse, "kl", "bucket", 0.5, 0.5, fn)[:1],
+                 h.double(), w.double())
+    _close(got[0], ref[0], VALUE_REL)
+    _close(got[2], ref[2], GRAD_REL)
+    _close(got[3], ref[3], GRAD_REL)
+
+
+def test_one_term_off_is_not_computed():
+    h, w, targets, ids, tl, lse = _case(2)
+    ce_only = VocabTerms(alpha=1.0, beta=0.0, targets=targets)
+    loss, parts = chunked_head_loss(h, HeadSpec(w), ce_only, chunk=3)
+    assert set(parts) == {"loss_ce"}
+    ref = _reference(h.double(), w.double(), targets, ids, tl, lse, "kl", "bucket", 1.0, 0.0)[0]
+    assert math.isclose(float(loss), float(ref), rel_tol=5e-7)
+    kl_only = VocabTerms(alpha=0.0, beta=1.0, targets=None, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    loss, parts = chunked_head_loss(h, HeadSpec(w), kl_only, chunk=3)
+    assert set(parts) == {"loss_kl"}
+    ref = _reference(h.double(), w.double(), targets, ids, tl, lse, "kl", "bucket", 0.0, 1.0)[0]
+    assert math.isclose(float(loss), float(ref), rel_tol=5e-7)
+
+
+def test_chunk_size_does_not_change_the_result_beyond_rounding_and_is_deterministic():
+    h, w, targets, ids, tl, lse = _case(3)
+    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    runs = [_grads(lambda hh, ww: (chunked_head_loss(hh, HeadSpec(ww), terms, chunk=c)[0],), h, w)
+            for c in (1, 4, 4, 64)]
+    a, b = runs[1], runs[2]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])  # run to run: bitwise
+    for other in (runs[0], runs[3]):
+        _close(other[0], runs[1][0], VALUE_REL)
+        _close(other[3], runs[1][3], GRAD_REL)
+
+
+def test_no_grad_gives_the_same_value():
+    h, w, targets, ids, tl, lse = _case(4)
+    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    with_grad = chunked_head_loss(h.clone().requires_grad_(True), HeadSpec(w), terms, chunk=4)[0]
+    with torch.no_grad():
+        without = chunked_head_loss(h, HeadSpec(w), terms, chunk=4)[0]
+    assert torch.equal(with_grad.detach(), without)
+
+
+def test_bad_chunk():
+    h, w, targets, *_ = _case(5)
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_head_loss(h, HeadSpec(w), VocabTerms(alpha=1.0, beta=0.0, targets=targets), chunk=0)
