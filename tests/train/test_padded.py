@@ -21,7 +21,7 @@ LAYER_MAP = {1: 2, 2: 4}  # uniform, 2 student blocks under 4 teacher blocks
 
 
 def _short_docs() -> str:
-    """Documents of 3..27 bytes (rows of 5..29 tokens with BOS and EOS, under seq_len 32), one longer than
+    """Documents of 3..23 bytes (rows of 5..25 tokens with BOS and EOS, under seq_len 32) and one longer than
     a row (truncated, a full row), separated by blank lines."""
     words = "tea moss river stone lamp owl fern kite dune salt".split()
     docs = [" ".join(words[(i + j) % len(words)] for j in range(1 + i % 5))[: 3 + (i * 5) % 25] for i in range(20)]
