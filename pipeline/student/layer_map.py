@@ -35,6 +35,10 @@ def selected_map(n_student: int, n_teacher: int, kept_layers: list[int] | None =
         raise PipelineError(
             f"pruning.json lists {len(kept_layers)} kept blocks but the student has {n_student}"
         )
+    # kept blocks are original 1-based block indices; a 0 (a 0-based record) would shift every pair by one
+    bad = [int(t) for t in kept_layers if not 1 <= int(t) <= n_teacher]
+    if bad:
+        raise PipelineError(f"pruning.json: kept block {bad[0]} is outside 1..{n_teacher} (1-based block indices)")
     return {j: int(t) for j, t in enumerate(kept_layers, start=1)}
 
 
