@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -125,3 +126,33 @@ def test_ce_only_run_reads_no_logits(tiny, train_overrides):
                                     + ["loss.alpha=1", "loss.beta=0", "loss.gamma=0"]))
     log = next(h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h)
     assert summary["metrics"]["global_step"] == 1 and "loss_kl" not in log and log["loss_ce"] == log["loss"]
+
+
+def test_head_support_is_checked_numerically():
+    import transformers
+
+    assert chunk_support(_student(True)) == ""
+    torch.manual_seed(0)
+    gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, final_logit_softcapping=3.0))
+    with torch.no_grad():
+        gemma.get_output_embeddings().weight.mul_(50.0)  # logits well past the cap: the softcap matters
+    assert chunk_support(gemma) == ""  # reproduced: cap * tanh(z / cap)
+    odd = _student(False)
+    odd.config.logit_scale = 0.5  # a transform the config names but this architecture never applies
+    why = chunk_support(odd)
+    assert why.startswith("head logits differ from the model's by"), why
+
+
+def test_unreproducible_head_trains_dense_with_a_note(tiny, train_overrides, tmp_path, capsys):
+    student = tmp_path / "odd"
+    shutil.copytree(tiny["student"], student)
+    config = json.loads((student / "config.json").read_text())
+    config["logit_scale"] = 0.5
+    (student / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    run_train(load_config(None, tiny["overrides"] + train_overrides(out) + [f"student.model={student}"]))
+    err = capsys.readouterr().err
+    assert "note: loss.chunk_tokens: head logits differ" in err and "the vocabulary losses take the dense path" in err
+    assert (out / "student" / "model.safetensors").is_file()
