@@ -18,18 +18,58 @@ in one run, with the same student, the same batches and the same loss.
 `--objectives` times the loss objectives instead, all from the same cache, one child per variant: the
 demo loss (kl, gamma 0.2 cosine) with and without FDD (delta 0.2; goal <= 1.05x), and each divergence
 in place of kl (`loss.logits`), side by side with the plain kl step. The step-time ratios are the point;
-the variants run in the order listed, twice each (ABAB), and the median of both runs' medians is used.
+the variants run in the order listed, three rounds (ABC ABC ABC), and each variant's step time is the
+fastest round's median (anything else on the machine only ever adds time).
 
     python scripts/bench_train.py --objectives [--steps 6]
+
+`--vs-finetune` puts distillation next to a plain fine-tune of the same student: one child per
+configuration, one at a time, the same student, batches (batch size x seq len), dtype, number of steps
+and optimizer settings (the same TrainingArguments):
+     finetune    - the stock `transformers.Trainer`, labels = input_ids (the cache's train sequences,
+                   held in memory), the model's own CE; no distillation. The reference of every ratio.
+     kd-dense    - `run_train` from the cache, demo loss (alpha .4, beta .4, gamma .2), loss.chunk_tokens=0
+                   (the full [tokens, vocab] logits)
+     kd-chunked  - the same with the chunked vocabulary loss (the default chunk, or --chunk-tokens N)
+     ce-only     - `run_train`, alpha 1, beta 0, gamma 0 (chunked): CE only, nothing read but input_ids
+     online      - `run_train --online` (live teacher, demo loss, chunked), for the memory column
+   It prints median step time and peak memory with both ratios against finetune (goals: KD step <= 1.05x,
+   KD memory <= 1.10x, CE-only memory < 1.00x), then where the time of a step goes, as mean seconds per
+   optimizer step over the timed steps, measured by wrapping pipeline and Trainer functions inside each
+   child (no pipeline change; on CUDA torch.cuda.synchronize() at every boundary, in every child alike):
+     batch read          Trainer.get_batch_samples (cache read + decode + collate; online: the teacher)
+     student forward     forward pre-hook / hook on the student model (exclusive of what follows)
+     head + vocab losses chunked_head_loss, logits_loss, cross_entropy as pipeline.train.trainer calls
+                         them, the output-embedding module (the dense path's and the fine-tune's head
+                         matmul run inside the forward) and, for the fine-tune, the model's loss_function.
+                         The chunked loss computes the head's gradients here, in its forward.
+     hidden + projectors hidden_loss, dynamics_loss and the projectors' forward
+     backward            the Trainer's accelerator.backward
+     optimizer           between the on_pre_optimizer_step and on_optimizer_step callbacks
+     rest                everything else (gradient clipping, zero_grad, scheduler, callbacks, masks, ...)
+   Phases are exclusive (a nested phase's time is not counted in the outer one), so they sum to the step.
+   Peak memory is the child's own VmHWM on CPU (imports and the loaded model included; the table notes
+   the RSS after imports) or torch.cuda.max_memory_allocated on CUDA.
+
+    python scripts/bench_train.py --vs-finetune [--sequences 24 --steps 3 --warmup 1] [--chunk-tokens 512]
 
 `--teacher-size 360m|1.7b` swaps in a random-init teacher of that SmolLM2 shape (same tokenizer): the
 numbers measure time and memory, not quality, and show how the ratios move as the teacher outgrows
 the student.
+
+`--student-vocab N` (e.g. 262144, a Gemma-3-sized vocabulary) swaps both models for random-init ones of
+SmolLM2-135M width with an N-token vocabulary: an 8-block teacher and a 4-block student (mapping uniform),
+the packaged SmolLM2 tokenizer (its ids are < 49,152, so they fit), the cache built from that teacher.
+The vocabulary head then dominates the step; seq len and batch size default to 128 and 2 in this mode
+(the same for every child). Works with every mode.
+
+    python scripts/bench_train.py --vs-finetune --student-vocab 262144
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -52,6 +92,9 @@ TEACHER_SHAPES = {
     "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
              "num_key_value_heads": 32},
 }
+# --student-vocab N: random-init teacher and student of SmolLM2-135M width with this many blocks
+RANDOM_TEACHER_BLOCKS, RANDOM_STUDENT_BLOCKS = 8, 4
+PACKAGED_VOCAB = 49152  # the packaged SmolLM2 tokenizer's ids are below this
 
 
 def overrides(args, work: Path, teacher: str) -> list[str]:
@@ -92,6 +135,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; other systems: approximate
 
 
+def rss_now_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def peak_memory() -> dict:
     import torch
 
@@ -116,31 +169,208 @@ OBJECTIVES = [
 ]
 
 
-def child_train(args, work: Path, online: bool, loss: list[str] | None = None) -> dict:
+# --vs-finetune: (name, child, loss overrides, description); the first is the reference of the ratios
+def vs_finetune_runs(chunk: int | None) -> list[tuple[str, str, list[str], str]]:
+    ch = [f"loss.chunk_tokens={chunk}"] if chunk else []
+    c = f"chunk {chunk or _default_chunk()}"
+    return [
+        ("finetune", "finetune", [], "stock Trainer, CE on input_ids"),
+        ("kd-dense", "cache", ["loss.chunk_tokens=0"], "demo loss, dense logits"),
+        ("kd-chunked", "cache", ch, f"demo loss, {c}"),
+        ("ce-only", "cache", ["loss.alpha=1", "loss.beta=0", "loss.gamma=0", *ch], f"alpha 1 beta 0 gamma 0, {c}"),
+        ("online", "online", ch, f"live teacher, demo loss, {c}"),
+    ]
+
+
+def _default_chunk() -> int:
+    from pipeline.config import load_config
+
+    return load_config(DEMO).loss.chunk_tokens
+
+
+PHASES = ("batch", "forward", "head", "hidden", "backward", "optimizer", "rest")
+PHASE_NAMES = {"batch": "batch read", "forward": "student forward", "head": "head + vocab losses",
+               "hidden": "hidden + projectors", "backward": "backward", "optimizer": "optimizer", "rest": "rest"}
+
+
+class Breakdown:
+    """Exclusive phase timers: the time between two boundaries goes to the innermost open phase ("rest"
+    when none is open). `step()` closes one optimizer step (its phases sum to the step's wall time)."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.stack: list[str] = []
+        self.acc = dict.fromkeys(PHASES, 0.0)
+        self.steps: list[dict] = []
+        self.ends: list[float] = []
+        self.last: float | None = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _charge(self) -> float:
+        now = self._now()
+        if self.last is not None:
+            self.acc[self.stack[-1] if self.stack else "rest"] += now - self.last
+        self.last = now
+        return now
+
+    def enter(self, phase: str) -> None:
+        self._charge()
+        self.stack.append(phase)
+
+    def exit(self) -> None:
+        self._charge()
+        if self.stack:
+            self.stack.pop()
+
+    def begin(self) -> None:  # on_train_begin
+        self.acc = dict.fromkeys(PHASES, 0.0)
+        self.last = None
+        self.ends.append(self._charge())
+
+    def step(self) -> None:  # on_step_end
+        self.ends.append(self._charge())
+        self.steps.append(self.acc)
+        self.acc = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(self, phase: str, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            self.enter(phase)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.exit()
+
+        return timed
+
+    def hook(self, module, phase: str) -> None:
+        module.register_forward_pre_hook(lambda *a: self.enter(phase))
+        module.register_forward_hook(lambda *a: self.exit(), always_call=True)
+
+    def install(self) -> None:
+        """Monkeypatch, in this process only: the Trainer's batch fetch, accelerate's backward, the loss
+        functions pipeline.train.trainer calls, and (when train() starts) hooks on the student, its output
+        embedding, the projectors and, for a stock Trainer, the model's loss_function."""
+        import accelerate
+        import transformers
+
+        import pipeline.train.trainer as tr
+
+        T = transformers.Trainer
+        T.get_batch_samples = self.wrap("batch", T.get_batch_samples)
+        accelerate.Accelerator.backward = self.wrap("backward", accelerate.Accelerator.backward)
+        for name in ("chunked_head_loss", "logits_loss", "cross_entropy"):
+            setattr(tr, name, self.wrap("head", getattr(tr, name)))
+        for name in ("hidden_loss", "dynamics_loss"):
+            setattr(tr, name, self.wrap("hidden", getattr(tr, name)))
+        train, bd = T.train, self
+
+        @functools.wraps(train)
+        def train_hooked(trainer, *a, **k):
+            model = trainer.model
+            bd.hook(model, "forward")
+            if model.get_output_embeddings() is not None:
+                bd.hook(model.get_output_embeddings(), "head")
+            for module in getattr(trainer, "projectors", {}).values():
+                bd.hook(module, "hidden")
+            if not hasattr(trainer, "loss_spec"):  # the stock Trainer: the model computes its own CE
+                model.loss_function = bd.wrap("head", model.loss_function)
+            return train(trainer, *a, **k)
+
+        T.train = train_hooked
+
+
+def step_clock(args, breakdown: bool):
+    """(callback, result()): wall time between optimizer steps; with `breakdown`, per-phase times too."""
     from transformers import TrainerCallback
 
-    from pipeline.config import load_config
-    from pipeline.recipes.train import run_train
-
-    ends: list[float] = []
+    bd = Breakdown()
+    if breakdown:
+        bd.install()
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            ends.append(time.perf_counter())
+            bd.begin()
+
+        def on_pre_optimizer_step(self, *a, **k):
+            if breakdown:
+                bd.enter("optimizer")
+
+        def on_optimizer_step(self, *a, **k):
+            if breakdown:
+                bd.exit()
 
         def on_step_end(self, *a, **k):
-            import torch
+            bd.step()
 
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
+    def result() -> dict:
+        window = slice(args.warmup, args.warmup + args.steps)
+        steps = [b - a for a, b in zip(bd.ends, bd.ends[1:])][window]
+        out = {"step_s": statistics.median(steps), "steps": steps}
+        if breakdown:
+            timed = bd.steps[window]
+            out["breakdown"] = {p: statistics.fmean(s[p] for s in timed) for p in PHASES}
+        return out
 
+    return StepClock(), result
+
+
+def child_train(args, work: Path, online: bool, loss: list[str] | None = None, breakdown: bool = False) -> dict:
+    from pipeline.config import load_config
+    from pipeline.recipes.train import run_train
+
+    base = rss_now_mib()
+    clock, result = step_clock(args, breakdown)
     mode = "online" if online else "cache"
     cfg = load_config(DEMO, overrides(args, work, args.teacher_path) + training(args, work / f"run-{mode}")
                       + list(loss or []))
-    run_train(cfg, online=online, callbacks=[StepClock()], echo=lambda m: None)
-    steps = [b - a for a, b in zip(ends, ends[1:])][args.warmup : args.warmup + args.steps]
-    return {"step_s": statistics.median(steps), "steps": steps, **peak_memory()}
+    run_train(cfg, online=online, callbacks=[clock], echo=lambda m: None)
+    return {**result(), **peak_memory(), "rss_after_imports_mib": base}
+
+
+def child_finetune(args, work: Path, breakdown: bool = False) -> dict:
+    """The reference: the stock transformers.Trainer fine-tuning the student with plain CE (labels =
+    input_ids) on the cache's train sequences, with the TrainingArguments `run_train` would build."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from pipeline.config import load_config
+    from pipeline.recipes.train import training_arguments
+    from pipeline.sources import models
+    from pipeline.train.dataset import CacheDataset
+
+    base = rss_now_mib()
+    clock, result = step_clock(args, breakdown)
+    cfg = load_config(DEMO, overrides(args, work, args.teacher_path) + training(args, work / "run-finetune"))
+    ds = CacheDataset(cfg.cache.dir, "train", [], cfg.loss.temperature, logits=False)  # token ids only
+    rows = [{k: np.asarray(v) for k, v in ds[i].items()} for i in range(len(ds))]
+    del ds
+
+    def collate_lm(items: list[dict]) -> dict:
+        ids = torch.from_numpy(np.stack([it["input_ids"] for it in items])).long()
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if "length" in items[0]:  # padded cache: mask the padding out of attention and labels
+            length = torch.tensor([int(it["length"]) for it in items])
+            valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
+            batch["attention_mask"] = valid.long()
+            batch["labels"][~valid] = -100
+        return batch
+
+    student = AutoModelForCausalLM.from_pretrained(models.resolve_model(cfg.student.model),
+                                                   dtype=models.TORCH_DTYPES[cfg.student.dtype])
+    trainer = Trainer(model=student, args=training_arguments(cfg.training), train_dataset=rows,
+                      data_collator=collate_lm, callbacks=[clock])
+    trainer.train()
+    return {**result(), **peak_memory(), "rss_after_imports_mib": base}
 
 
 def child_loader(args, work: Path) -> dict:
@@ -175,28 +405,32 @@ def child_loader(args, work: Path) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def make_teacher(size: str, work: Path) -> str:
-    """A random-init SmolLM2-shaped teacher of `size`, with the packaged tokenizer."""
+def random_model(path: Path, shape: dict, seed: int = 0) -> str:
+    """A random-init SmolLM2-135M-based model with `shape` overriding its config, with the packaged tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.sources.models import load_config as model_config, load_tokenizer
 
     base = model_config("smollm2-135m-instruct")
-    cfg = base.__class__.from_dict({**base.to_dict(), **TEACHER_SHAPES[size]})
-    torch.manual_seed(0)
+    cfg = base.__class__.from_dict({**base.to_dict(), **shape})
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    path = work / f"teacher-{size}"
     model.save_pretrained(path)
     load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
     return str(path)
 
 
-def run_child(mode: str, args, work: Path, loss: list[str] | None = None) -> dict:
+def make_teacher(size: str, work: Path) -> str:
+    """A random-init SmolLM2-shaped teacher of `size`, with the packaged tokenizer."""
+    return random_model(work / f"teacher-{size}", TEACHER_SHAPES[size])
+
+
+def run_child(mode: str, args, work: Path, loss: list[str] | None = None, breakdown: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--work", str(work), "--teacher-path", args.teacher_path,
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in ("sequences", "seq_len", "batch_size", "steps", "warmup", "stride", "mapping")],
-           *[f"--child-loss={x}" for x in loss or []]]
+           *[f"--child-loss={x}" for x in loss or []], *(["--child-breakdown"] if breakdown else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{mode} child failed:\n{r.stderr[-4000:]}")
@@ -204,11 +438,49 @@ def run_child(mode: str, args, work: Path, loss: list[str] | None = None) -> dic
     return json.loads(line[len("RESULT "):])
 
 
+def print_vs_finetune(args, vs: dict[str, dict]) -> None:
+    runs = vs_finetune_runs(args.chunk_tokens)
+    ref = vs["finetune"]
+    mem = "cuda_peak_allocated_mib" if "cuda_peak_allocated_mib" in ref else "peak_rss_mib"
+    goals = {"kd-dense": (1.05, 1.10, "<="), "kd-chunked": (1.05, 1.10, "<="), "ce-only": (None, 1.00, "<")}
+
+    def goal(ratio: float, limit: float | None, op: str) -> str:
+        if limit is None:
+            return ""
+        met = ratio <= limit if op == "<=" else ratio < limit
+        return f"{op} {limit:.2f}x: {'met' if met else 'missed'}"
+
+    print(f"\n| run | step s (median) | step vs finetune | goal | {mem.replace('_', ' ')} | memory vs finetune | goal |")
+    print("|---|---:|---:|---|---:|---:|---|")
+    for name, _, _, what in runs:
+        r = vs[name]
+        step, peak = r["step_s"] / ref["step_s"], r[mem] / ref[mem]
+        gs, gm, op = goals.get(name, (None, None, ""))
+        if name == "finetune":
+            g_step = g_mem = "reference"
+        else:
+            g_step, g_mem = goal(step, gs, "<="), goal(peak, gm, op)
+        print(f"| {name} ({what}) | {r['step_s']:.3f} | {step:.3f} | {g_step} | {r[mem]:.0f} | {peak:.3f} | {g_mem} |")
+    if mem == "peak_rss_mib":
+        print(f"(peak RSS includes the child's imports: {ref['rss_after_imports_mib']:.0f} MiB right after them)")
+
+    print("\nper optimizer step, mean s over the timed steps (share of the step):")
+    print("| run | " + " | ".join(PHASE_NAMES[p] for p in PHASES) + " | step (mean) |")
+    print("|---|" + "---:|" * (len(PHASES) + 1))
+    for name, _, _, _ in runs:
+        b = vs[name]["breakdown"]
+        total = sum(b.values())
+        print(f"| {name} | " + " | ".join(f"{b[p]:.3f} ({100 * b[p] / total:.0f}%)" for p in PHASES)
+              + f" | {total:.3f} |")
+    print("steps (s): " + "; ".join(f"{name}: " + " ".join(f"{s:.2f}" for s in vs[name]["steps"])
+                                     for name, _, _, _ in runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", type=int, default=40, help="cached sequences (>= batch x (steps + warm-up + 1) keeps the timed steps in one epoch)")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=None, help="default 256 (128 with --student-vocab)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 4 (2 with --student-vocab)")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--stride", type=int, default=3, help="mapping.stride: map every stride-th student block")
@@ -217,12 +489,33 @@ def main() -> None:
                     help="135m: the packaged SmolLM2 teacher; others: a random-init teacher of that shape")
     ap.add_argument("--objectives", action="store_true",
                     help="time FDD and each divergence against the plain kl step (cache mode only)")
+    ap.add_argument("--vs-finetune", action="store_true",
+                    help="finetune (stock Trainer, CE) vs kd-dense, kd-chunked, ce-only and online: step time, "
+                         "peak memory, ratios against finetune, per-phase step breakdown")
+    ap.add_argument("--chunk-tokens", type=int, default=None,
+                    help="--vs-finetune: loss.chunk_tokens of the chunked children (default: the config's)")
+    ap.add_argument("--student-vocab", type=int, default=None, metavar="N",
+                    help=f"random-init teacher ({RANDOM_TEACHER_BLOCKS} blocks) and student ({RANDOM_STUDENT_BLOCKS} "
+                         f"blocks) of SmolLM2-135M width with an N-token vocabulary (N >= {PACKAGED_VOCAB}), "
+                         "instead of the packaged models")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--child-loss", action="append", default=[], help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=["cache", "online", "loader"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["cache", "online", "loader", "finetune"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-breakdown", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--teacher-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.objectives and args.vs_finetune:
+        ap.error("--objectives and --vs-finetune are separate runs")
+    if args.student_vocab is not None and args.student_vocab < PACKAGED_VOCAB:
+        ap.error(f"--student-vocab must be >= {PACKAGED_VOCAB} (the packaged tokenizer's ids)")
+    if args.student_vocab is not None and args.teacher_size != "135m":
+        ap.error("--student-vocab builds its own teacher: leave --teacher-size out")
+    if args.chunk_tokens is not None and args.chunk_tokens < 1:
+        ap.error("--chunk-tokens must be >= 1 (kd-dense is the chunk 0 run)")
+    small = args.student_vocab is not None
+    args.seq_len = args.seq_len or (128 if small else 256)
+    args.batch_size = args.batch_size or (2 if small else 4)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -232,8 +525,10 @@ def main() -> None:
         work = Path(args.work)
         if args.child == "loader":
             result = child_loader(args, work)
+        elif args.child == "finetune":
+            result = child_finetune(args, work, args.child_breakdown)
         else:
-            result = child_train(args, work, args.child == "online", args.child_loss)
+            result = child_train(args, work, args.child == "online", args.child_loss, args.child_breakdown)
         print("RESULT " + json.dumps(result))
         return
 
@@ -243,28 +538,44 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        if args.teacher_size == "135m":
-            args.teacher_path = "smollm2-135m-instruct"
+        if args.student_vocab is not None:
+            vocab = {"vocab_size": args.student_vocab}
+            args.teacher_path = random_model(work / "teacher", {**vocab, "num_hidden_layers": RANDOM_TEACHER_BLOCKS})
+            random_model(work / "student", {**vocab, "num_hidden_layers": RANDOM_STUDENT_BLOCKS}, seed=1)
+            args.mapping = "uniform"  # no pruning.json: nothing for `selected` to read
+            models = (f"teacher random-init SmolLM2-135M width, {RANDOM_TEACHER_BLOCKS} blocks, vocab "
+                      f"{args.student_vocab}; student random-init, {RANDOM_STUDENT_BLOCKS} blocks, same vocab")
         else:
-            args.teacher_path = make_teacher(args.teacher_size, work)
-            if args.mapping == "selected":
-                args.mapping = "uniform"  # the student's kept blocks index the packaged teacher, not this one
-        # the student is always the packaged SmolLM2 minus its 6 least important blocks
-        run_prune("smollm2-135m-instruct", str(work / "student"), method="importance", remove="6",
-                  calibration_sequences=16, heldout_sequences=0, progress=False, echo=lambda m: None)
+            if args.teacher_size == "135m":
+                args.teacher_path = "smollm2-135m-instruct"
+            else:
+                args.teacher_path = make_teacher(args.teacher_size, work)
+                if args.mapping == "selected":
+                    args.mapping = "uniform"  # the student's kept blocks index the packaged teacher, not this one
+            # the student is the packaged SmolLM2 minus its 6 least important blocks
+            run_prune("smollm2-135m-instruct", str(work / "student"), method="importance", remove="6",
+                      calibration_sequences=16, heldout_sequences=0, progress=False, echo=lambda m: None)
+            models = f"teacher {args.teacher_size} ({args.teacher_path}), student = SmolLM2-135M minus 6 blocks"
         build_cache(load_config(DEMO, overrides(args, work, args.teacher_path)))
         import torch
 
-        print(f"teacher {args.teacher_size} ({args.teacher_path}), student = SmolLM2-135M minus 6 blocks; "
+        print(f"{models}; "
               f"{args.sequences} x {args.seq_len} tokens, batch {args.batch_size}, mapping {args.mapping} "
               f"stride {args.stride}; {args.steps} timed steps after {args.warmup} warm-up; "
               f"torch threads {torch.get_num_threads()}; device {'cuda' if _cuda() else 'cpu'}", flush=True)
         if args.objectives:
             runs: dict[str, list[dict]] = {name: [] for name, _ in OBJECTIVES}
-            for _ in range(2):
+            for _ in range(3):
                 for name, loss in OBJECTIVES:
                     runs[name].append(run_child("cache", args, work, loss))
                     print(f"  {name}: {runs[name][-1]['step_s']:.2f} s", flush=True)
+        elif args.vs_finetune:
+            vs = {}
+            for name, child, loss, _ in vs_finetune_runs(args.chunk_tokens):
+                t0 = time.perf_counter()
+                vs[name] = run_child(child, args, work, loss, breakdown=True)
+                print(f"  {name}: {vs[name]['step_s']:.2f} s/step ({time.perf_counter() - t0:.0f} s child)",
+                      flush=True)
         else:
             res = {mode: run_child(mode, args, work) for mode in ("cache", "online", "loader")}
     finally:
@@ -272,17 +583,21 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     if args.objectives:
-        step = {name: statistics.median([r["step_s"] for r in rs]) for name, rs in runs.items()}
+        step = {name: min(r["step_s"] for r in rs) for name, rs in runs.items()}
         mem = "cuda_peak_allocated_mib" if "cuda_peak_allocated_mib" in runs[OBJECTIVES[0][0]][0] else "peak_rss_mib"
         peak = {name: max(r[mem] for r in rs) for name, rs in runs.items()}
         ref = OBJECTIVES[0][0]
-        print(f"\n| objective | step s (median) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |")
+        print(f"\n| objective | step s (best of 3 medians) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |")
         print("|---|---:|---:|---:|---:|")
         for name, _ in OBJECTIVES:
             print(f"| {name} | {step[name]:.2f} | {step[name] / step[ref]:.3f} | {peak[name]:.0f} | "
                   f"{peak[name] / peak[ref]:.2f} |")
         print("steps (s): " + "; ".join(f"{name}: " + " ".join(f"{s:.2f}" for r in rs for s in r["steps"])
                                          for name, rs in runs.items()))
+        return
+
+    if args.vs_finetune:
+        print_vs_finetune(args, vs)
         return
 
     c, o, ld = res["cache"], res["online"], res["loader"]
