@@ -7,12 +7,12 @@ soft-capping), then
 
     alpha * sum CE(next token) + beta * T^2 * sum divergence(teacher top-k + tail || student at T)
 
-with exactly the dense path's code (`cross_entropy` rows, `divergence_sum` with the same tail modes and
-parameters), and at once the chunk's gradients with respect to h and the weight through a small autograd
-graph that is freed before the next chunk. The gradients are kept ([M, d] and [V, d] fp32) and scaled by
-the incoming gradient in backward, so the logits are computed once and no tensor larger than
-[chunk, V] lives at any time, forward or backward. Without gradients (evaluation, no_grad) the same loop
-runs under no_grad.
+and at once the gradient with respect to the chunk's logits (`_chunk`: softmax terms by hand on the
+[c, V] buffers, the divergence through autograd on [c, k] only, with the same divergence functions and
+tail modes as the dense path), which two matmuls turn into the gradients with respect to h and the
+weight. Those ([M, d], and [V, d] fp32) are kept and scaled by the incoming gradient in backward, so the
+logits are computed once and no tensor larger than [chunk, V] lives at any time, forward or backward.
+Without gradients (evaluation, no_grad) the same loop runs without them.
 
 The result is divided by M (the number of valid next-token positions), as the dense path's means are.
 """
@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.logits import LOGIT_LOSSES, TAIL_MODES, divergence_sum
+from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, gathered_pair
 
 DEFAULT_CHUNK_TOKENS = 512
 # final-logit transforms we reproduce, by config attribute (text config)
@@ -68,25 +68,73 @@ class VocabTerms:
     lse: torch.Tensor | None = None  # [M] at the temperature
 
 
-def _chunk_sums(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Tensor, a: int, b: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted sum, CE sum, divergence sum) over rows a..b (fp32 scalars; an unused term is 0)."""
-    z = head.logits(h, weight)  # [c, V]
-    zero = z.new_zeros((), dtype=torch.float32)
+def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Tensor, a: int, b: int, grad: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows a..b: (weighted sum, CE sum, divergence sum) as fp32 scalars (an unused term is 0) and, with
+    `grad`, d(weighted sum)/d(raw logits) [c, V] in fp32.
+
+    The vocabulary-wide work is done by hand on at most three [c, V] buffers: the logits, exp(z - max)
+    turned into softmax(z) for CE, exp((z - max) / T) turned into softmax(z / T) for the divergence. The
+    divergence itself (every registered one, either tail mode) runs through autograd on [c, k] only: it
+    depends on the student only through its logits at the top-k ids and lse_T = logsumexp(z / T), so
+        dL/dz = alpha (softmax(z) - onehot(y)) + g_lse softmax(z / T) / T + scatter(top-k ids, g_in).
+    """
+    z_raw = F.linear(h, weight)  # [c, V]
+    z = z_raw.float()
+    squash = None
+    if head.scale is not None:
+        z = z * head.scale
+    if head.softcap is not None:
+        squash = torch.tanh(z / head.softcap)
+        z = squash * head.softcap
+    zero = z.new_zeros(())
     ce = div = zero
-    compute_ce = terms.targets is not None
+    m = z.amax(dim=-1, keepdim=True)  # [c, 1]
+    grad_z = None
+    if terms.targets is not None:
+        y = terms.targets[a:b, None]  # [c, 1]
+        e = torch.sub(z, m).exp_()  # [c, V]
+        s = e.sum(dim=-1, keepdim=True)
+        ce = (m + s.log() - z.gather(-1, y)).sum()
+        if grad and terms.alpha:
+            grad_z = e.div_(s).mul_(terms.alpha)  # alpha softmax(z), in e's buffer
+            grad_z.scatter_add_(-1, y, torch.full_like(y, -terms.alpha, dtype=grad_z.dtype))
+        del e
     if terms.topk_ids is not None:
-        owned = z.float()
-        if owned is z and compute_ce:
-            owned = z.clone()  # the tail mode scales its rows in place; CE still reads z
-        div = divergence_sum(
-            LOGIT_LOSSES.get(terms.divergence), TAIL_MODES.get(terms.tail), terms.args or {}, owned,
-            terms.topk_ids[a:b], terms.topk_logits[a:b], terms.lse[a:b], float(terms.temperature),
-        )
-    if compute_ce:
-        ce = F.cross_entropy(z.float(), terms.targets[a:b], reduction="sum")
-    total = terms.alpha * ce + terms.beta * terms.temperature**2 * div
-    return total, ce, div
+        T = float(terms.temperature)
+        ids = terms.topk_ids[a:b]
+        needs_lse = GATHERED_NEEDS_LSE[terms.tail]
+        lse_t = e_t = s_t = None
+        if needs_lse:
+            e_t = torch.sub(z, m).mul_(1.0 / T).exp_()  # [c, V]
+            s_t = e_t.sum(dim=-1, keepdim=True)
+            lse_t = (m / T + s_t.log()).squeeze(-1)  # [c]
+        coef = terms.beta * T * T
+        want = grad and coef > 0
+        with torch.enable_grad():
+            z_in = z.gather(-1, ids).detach().requires_grad_(want)  # [c, k]
+            lse_leaf = lse_t.detach().requires_grad_(want) if needs_lse else None
+            pair = gathered_pair(terms.tail, z_in, lse_leaf, terms.topk_logits[a:b], terms.lse[a:b], T)
+            div = LOGIT_LOSSES.get(terms.divergence).fn(pair, terms.args or {}).sum()
+            if want:
+                leaves = [z_in] + ([lse_leaf] if needs_lse else [])
+                grads = torch.autograd.grad(div * coef, leaves)
+        div = div.detach()
+        if want:
+            if needs_lse:
+                part = e_t.div_(s_t).mul_(grads[1].unsqueeze(-1) / T)  # g_lse softmax(z / T) / T
+                grad_z = part if grad_z is None else grad_z.add_(part)
+            if grad_z is None:
+                grad_z = torch.zeros_like(z)
+            grad_z.scatter_add_(-1, ids, grads[0])
+        del e_t
+    if grad and grad_z is not None:
+        if squash is not None:  # z = cap tanh(u / cap): dz/du = 1 - tanh^2
+            grad_z.mul_(squash.square_().neg_().add_(1.0))
+        if head.scale is not None:
+            grad_z.mul_(head.scale)
+    total = terms.alpha * ce + terms.beta * float(terms.temperature) ** 2 * div
+    return total, ce, div, grad_z
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -98,20 +146,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)  # total, ce, divergence
         for a in range(0, hidden.shape[0], chunk):
             b = min(a + chunk, hidden.shape[0])
-            with torch.enable_grad():
-                h = hidden[a:b].detach().requires_grad_(need_h)
-                w = weight.detach().requires_grad_(need_w)
-                total, ce, div = _chunk_sums(head, terms, h, w, a, b)
-                wanted = [x for x, need in ((h, need_h), (w, need_w)) if need]
-                grads = torch.autograd.grad(total, wanted) if wanted and total.requires_grad else [None] * len(wanted)
-            grads = list(grads)
-            if need_h and grads[0] is not None:
-                grad_h[a:b] = grads.pop(0)
-            elif need_h:
-                grads.pop(0)
-            if need_w and grads and grads[0] is not None:
-                grad_w += grads[0]
-            sums += torch.stack([total.detach(), ce.detach(), div.detach()]).double()
+            h = hidden[a:b]
+            total, ce, div, grad_z = _chunk(head, terms, h, weight, a, b, grad=True)
+            if grad_z is not None:
+                gz = grad_z.to(h.dtype)
+                if need_h:
+                    grad_h[a:b] = gz @ weight.to(h.dtype)
+                if need_w:
+                    if gz.dtype == torch.float32 and h.dtype == torch.float32 and not torch.is_autocast_enabled():
+                        grad_w.addmm_(gz.t(), h)
+                    else:
+                        grad_w.add_((gz.t() @ h).float())
+            sums += torch.stack([total, ce, div]).double()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.rows, ctx.weight_dtype = rows, weight.dtype
         out = (sums / max(rows, 1)).float()
@@ -123,8 +169,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_parts):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss / max(ctx.rows, 1)
-        gh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        # the [V, d] buffer is scaled in place (no second copy of an embedding-sized tensor): one backward only
+        gw = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 
@@ -144,7 +191,7 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
             sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
             for a in range(0, rows, chunk):
                 b = min(a + chunk, rows)
-                sums += torch.stack([x.detach() for x in _chunk_sums(head, terms, hidden[a:b], weight, a, b)]).double()
+                sums += torch.stack(_chunk(head, terms, hidden[a:b], weight, a, b, grad=False)[:3]).double()
             out = (sums / max(rows, 1)).float()
             loss, parts = out[0], out[1:]
     named = {}

@@ -217,8 +217,11 @@ def bucket_pair(
     p_tail, log_p_tail = _tail_from_logs(torch.logsumexp(log_p_in, dim=-1))  # [M], [M]
 
     log_q_in = _student_log_softmax(student_rows, temperature).gather(-1, topk_ids)  # [M, k]
-    q_tail, log_q_tail = _tail_from_logs(torch.logsumexp(log_q_in, dim=-1))  # [M], [M]
+    return _bucket(log_p_in, p_tail, log_p_tail, log_q_in)
 
+
+def _bucket(log_p_in: torch.Tensor, p_tail: torch.Tensor, log_p_tail: torch.Tensor, log_q_in: torch.Tensor) -> Pair:
+    q_tail, log_q_tail = _tail_from_logs(torch.logsumexp(log_q_in, dim=-1))  # [M], [M]
     return Pair(
         p=torch.cat([log_p_in.exp(), p_tail.unsqueeze(-1)], dim=-1),
         log_p=torch.cat([log_p_in, log_p_tail.unsqueeze(-1)], dim=-1),
@@ -236,10 +239,29 @@ def renormalized_pair(
     temperature: float,
 ) -> Pair:
     """Top-k support only, both sides renormalised over I; needs no [M, V] softmax at all."""
+    return _renormalized(student_rows.gather(-1, topk_ids).float(), topk_logits, temperature)
+
+
+def _renormalized(student_in: torch.Tensor, topk_logits: torch.Tensor, temperature: float) -> Pair:
     log_p = torch.log_softmax(topk_logits.float() / temperature, dim=-1)  # [M, k]
-    student_in = student_rows.gather(-1, topk_ids).float()  # [M, k]
     log_q = torch.log_softmax(student_in / temperature, dim=-1)  # [M, k]
     return Pair(p=log_p.exp(), log_p=log_p, q=log_q.exp(), log_q=log_q)
+
+
+def gathered_pair(tail: str, student_in: torch.Tensor, student_lse: torch.Tensor | None, topk_logits: torch.Tensor,
+                  lse: torch.Tensor, temperature: float) -> Pair:
+    """The tail mode's pair from the student's side already reduced: its raw logits at the top-k ids
+    `student_in` [M, k] (fp32) and, for `bucket`, `student_lse` [M] = logsumexp(s / T) over its whole
+    vocabulary. Mathematically the same pair as TAIL_MODES[tail] builds from the full rows."""
+    TAIL_MODES.get(tail)
+    if tail == "renormalize":
+        return _renormalized(student_in, topk_logits, temperature)
+    log_p_in = _teacher_log_probs(topk_logits, lse, temperature)  # [M, k]
+    p_tail, log_p_tail = _tail_from_logs(torch.logsumexp(log_p_in, dim=-1))
+    return _bucket(log_p_in, p_tail, log_p_tail, student_in / temperature - student_lse.unsqueeze(-1))
+
+
+GATHERED_NEEDS_LSE = {"bucket": True, "renormalize": False}  # which tail modes read the student's full lse
 
 
 # ---- entry points ------------------------------------------------------------------------------------
