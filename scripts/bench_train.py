@@ -426,6 +426,42 @@ def make_teacher(size: str, work: Path) -> str:
     return random_model(work / f"teacher-{size}", TEACHER_SHAPES[size])
 
 
+def term_cost(args, work: Path) -> tuple[float, float, int, int]:
+    """Seconds for the FDD term and for the cosine hidden loss alone (forward + backward) on tensors of one
+    step's shape: the mapped student blocks' projected outputs and the teacher's layers, every token valid.
+    The step-time ratio between runs carries the machine's noise (~5-10%); this is the term's own cost."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.losses.dynamics import dynamics_loss
+    from pipeline.losses.hidden import hidden_loss
+    from pipeline.sources.models import load_config as model_config
+    from pipeline.student.layer_map import build_layer_map, read_kept_layers
+
+    cfg = load_config(DEMO, overrides(args, work, args.teacher_path))
+    n_student = model_config(str(work / "student")).num_hidden_layers
+    tcfg = model_config(args.teacher_path)
+    layer_map = build_layer_map(cfg.mapping.strategy, n_student, tcfg.num_hidden_layers, cfg.mapping.stride,
+                                read_kept_layers(work / "student"))
+    n, d = args.batch_size * args.seq_len, tcfg.hidden_size
+    g = torch.Generator().manual_seed(0)
+    students = [torch.randn(n, d, generator=g, requires_grad=True) for _ in layer_map]
+    teachers = [torch.randn(n, d, generator=g) for _ in layer_map]
+    mask = torch.ones(n, dtype=torch.bool)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            fn().backward()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    fdd = timed(lambda: dynamics_loss("fdd", students, teachers, mask))
+    cosine = timed(lambda: torch.stack([hidden_loss("cosine", s_, t_, mask) for s_, t_ in zip(students, teachers)]).mean())
+    return fdd, cosine, len(layer_map), d
+
+
 def run_child(mode: str, args, work: Path, loss: list[str] | None = None, breakdown: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--work", str(work), "--teacher-path", args.teacher_path,
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -569,6 +605,7 @@ def main() -> None:
                 for name, loss in OBJECTIVES:
                     runs[name].append(run_child("cache", args, work, loss))
                     print(f"  {name}: {runs[name][-1]['step_s']:.2f} s", flush=True)
+            fdd_s, cosine_s, n_mapped, d_teacher = term_cost(args, work)
         elif args.vs_finetune:
             vs = {}
             for name, child, loss, _ in vs_finetune_runs(args.chunk_tokens):
@@ -594,6 +631,11 @@ def main() -> None:
                   f"{peak[name] / peak[ref]:.2f} |")
         print("steps (s): " + "; ".join(f"{name}: " + " ".join(f"{s:.2f}" for r in rs for s in r["steps"])
                                          for name, rs in runs.items()))
+        print(f"\nthe terms alone (forward + backward on this step's tensors: {args.batch_size * args.seq_len} tokens, "
+              f"{n_mapped} mapped layers, d_teacher {d_teacher}; median of 20):\n"
+              f"  fdd    {fdd_s * 1e3:.1f} ms = {fdd_s / step[ref]:.4f} of the {ref} step -> "
+              f"fdd step / plain step = {1 + fdd_s / step[ref]:.3f} (goal <= 1.05)\n"
+              f"  cosine hidden loss {cosine_s * 1e3:.1f} ms = {cosine_s / step[ref]:.4f} of the step")
         return
 
     if args.vs_finetune:
