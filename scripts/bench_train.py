@@ -72,7 +72,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -83,6 +82,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.resources import peak_memory, rss_now_mib  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
 # SmolLM2 family shapes (vocab 49,152, tied embeddings) for random-init teachers
@@ -121,37 +122,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak resident set. Linux's ru_maxrss carries the parent's RSS across fork+exec (a
-    child spawned by a parent holding a 7 GB teacher would report >= 7 GB); VmHWM belongs to the exec'd image."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; other systems: approximate
-
-
-def rss_now_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def peak_memory() -> dict:
-    import torch
-
-    out = {"peak_rss_mib": peak_rss_mib()}
-    if torch.cuda.is_available():
-        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 # ----------------------------------------------------------------------------- children

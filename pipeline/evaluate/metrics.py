@@ -45,10 +45,48 @@ def paired_difference(x: list[float], y: list[float]) -> dict[str, float | int |
     return {"diff": mean, "stderr": se, "n": n}
 
 
+def paired_heldout(x: dict, y: dict, key: str) -> dict[str, float | int | None]:
+    """Paired difference of two models' held-out `key` ("nll" or "kl", nats per position) over the same
+    held-out sequences, from the eval JSONs' heldout.per_sequence: per sequence the mean over its scored
+    positions, then mean(x_i - y_i) and its standard error over sequences (positions within one sequence
+    are not independent; sequences from different documents nearly are). None values when either side
+    lacks per-sequence scores."""
+    hx, hy = x.get("heldout") or {}, y.get("heldout") or {}
+    if hx.get("cache_fingerprint") != hy.get("cache_fingerprint"):
+        raise PipelineError("paired held-out difference needs both models scored on the same cache")
+    px, py = hx.get("per_sequence") or {}, hy.get("per_sequence") or {}
+    if px.get(key) is None or py.get(key) is None:
+        return {"diff": None, "stderr": None, "n": 0}
+    if px["tokens"] != py["tokens"]:
+        raise PipelineError("paired held-out difference: the two results scored different positions")
+    keep = [i for i, m in enumerate(px["tokens"]) if m > 0]
+    return paired_difference([px[key][i] / px["tokens"][i] for i in keep],
+                             [py[key][i] / py["tokens"][i] for i in keep])
+
+
 def _items(result: dict, task: str, metric: str) -> list[float] | None:
     t = result.get("tasks", {}).get(task, {})
     items = t.get("items", {}).get(metric)
     return [float(v) for v in items] if items is not None else None
+
+
+def paired_accuracy(x: dict, y: dict) -> dict[str, float | int | None]:
+    """Paired difference of two models' accuracy pooled over every benchmark item both scored (each task's
+    primary metric): with equal items per task, the difference of the mean accuracies over tasks."""
+    xs, ys = [], []
+    for task, tx in sorted(x.get("tasks", {}).items()):
+        ty = y.get("tasks", {}).get(task)
+        if ty is None:
+            continue
+        metric = primary_metric(tx)
+        ix, iy = _items(x, task, metric), _items(y, task, metric)
+        if ix is None or iy is None:
+            continue
+        if len(ix) != len(iy):
+            raise PipelineError(f"task {task}: {len(ix)} vs {len(iy)} items; evaluate both with the same --limit")
+        xs += ix
+        ys += iy
+    return paired_difference(xs, ys)
 
 
 def task_rows(teacher: dict, pruned: dict | None, model: dict) -> list[dict[str, Any]]:

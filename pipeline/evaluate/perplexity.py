@@ -87,8 +87,10 @@ def heldout_scores(
 
 @torch.no_grad()
 def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress: bool = True) -> dict:
-    """{"perplexity", "kl_to_teacher", "tokens", "sequences", "kl_support"} of `model` on the held-out split of
-    an open cache (pipeline.cache.open_cache); kl_to_teacher is None when T = 1 was not cached."""
+    """{"perplexity", "kl_to_teacher", "tokens", "sequences", "kl_support", "per_sequence"} of `model` on the
+    held-out split of an open cache (pipeline.cache.open_cache); kl_to_teacher is None when T = 1 was not cached.
+    per_sequence holds, in held-out order, each sequence's summed NLL, summed KL and scored positions: two
+    models scored on one cache pair up sequence by sequence (pipeline.evaluate.metrics.paired_heldout)."""
     from pipeline.losses.logits import logits_loss
 
     rows = list(cache.indices("heldout"))
@@ -98,6 +100,7 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
     device = next(model.parameters()).device
     nll = kl = 0.0
     count = 0
+    per_seq: dict[str, list] = {"nll": [], "kl": [], "tokens": []}  # sums per held-out sequence, for paired stats
     for s in tqdm(range(0, len(rows), batch_size), desc="held-out (cache)", unit="batch", disable=not progress):
         items = [cache[i] for i in rows[s : s + batch_size]]
         ids = torch.as_tensor(np.stack([r["input_ids"] for r in items]), dtype=torch.long, device=device)  # [B, T]
@@ -105,17 +108,24 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
         attn, target_ok = _batch_masks(ids, lengths, 0, len(items))
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
         logp = torch.log_softmax(logits, -1)
-        nll -= float(logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[target_ok].sum())
+        row_nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * target_ok).sum(1)  # [B]
+        nll += float(row_nll.sum())
         m = int(target_ok.sum())
-        if temp is not None and m:
-            k = items[0]["topk_ids"].shape[-1]
-            # the teacher's distribution for the token after position t sits at position t
-            topk_ids = torch.as_tensor(np.stack([r["topk_ids"][:-1] for r in items]), device=device).reshape(-1, k)
-            topk_logits = torch.as_tensor(np.stack([r["topk_logits"][:-1] for r in items]), device=device).reshape(-1, k)
-            lse = torch.as_tensor(np.stack([r["lse"][temp][:-1] for r in items]), device=device).reshape(-1)
-            mean = logits_loss("kl", logits.reshape(-1, logits.shape[-1]), topk_ids, topk_logits, lse,
-                               target_ok.reshape(-1), KL_TEMPERATURE, tail="bucket")
-            kl += float(mean) * m
+        for b, item in enumerate(items):
+            m_b = int(target_ok[b].sum())
+            per_seq["nll"].append(float(row_nll[b]))
+            per_seq["tokens"].append(m_b)
+            if temp is None:
+                continue
+            row_kl = 0.0
+            if m_b:
+                # the teacher's distribution for the token after position t sits at position t
+                teacher = [torch.tensor(a[:-1], device=device)
+                           for a in (item["topk_ids"], item["topk_logits"], item["lse"][temp])]
+                mean = logits_loss("kl", logits[b], *teacher, target_ok[b], KL_TEMPERATURE, tail="bucket")
+                row_kl = float(mean) * m_b
+            per_seq["kl"].append(row_kl)
+            kl += row_kl
         count += m
     if count == 0:
         raise PipelineError(f"{cache.root}: no valid next-token positions in the held-out split")
@@ -125,4 +135,5 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
         "tokens": count,
         "sequences": len(rows),
         "kl_support": f"top-{cache.topk} + tail bucket" if temp is not None else None,
+        "per_sequence": {**per_seq, "kl": per_seq["kl"] if temp is not None else None},
     }

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ SHARED_SECTIONS = ("teacher", "data", "cache", "ablate", "eval")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: never ablation.json, *.tmp, ...
 RESERVED = ("baseline",)
 MARKER = "variant.json"
+BUILD_RECORD = "cache_build.json"
 LOG_TAIL = 15
 
 
@@ -152,6 +154,16 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             needed |= set(layer_map.values())
         out[name], students[name] = data, cfg.student.model
     return out, students, sorted(needed)
+
+
+def _build_record(out: Path, digest: str | None) -> dict | None:
+    """The cache build's cost when this ablation built the cache it used; None otherwise."""
+    path = out / BUILD_RECORD
+    try:
+        record = read_json(path) if path.is_file() else None
+    except PipelineError:
+        return None
+    return record if record is not None and record.get("fingerprint_digest") == digest else None
 
 
 def _tail(path: Path, n: int = LOG_TAIL) -> str:
@@ -297,6 +309,7 @@ def _row(record: dict, out: Path) -> dict:
         return row
     row["recovery"] = {k: v for k, v in recovery.items() if k != "tasks"}
     row["steps"] = run["metrics"].get("global_step")
+    row["resources"] = {**(run.get("resources") or {}), "train_loop_seconds": run["metrics"].get("train_seconds")}
     return row
 
 
@@ -373,6 +386,10 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
                                 f"{_tail(out / 'cache.log')}")
         echo(f"cache: built in {seconds:.0f} s")
         manifest = read_json(manifest_path)
+        # the one build's cost, kept for reruns: wall time, and the largest child's peak RSS (the build's
+        # process; ru_maxrss of children, which includes this small parent's RSS at the fork)
+        write_json_atomic(out / BUILD_RECORD, {"seconds": seconds, "fingerprint_digest": manifest.get("fingerprint_digest"),
+                                               "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     else:
         echo(f"cache: {base.cache.dir} exists (layers {manifest['layers']}); not rebuilt")
     digest = manifest.get("fingerprint_digest")
@@ -407,6 +424,7 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
                      "files": {"teacher": str(teacher_json),
                                **{s: str(p) for s, p in zip(students, pruned_files) if p.is_file()}}},
         "rows": rows, "failed": [r["variant"] for r in rows if r["status"] != "done"],
+        "cache_build": _build_record(out, digest),
     }
     write_json_atomic(out / "ablation.json", result)
     (out / "ablation.md.tmp").write_text(ablation_markdown(result))

@@ -184,7 +184,8 @@ def run_eval(
     lm, tokenizer = models.load_model(model, dtype, revision)
     lm.to(device)
     result: dict = {"model": model, "dtype": dtype, "revision": revision, "lm_eval_version": None, "limit": limit,
-                    "batch_size": batch_size, "tasks": {}, "heldout": None, "seconds": {}}
+                    "batch_size": batch_size, "parameters": sum(p.numel() for p in lm.parameters()),
+                    "tasks": {}, "heldout": None, "seconds": {}}
 
     # 3. benchmarks through lm-eval's stock tasks
     if task_names:

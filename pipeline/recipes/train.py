@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import click
@@ -22,6 +23,7 @@ import torch
 from pipeline.cache.manifest import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
+from pipeline.resources import peak_memory
 from pipeline.sources import models
 from pipeline.sources.digest import tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
@@ -242,7 +244,9 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
              f"({n_teacher} blocks); map {layer_map}; {len(train_ds)} train / {len(eval_ds)} held-out sequences")
     metrics: dict = {}
     try:
+        started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
+        metrics["train_seconds"] = time.perf_counter() - started  # steps and in-run evaluations, this process
         start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
         if start:
             metrics["eval_loss_before"] = start[0]
@@ -259,7 +263,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     summary = {
         "mode": mode, "config": cfg.to_dict(), "student_source": spec,
         "layer_map": {str(j): t for j, t in layer_map.items()}, "metrics": metrics,
-        "resumed_from": resume,
+        "resumed_from": resume, "resources": peak_memory(),  # this process's peak (rank 0's under DDP)
     }
     if not online:
         summary["cache"] = {"dir": cfg.cache.dir, "seq_len": manifest["seq_len"], "topk": manifest["topk"],

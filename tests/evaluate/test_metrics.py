@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate.metrics import paired_difference, primary_metric, recovery_metrics
+from pipeline.evaluate.metrics import paired_accuracy, paired_difference, paired_heldout, primary_metric, recovery_metrics
 
 
 def _result(ppl, kl, tasks):
@@ -37,6 +37,35 @@ def test_paired_difference_by_hand():
     assert paired_difference([1], [0])["stderr"] is None
     with pytest.raises(PipelineError, match="same items"):
         paired_difference([1, 0], [1])
+
+
+def test_paired_heldout_by_hand():
+    def scored(nll, kl, tokens, cache="c1"):
+        return {"heldout": {"cache_fingerprint": cache, "per_sequence": {"nll": nll, "kl": kl, "tokens": tokens}}}
+
+    x = scored([30.0, 20.0, 0.0], [3.0, 1.0, 0.0], [10, 5, 0])  # per position: nll 3, 4; kl .3, .2 (row 3 empty)
+    y = scored([20.0, 15.0, 0.0], [1.0, 2.0, 0.0], [10, 5, 0])  # per position: nll 2, 3; kl .1, .4
+    d = paired_heldout(x, y, "nll")  # differences 1, 1: mean 1, sd 0
+    assert d == {"diff": 1.0, "stderr": 0.0, "n": 2}
+    d = paired_heldout(x, y, "kl")  # differences .2, -.2: mean 0, sd sqrt(.08), stderr sqrt(.08) / sqrt(2) = .2
+    assert abs(d["diff"]) < 1e-15 and math.isclose(d["stderr"], 0.2) and d["n"] == 2
+    assert paired_heldout(x, {"heldout": {"cache_fingerprint": "c1"}}, "kl")["diff"] is None
+    with pytest.raises(PipelineError, match="same cache"):
+        paired_heldout(x, scored([1.0], [1.0], [1], cache="c2"), "nll")
+    with pytest.raises(PipelineError, match="different positions"):
+        paired_heldout(x, scored([1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [9, 5, 0]), "nll")
+
+
+def test_paired_accuracy_pools_items_by_hand():
+    # arc_easy on acc_norm: MODEL [1,1,1,0] vs PRUNED [1,0,0,0]; winogrande on acc: [1,1,0,0] vs [0,1,0,0]
+    # pooled d = [0,1,1,0, 1,0,0,0]: mean 3/8, sd^2 = (3 * (5/8)^2 + 5 * (3/8)^2) / 7 = (75 + 45) / 448
+    d = paired_accuracy(MODEL, PRUNED)
+    assert d["n"] == 8 and math.isclose(d["diff"], 3 / 8)
+    assert math.isclose(d["stderr"], math.sqrt(120 / 448 / 8))
+    short = copy.deepcopy(PRUNED)
+    short["tasks"]["winogrande"]["items"]["acc"] = [0, 1]
+    with pytest.raises(PipelineError, match="same --limit"):
+        paired_accuracy(MODEL, short)
 
 
 def test_recovery_metrics_by_hand():

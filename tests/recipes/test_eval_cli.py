@@ -49,6 +49,14 @@ def test_heldout_from_cache_equals_dense_reference(tiny, tmp_path):
     assert kl > 0.05 and math.isclose(h["kl_to_teacher"], kl, rel_tol=1e-4)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["tasks"] == {} and result["limit"] is None
+    # per held-out sequence (what paired differences use): each row's NLL and KL sums against the row alone
+    per = h["per_sequence"]
+    assert per["tokens"] == [held.shape[1] - 1] * held.shape[0]
+    for i, row in enumerate(held):
+        ppl_i, kl_i = _dense(tiny["teacher"], tiny["student"], row[None])
+        assert math.isclose(per["nll"][i] / per["tokens"][i], math.log(ppl_i), rel_tol=2e-5)
+        assert math.isclose(per["kl"][i] / per["tokens"][i], kl_i, rel_tol=1e-4)
+    assert math.isclose(sum(per["kl"]) / h["tokens"], h["kl_to_teacher"], rel_tol=1e-6)
     # the teacher against its own cache: KL 0 up to fp32 rounding of the cached logits and lse
     own = run_eval(tiny["teacher"], tasks="none", heldout=tiny["cache"], progress=False)["heldout"]
     assert abs(own["kl_to_teacher"]) < 1e-5
