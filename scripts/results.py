@@ -36,10 +36,10 @@ from pipeline.evaluate.metrics import (  # noqa: E402
 TASKS = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "piqa"]
 TASK_LABEL = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "HellaSwag", "winogrande": "Winogr.",
               "lambada_openai": "LAMBADA", "piqa": "PIQA"}
-KINDS = [("depth", "objectives", "features"), ("width", "students", "width"),
-         ("depth_width", "students", "depth_width")]
-ABLATIONS = ("objectives", "students", "seeds", "budget")
-OPTIONAL = ("seeds", "budget")
+KINDS = [("depth", "objectives", "features"), ("width", "kinds", "width"),
+         ("depth_width", "kinds", "depth_width")]
+ABLATIONS = ("objectives", "kinds", "seeds", "budget")  # output dirs under EXP (students.yaml writes kinds/)
+OPTIONAL = ("kinds", "seeds", "budget")  # tables whose runs are missing are left out
 OBJECTIVES = ["ce_only", "logits", "features", "advanced"]
 SEEDS = [("ce_only", "ce_only_seed1"), ("features", "features_seed1")]
 MAPS = ["features", "map_last", "map_selected"]
@@ -88,7 +88,11 @@ def pm(d: dict | None, scale: float = 1.0, fmt: str = "+.3f") -> str:
     """A paired difference 'diff ± stderr' (scaled), or '-'."""
     if not d or d.get("diff") is None:
         return "-"
-    se = "" if d.get("stderr") is None else f" ± {scale * d['stderr']:{fmt.lstrip('+')}}"
+    if d.get("stderr") is None:
+        se = ""
+    else:
+        e = scale * d["stderr"]
+        se = f" ± {e:{fmt.lstrip('+')}}" if float(f"{e:{fmt.lstrip('+')}}") > 0 or e == 0 else f" ± {e:.0e}"
     return f"{scale * d['diff']:{fmt}}{se}"
 
 
@@ -275,13 +279,13 @@ def main() -> None:
             secs, peak = r["metrics"].get("train_seconds"), (r.get("resources") or {}).get("peak_rss_mib")
             md.append(f"| {label} | {secs:.0f} | {peak:.0f} |")
             cost[name] = {"train_seconds": secs, "peak_rss_mib": peak}
-    trained = [n for n in runs if n != "online"]
+    trained = [n for n, r in runs.items() if n != "online" and r["metrics"].get("global_step") == 30]
     if cost.get("cache_build") and cached in cost and "online" in cost:
         n = len(trained)
         one_cache = cost["cache_build"]["seconds"] + n * cost[cached]["train_seconds"]
         online = n * cost["online"]["train_seconds"]
         cost["totals"] = {"runs": n, "one_cache_seconds": one_cache, "online_seconds": online}
-        md += ["", f"For the {n} trained runs of this page: one cache + {n} cached runs = "
+        md += ["", f"For the {n} 30-step runs of this page: one cache + {n} cached runs = "
                f"{one_cache / 60:.0f} min; {n} online runs = {online / 60:.0f} min "
                f"({online / one_cache:.2f}x), from the two timed runs above (training loops only, evaluations excluded)."]
     results["cost"] = cost
