@@ -21,7 +21,7 @@ from pipeline.cache.codecs import HIDDEN_CODECS
 from pipeline.cache.directory import BuildLock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.manifest import FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import CacheWriter, ShardLayout
+from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads
 from pipeline.data.sequences import sequences_from_config
 from pipeline.errors import PipelineError
 from pipeline.sources import models
@@ -120,7 +120,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/zstd-{LOGITS_LEVEL}",
             "ids": id_dtype(vocab).name, "hidden_level": cc.compression_level,
         },
-        "capture": {"batch_size": cc.batch_size, "teacher_dtype": cfg.teacher.dtype},
+        "capture": {"teacher_dtype": cfg.teacher.dtype},
         "layout": {"shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences},
     }
     n = len(seqs)
@@ -185,7 +185,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         try:
             total = sum(r for _, _, r in todo) * data.seq_len
             bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {root.name}", disable=rank != 0)
-            with CacheWriter(root, layout) as writer:
+            with CacheWriter(root, layout, threads=writer_threads(cc.writer_threads)) as writer:
                 for s, start, rows in todo:
                     writer.open_shard(s, start, rows)
                     for b in range(start, start + rows, cc.batch_size):
