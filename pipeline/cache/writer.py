@@ -85,7 +85,8 @@ class ShardWriter:
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
-        hidden {layer: [r, T, d] float32}."""
+        and either hidden {layer: [r, T, d] float32} or, encoded where the teacher ran, encoded {layer:
+        {suffix: array}} with token_squares {layer: [r, T] float64}."""
         self._pending.append(rows)
         self._pending_rows += len(rows["input_ids"])
         while self._pending_rows >= self.layout.chunk_sequences:
@@ -123,7 +124,10 @@ class ShardWriter:
         def encode(layer: int) -> None:
             encoded[layer] = codec.encode(rows["hidden"][layer])
 
-        run_all(self.pool, [functools.partial(encode, layer) for layer in lay.layers])
+        if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
+            encoded.update(rows["encoded"])
+        else:
+            run_all(self.pool, [functools.partial(encode, layer) for layer in lay.layers])
         for layer in lay.layers:  # array creation touches the group's metadata: one thread, first chunk only
             for suffix, arr in encoded[layer].items():
                 name = hidden_array(layer, suffix)
@@ -145,7 +149,12 @@ class ShardWriter:
             valid = np.arange(lay.seq_len)[None, :] < rows["length"][:, None]
         cut = min(max(lay.train_sequences - (self.start + self._written), 0), n)  # rows [0, cut) are train
         for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, n))):
-            if b > a:
+            if b <= a:
+                continue
+            if "token_squares" in rows:
+                self._squares[split].add_token_squares(
+                    {layer: t[a:b] for layer, t in rows["token_squares"].items()}, valid[a:b])
+            else:
                 self._squares[split].add({layer: h[a:b] for layer, h in rows["hidden"].items()}, valid[a:b])
         cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
         if lay.padded:
@@ -230,20 +239,20 @@ def writer_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _slice_rows(rows: dict, a: int, b: int) -> dict:
-    out = {k: v[a:b] for k, v in rows.items() if k not in ("lse", "hidden")}
-    out["lse"] = rows["lse"][:, a:b]
-    out["hidden"] = {layer: h[a:b] for layer, h in rows["hidden"].items()}
-    return out
+def _slice_rows(rows, a: int, b: int, key: str = ""):
+    """Rows [a, b) of a batch: arrays along axis 0 (lse, [n_temps, r, T], along axis 1), nested dicts
+    (hidden, encoded, token_squares) recursively."""
+    if isinstance(rows, dict):
+        return {k: _slice_rows(v, a, b, k) for k, v in rows.items()}
+    return rows[:, a:b] if key == "lse" else rows[a:b]
 
 
-def _concat_rows(parts: list[dict]) -> dict:
+def _concat_rows(parts: list, key: str = ""):
     if len(parts) == 1:
         return parts[0]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("lse", "hidden")}
-    out["lse"] = np.concatenate([p["lse"] for p in parts], axis=1)
-    out["hidden"] = {layer: np.concatenate([p["hidden"][layer] for p in parts]) for layer in parts[0]["hidden"]}
-    return out
+    if isinstance(parts[0], dict):
+        return {k: _concat_rows([p[k] for p in parts], k) for k in parts[0]}
+    return np.concatenate(parts, axis=1 if key == "lse" else 0)
 
 
 _STOP = object()

@@ -98,8 +98,13 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
 
     # 3. teacher and capture hooks (validates topk against the real head, layers against the depth)
     teacher, _ = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
-    teacher.to(models.pick_device(cfg.teacher.device))
-    capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype)
+    device = models.pick_device(cfg.teacher.device)
+    teacher.to(device)
+    # hidden states encoded where the teacher runs (a GPU: only the encoded bytes cross to the host, and the
+    # CPU writer only compresses) or on the writer's threads; the same bytes either way
+    on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
+    capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype,
+                             hidden_codec=codec.name if on_device else None)
     vocab = capture.vocab_size
 
     fingerprint = {
@@ -199,6 +204,8 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
                             batch["length"] = seqs.lengths[b:e]
                         cap = capture(ids, mask)
                         batch.update(topk_ids=cap.topk_ids, topk_logits=cap.topk_logits, lse=cap.lse, hidden=cap.hidden)
+                        if cap.encoded is not None:
+                            batch.update(encoded=cap.encoded, token_squares=cap.token_squares)
                         writer.put_rows(s, batch)
                         bar.update(ids.numel())
                     writer.end_shard(s)

@@ -144,12 +144,29 @@ def test_writer_threads_write_the_same_bytes(tiny_config, tmp_path, codec):
     assert len(open_cache(one).manifest["shards"]) == 3
 
 
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_encoding_on_the_device_writes_the_same_bytes(tiny_config, tmp_path, codec):
+    """cache.encode_on device (the teacher's device, here the CPU) vs the writer threads: identical shard
+    files and values; the train-split mean squares agree to float64 summation order."""
+    cfg_path, _ = tiny_config(data__num_sequences=24, cache__hidden_codec=codec, data__heldout_fraction=0.25)
+    dev, host = tmp_path / "dev", tmp_path / "host"
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={dev}", "--set", "cache.encode_on=device").exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={host}", "--set", "cache.encode_on=writer").exit_code == 0
+    md, mh = open_cache(dev).manifest, open_cache(host).manifest
+    assert [s["checksum"] for s in md["shards"]] == [s["checksum"] for s in mh["shards"]]
+    assert md["hidden_mean_square"].keys() == mh["hidden_mean_square"].keys()
+    for layer, v in mh["hidden_mean_square"].items():
+        assert abs(md["hidden_mean_square"][layer] - v) <= 1e-12 * v
+    md.pop("hidden_mean_square"), mh.pop("hidden_mean_square")
+    assert md == mh
+
+
 def test_speed_settings_keep_the_fingerprint(tiny_config):
     """The forward batch size and the writer threads are speed settings: a finished cache stays complete."""
     cfg_path, cache_dir = tiny_config(data__num_sequences=8)
     assert run_cli("cache", "build", cfg_path, "--set", "cache.batch_size=4").exit_code == 0
     before = (cache_dir / "manifest.json").read_text()
-    for key in ("cache.batch_size=2", "cache.writer_threads=3"):
+    for key in ("cache.batch_size=2", "cache.writer_threads=3", "cache.encode_on=device"):
         r = run_cli("cache", "build", cfg_path, "--set", key)
         assert r.exit_code == 0 and "already complete" in r.output, (key, r.output)
     assert (cache_dir / "manifest.json").read_text() == before
