@@ -94,11 +94,12 @@ for _codec in (
     HIDDEN_CODECS.register(_codec.name)(_codec)
 
 
-def zarr_compressor(level: int, typesize: int):
-    """zstd over byte-shuffled values: the exponent bytes of nearby floats compress together."""
+def zarr_compressor(level: int, typesize: int, cname: str = "zstd"):
+    """Blosc (zstd by default) over byte-shuffled values: the exponent bytes of nearby floats compress
+    together."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle" if typesize > 1 else "noshuffle",
+    return BloscCodec(cname=cname, clevel=min(level, 9), shuffle="shuffle" if typesize > 1 else "noshuffle",
                       typesize=typesize)
 
 

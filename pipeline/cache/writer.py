@@ -49,6 +49,7 @@ class ShardLayout:
     hidden_level: int
     logits_level: int
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
+    hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -134,7 +135,8 @@ class ShardWriter:
                 if name not in self._arrays:
                     self._arrays[name] = self._group.create_array(
                         name, shape=(self.n_rows,) + arr.shape[1:], chunks=(lay.chunk_sequences,) + arr.shape[1:],
-                        dtype=arr.dtype, fill_value=0, compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize)],
+                        dtype=arr.dtype, fill_value=0, compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize,
+                                                                                      lay.hidden_compressor)],
                     )
                     self._layer_arrays[layer].append(name)
                 tasks.append(functools.partial(self._arrays[name].__setitem__, slice(r0, r1), arr))

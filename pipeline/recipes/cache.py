@@ -124,6 +124,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "codecs": {
             "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/zstd-{LOGITS_LEVEL}",
             "ids": id_dtype(vocab).name, "hidden_level": cc.compression_level,
+            "hidden_compressor": cc.hidden_compressor,
         },
         "capture": {"teacher_dtype": cfg.teacher.dtype},
         "layout": {"shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences},
@@ -182,6 +183,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             seq_len=data.seq_len, topk=cc.topk, layers=tuple(layers), n_temps=len(cc.temperatures),
             hidden_codec=codec.name, id_dtype=id_dtype(vocab).name, padded=not data.packing,
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
+            hidden_compressor=cc.hidden_compressor,
             train_sequences=seqs.n_train,
         )
 

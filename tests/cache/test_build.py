@@ -161,6 +161,24 @@ def test_encoding_on_the_device_writes_the_same_bytes(tiny_config, tmp_path, cod
     assert md == mh
 
 
+def test_lz4_hidden_states_read_back_the_same(tiny_config, tmp_path):
+    """cache.hidden_compressor lz4 changes the bytes on disk, never the decoded values; it is part of the
+    fingerprint (another config for a finished zstd cache)."""
+    cfg_path, cache_dir = tiny_config(data__num_sequences=16)
+    lz4 = tmp_path / "lz4"
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={lz4}", "--set", "cache.hidden_compressor=lz4").exit_code == 0
+    a, b = open_cache(cache_dir), open_cache(lz4)
+    zarr_json = json.loads((lz4 / "shards" / "shard-00000.zarr" / "layer_2" / "zarr.json").read_text())
+    assert "lz4" in json.dumps(zarr_json["codecs"])
+    assert a.manifest["shards"][0]["checksum"] != b.manifest["shards"][0]["checksum"]
+    for i in range(len(a)):
+        for layer in a[i]["hidden"]:
+            assert np.array_equal(a[i]["hidden"][layer], b[i]["hidden"][layer])
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.hidden_compressor=lz4")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
 def test_speed_settings_keep_the_fingerprint(tiny_config):
     """The forward batch size and the writer threads are speed settings: a finished cache stays complete."""
     cfg_path, cache_dir = tiny_config(data__num_sequences=8)
@@ -177,6 +195,10 @@ def test_speed_settings_keep_the_fingerprint(tiny_config):
     old = json.loads(json.dumps(fp))
     old["capture"]["batch_size"] = 16
     assert fingerprint_digest(old) == fingerprint_digest(fp)
+    # and one fingerprinted before the hidden compressor was a key (it was always zstd)
+    older = json.loads(json.dumps(fp))
+    del older["codecs"]["hidden_compressor"]
+    assert fingerprint_digest(older) == fingerprint_digest(fp)
     changed = json.loads(json.dumps(fp))
     changed["topk"] += 1
     assert fingerprint_digest(changed) != fingerprint_digest(fp)
