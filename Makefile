@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench experiments clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,25 @@ bench: setup
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_eval.py
 	$(BIN)/python scripts/bench_ablate.py
+
+# The chapter-6 experiment (docs/results.md): three pruned students, one cache, the ablations, an online run
+# for the cost table, the main run's report, then the tables. Finished steps are kept and skipped on rerun.
+EXP := runs/experiments
+experiments: setup
+	test -f $(EXP)/students/depth/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
+	    --out $(EXP)/students/depth --remove 6 --overwrite
+	test -f $(EXP)/students/width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
+	    --out $(EXP)/students/width --hidden-size 504 --intermediate-size 1344 --overwrite
+	test -f $(EXP)/students/depth_width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
+	    --out $(EXP)/students/depth_width --remove 6 --hidden-size 504 --intermediate-size 1344 --overwrite
+	$(BIN)/distill ablate configs/experiments/objectives.yaml
+	$(BIN)/distill ablate configs/experiments/students.yaml
+	$(BIN)/distill ablate configs/experiments/seeds.yaml
+	$(BIN)/distill ablate configs/experiments/budget.yaml
+	test -f $(EXP)/online/run.json || $(BIN)/distill train configs/experiments/objectives.yaml --online \
+	    --set training.output_dir=$(EXP)/online
+	$(BIN)/distill report $(EXP)/objectives/features --out $(EXP)/report
+	$(BIN)/python scripts/results.py $(EXP) --out docs/results
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs

@@ -1,0 +1,303 @@
+"""Tables of the chapter-6 experiment (docs/results.md) from its result files.
+
+    python scripts/results.py runs/experiments --out docs/results
+
+Reads what `make experiments` leaves under EXP (the two ablations' ablation.json, every model's eval JSON,
+each variant's run.json, the online run's run.json, the main run's report figures), copies the small files
+next to the tables (no weights, no cache) and writes OUT/tables.md and OUT/results.json. Reading the copies
+instead (`--from-copies`) regenerates the same tables without the runs.
+
+Every number is computed here from those files with pipeline.evaluate.metrics: recovery metrics from the
+teacher, pruned and recovered eval JSONs, and paired differences (same held-out sequences, same benchmark
+items) with their standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.evaluate.metrics import (  # noqa: E402
+    paired_accuracy,
+    paired_heldout,
+    primary_metric,
+    recovery_metrics,
+)
+
+TASKS = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "piqa"]
+TASK_LABEL = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "HellaSwag", "winogrande": "Winogr.",
+              "lambada_openai": "LAMBADA", "piqa": "PIQA"}
+KINDS = [("depth", "objectives", "features"), ("width", "students", "width"),
+         ("depth_width", "students", "depth_width")]
+ABLATIONS = ("objectives", "students", "seeds", "budget")
+OPTIONAL = ("seeds", "budget")
+OBJECTIVES = ["ce_only", "logits", "features", "advanced"]
+SEEDS = [("ce_only", "ce_only_seed1"), ("features", "features_seed1")]
+MAPS = ["features", "map_last", "map_selected"]
+BUDGET = ["features", "features_x4"]
+TAILS = ["features", "tail_renormalize"]
+LABEL = {"ce_only": "CE only (fine-tune)", "logits": "logits KD (0.5 / 0.5)", "features": "features (0.4 / 0.4 / 0.2)",
+         "advanced": "advanced (0.2 CE, 0.5 skew KL, 0.1 cos, 0.2 FDD)", "map_last": "last",
+         "map_selected": "selected", "tail_renormalize": "renormalize",
+         "features_x4": "features, 120 steps (4x tokens)"}
+FIGURES = ["loss_components.png", "hidden_loss_by_layer.png", "layer_cosine_heatmap.png"]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def collect(exp: Path, out: Path) -> None:
+    """Copy the small result files of the runs under `exp` into `out` (the layout --from-copies reads)."""
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for ablation in ABLATIONS:
+        src = exp / ablation
+        if not (src / "ablation.json").is_file() and ablation in OPTIONAL:
+            continue
+        shutil.copy2(src / "ablation.json", out / f"{ablation}.ablation.json")
+        for row in load(src / "ablation.json")["rows"]:
+            if row["status"] != "done":
+                continue
+            v = row["variant"]
+            shutil.copy2(src / v / "eval" / "student.json", out / "evals" / f"{v}.json")
+            shutil.copy2(src / v / "eval" / "pruned.json", out / "evals" / f"pruned-{v}.json")
+            shutil.copy2(src / v / "run.json", out / "runs" / f"{v}.run.json")
+        shutil.copy2(src / "baseline" / "teacher.json", out / "evals" / "teacher.json")
+    if (exp / "online" / "run.json").is_file():
+        shutil.copy2(exp / "online" / "run.json", out / "runs" / "online.run.json")
+    for fig in FIGURES:
+        if (exp / "report" / fig).is_file():
+            shutil.copy2(exp / "report" / fig, out / fig)
+
+
+def pct(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def pm(d: dict | None, scale: float = 1.0, fmt: str = "+.3f") -> str:
+    """A paired difference 'diff ± stderr' (scaled), or '-'."""
+    if not d or d.get("diff") is None:
+        return "-"
+    se = "" if d.get("stderr") is None else f" ± {scale * d['stderr']:{fmt.lstrip('+')}}"
+    return f"{scale * d['diff']:{fmt}}{se}"
+
+
+def acc(result: dict, task: str) -> str:
+    t = result.get("tasks", {}).get(task)
+    if not t:
+        return "-"
+    m = primary_metric(t)
+    return f"{100 * t[m]:.0f} ± {100 * t[m + '_stderr']:.0f}" if t.get(m + "_stderr") is not None else f"{100 * t[m]:.0f}"
+
+
+def mean_acc(result: dict) -> float | None:
+    vals = [t[primary_metric(t)] for k, t in result.get("tasks", {}).items() if k in TASKS]
+    return sum(vals) / len(vals) if vals else None
+
+
+def model_row(label: str, r: dict) -> str:
+    h = r.get("heldout") or {}
+    cells = [label, f"{r.get('parameters', 0) / 1e6:.1f}M", f"{h['perplexity']:.2f}", f"{h['kl_to_teacher']:.4f}"]
+    cells += [acc(r, t) for t in TASKS] + [pct(mean_acc(r))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_models(rows: list[tuple[str, dict]]) -> list[str]:
+    head = ["model", "params", "held-out PPL", "KL to teacher", *(TASK_LABEL[t] for t in TASKS), "mean acc"]
+    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)] + [model_row(n, r) for n, r in rows]
+
+
+def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teacher: dict) -> tuple[list[str], dict]:
+    """Rows of variants against `ref` (paired on the same sequences / items) plus their recovery metrics."""
+    head = ["variant", "held-out PPL", "KL to teacher", "mean acc", "PPL recovery", "KL recovery",
+            "capability retention", f"ΔNLL vs {ref} (nats)", f"ΔKL vs {ref}", f"Δacc vs {ref} (points)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    data = {}
+    for n in names:
+        r = ev[n]
+        rec = recovery_metrics(teacher, pruned, r)
+        d = {"nll": paired_heldout(r, ev[ref], "nll"), "kl": paired_heldout(r, ev[ref], "kl"),
+             "acc": paired_accuracy(r, ev[ref])}
+        data[n] = {"recovery": {k: v for k, v in rec.items() if k != "tasks"}, "vs_" + ref: d}
+        h = r["heldout"]
+        same = n == ref
+        lines.append("| " + " | ".join([
+            LABEL.get(n, n) + (" (reference)" if same else ""), f"{h['perplexity']:.2f}", f"{h['kl_to_teacher']:.4f}",
+            pct(mean_acc(r)), pct(rec.get("ppl_recovery")), pct(rec.get("kl_recovery")),
+            pct(rec.get("capability_retention")),
+            "" if same else pm(d["nll"], fmt="+.4f"), "" if same else pm(d["kl"], fmt="+.4f"),
+            "" if same else pm(d["acc"], 100, "+.1f")]) + " |")
+    return lines, data
+
+
+def plot_paired(results: dict, path: Path) -> Path | None:
+    """Each compared variant's paired difference against its reference (held-out KL, NLL, accuracy),
+    with +-2 standard errors: a bar whose whisker crosses 0 is not resolved."""
+    rows = []
+    for key, title in (("objectives", "vs CE only"), ("maps", "vs uniform map"), ("tails", "vs bucket tail"),
+                       ("budget", "vs 30 steps")):
+        for name, data in results.get(key, {}).items():
+            d = next((v for k, v in data.items() if k.startswith("vs_")), None)
+            if d is not None and d["kl"]["diff"] is not None and d["kl"]["stderr"]:
+                rows.append((f"{LABEL.get(name, name).split(' (')[0]} {title}", d))
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 1.6), sharey=True)
+    y = np.arange(len(rows))
+    for ax, (key, label, scale) in zip(axes, (("kl", "Δ KL to teacher (nats/position)", 1.0),
+                                              ("nll", "Δ held-out NLL (nats/position)", 1.0),
+                                              ("acc", "Δ accuracy, 600 items (points)", 100.0))):
+        diff = np.array([scale * r[1][key]["diff"] for r in rows])
+        err = np.array([2 * scale * (r[1][key]["stderr"] or 0.0) for r in rows])
+        ax.barh(y, diff, xerr=err, color=["#4477aa" if abs(v) > e else "#bbbbbb" for v, e in zip(diff, err)],
+                capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [r[0] for r in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle("Paired differences ± 2 stderr (grey: not resolved); depth student, same held-out sequences and items")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("exp", nargs="?", default="runs/experiments", help="what `make experiments` wrote")
+    ap.add_argument("--out", default="docs/results", help="where the copies, tables.md and results.json go")
+    ap.add_argument("--from-copies", action="store_true", help="read OUT's copies only (no runs needed)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    if not a.from_copies:
+        collect(Path(a.exp), out)
+    ev = {p.stem: load(p) for p in sorted((out / "evals").glob("*.json"))}
+    runs = {p.name[: -len(".run.json")]: load(p) for p in sorted((out / "runs").glob("*.run.json"))}
+    teacher = ev["teacher"]
+    results: dict = {"models": {}, "objectives": {}, "maps": {}, "tails": {}, "budget": {}, "students": {}}
+    md = []
+
+    # Table 6.1: each pruning kind before and after
+    rows = [("teacher (SmolLM2-135M-Instruct)", teacher)]
+    for kind, _, v in KINDS:
+        if v in ev:
+            rows += [(f"{kind}: pruned", ev[f"pruned-{v}"]), (f"{kind}: recovered (features)", ev[v])]
+    md += ["## Table 6.1: before and after, per pruning kind", ""] + table_models(rows) + [""]
+    head = ["student", "PPL retention", "PPL recovery", "KL recovery", "capability retention",
+            "Δacc recovered - pruned (points)", "Δacc recovered - teacher (points)", "ΔNLL recovered - pruned (nats)"]
+    md += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for kind, _, v in KINDS:
+        if v not in ev:
+            continue
+        pruned = ev[f"pruned-{v}"]
+        rec = recovery_metrics(teacher, pruned, ev[v])
+        d_pruned, d_teacher = paired_accuracy(ev[v], pruned), paired_accuracy(ev[v], teacher)
+        d_nll = paired_heldout(ev[v], pruned, "nll")
+        results["students"][kind] = {"variant": v, "recovery": {k: x for k, x in rec.items() if k != "tasks"},
+                                     "tasks": rec.get("tasks"), "acc_vs_pruned": d_pruned, "acc_vs_teacher": d_teacher,
+                                     "nll_vs_pruned": d_nll}
+        md.append("| " + " | ".join([kind, pct(rec.get("ppl_retention")), pct(rec.get("ppl_recovery")),
+                                      pct(rec.get("kl_recovery")), pct(rec.get("capability_retention")),
+                                      pm(d_pruned, 100, "+.1f"), pm(d_teacher, 100, "+.1f"),
+                                      pm(d_nll, fmt="+.4f")]) + " |")
+    md.append("")
+
+    # Table 6.2 and the map / tail comparisons (the depth student)
+    if "features" in ev:
+        pruned = ev["pruned-features"]
+        for title, names, ref, key in (("Table 6.2: objectives (depth student)", OBJECTIVES, "ce_only", "objectives"),
+                                       ("Layer map (depth student, features objective)", MAPS, "features", "maps"),
+                                       ("Tail at T = 2 (depth student, features objective)", TAILS, "features",
+                                        "tails"),
+                                       ("Token budget (depth student, features objective)", BUDGET, "features",
+                                        "budget")):
+            present = [n for n in names if n in ev]
+            if len(present) < 2:
+                continue
+            lines, data = compare(present, ref, ev, pruned, teacher)
+            md += [f"## {title}", ""] + lines + [""]
+            results[key] = data
+        md += ["## Per benchmark, depth student (accuracy % ± stderr)", ""]
+        md += table_models([("teacher", teacher), ("pruned", pruned)] + [(LABEL.get(n, n), ev[n])
+                            for n in OBJECTIVES + MAPS[1:] + TAILS[1:] if n in ev]) + [""]
+
+    # training-seed spread: the same variant with training.seed 1 instead of 0
+    pairs = [(a, b) for a, b in SEEDS if a in ev and b in ev]
+    if pairs:
+        md += ["## Training seed (depth student): seed 1 - seed 0 of the same variant", "",
+               "| variant | PPL seed 0 / 1 | KL seed 0 / 1 | mean acc seed 0 / 1 | ΔNLL (nats) | ΔKL | Δacc (points) |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for a, b in pairs:
+            ha, hb = ev[a]["heldout"], ev[b]["heldout"]
+            d = {"nll": paired_heldout(ev[b], ev[a], "nll"), "kl": paired_heldout(ev[b], ev[a], "kl"),
+                 "acc": paired_accuracy(ev[b], ev[a])}
+            results.setdefault("seeds", {})[a] = d
+            md.append(f"| {LABEL.get(a, a)} | {ha['perplexity']:.2f} / {hb['perplexity']:.2f} | "
+                      f"{ha['kl_to_teacher']:.4f} / {hb['kl_to_teacher']:.4f} | {pct(mean_acc(ev[a]))} / "
+                      f"{pct(mean_acc(ev[b]))} | {pm(d['nll'], fmt='+.4f')} | {pm(d['kl'], fmt='+.4f')} | "
+                      f"{pm(d['acc'], 100, '+.1f')} |")
+        md.append("")
+
+    # cost: one cache build + N cached runs vs N online runs. The cached run timed against the online one
+    # is features_seed1 when present (the same objective; run after the others, on otherwise idle cores)
+    cost = {}
+    for ablation in ABLATIONS:
+        p = out / f"{ablation}.ablation.json"
+        if p.is_file() and load(p).get("cache_build"):
+            cost["cache_build"] = load(p)["cache_build"]
+    cached = "features_seed1" if "features_seed1" in runs else "features"
+    md += ["## Cost: one cache vs online runs", "",
+           "| run | seconds | peak RSS MiB |", "|---|---:|---:|"]
+    if cost.get("cache_build"):
+        b = cost["cache_build"]
+        md.append(f"| cache build, once (teacher forward over 65,536 tokens, 16 layers written) | {b['seconds']:.0f} "
+                  f"| {b['peak_rss_mib']:.0f} |")
+    for name, label in ((cached, f"cached KD, features objective ({cached}), 30 steps"),
+                        ("online", "online KD, features objective (live teacher), 30 steps")):
+        if name in runs:
+            r = runs[name]
+            secs, peak = r["metrics"].get("train_seconds"), (r.get("resources") or {}).get("peak_rss_mib")
+            md.append(f"| {label} | {secs:.0f} | {peak:.0f} |")
+            cost[name] = {"train_seconds": secs, "peak_rss_mib": peak}
+    trained = [n for n in runs if n != "online"]
+    if cost.get("cache_build") and cached in cost and "online" in cost:
+        n = len(trained)
+        one_cache = cost["cache_build"]["seconds"] + n * cost[cached]["train_seconds"]
+        online = n * cost["online"]["train_seconds"]
+        cost["totals"] = {"runs": n, "one_cache_seconds": one_cache, "online_seconds": online}
+        md += ["", f"For the {n} trained runs of this page: one cache + {n} cached runs = "
+               f"{one_cache / 60:.0f} min; {n} online runs = {online / 60:.0f} min "
+               f"({online / one_cache:.2f}x), from the two timed runs above (training loops only, evaluations excluded)."]
+    results["cost"] = cost
+    for name, r in ev.items():
+        h = r.get("heldout") or {}
+        results["models"][name] = {"model": r.get("model"), "parameters": r.get("parameters"),
+                                   "perplexity": h.get("perplexity"), "kl_to_teacher": h.get("kl_to_teacher"),
+                                   "mean_acc": mean_acc(r),
+                                   "tasks": {t: x.get(primary_metric(x)) for t, x in r.get("tasks", {}).items()}}
+    figure = plot_paired(results, out / "paired_differences.png")
+    if figure is not None:
+        md += ["", f"![Paired differences]({figure.name})", ""]
+    (out / "tables.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
