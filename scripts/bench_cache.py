@@ -1,7 +1,9 @@
 """Phase-one benchmark, measured side by side in one run on the packaged SmolLM2 teacher.
 
 1. Time: a plain teacher forward over N sequences (the physical limit) vs the whole cache build of
-   the same sequences (capture hooks, top-k, lse, encoding, compression, writing, manifest).
+   the same sequences (capture hooks, top-k, lse, encoding, compression, writing, manifest); then the
+   writer alone (the same captured batches replayed through CacheWriter, no forward) on one encode thread
+   and on every core, with Blosc zstd and lz4: the ceiling a faster (GPU) forward would meet.
 2. Size: bytes/token of the logit side data, and of one hidden layer under each codec (the same
    captured block outputs written through each codec's real Zarr path).
 
@@ -25,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import open_cache  # noqa: E402
 from pipeline.cache.codecs import HIDDEN_CODECS, zarr_compressor  # noqa: E402
+from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.recipes.cache import build_cache, summarize  # noqa: E402
+from pipeline.recipes.cache import LOGITS_LEVEL, build_cache, summarize  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
 from pipeline.teacher.capture import TeacherCapture  # noqa: E402
 
@@ -81,7 +84,59 @@ def main() -> None:
     print(f"| teacher forward only | {f:.1f} | {n_tok / f:.0f} | 1.00 |")
     print(f"| full cache build ({len(layers)} layers, bf16) | {b:.1f} | {n_tok / b:.0f} | {b / f:.2f} |")
 
-    info = summarize(open_cache(work / "cache").manifest)
+    # 1b. the writer alone (no forward): the same captured batches replayed through CacheWriter, on one
+    # encode thread and on every core. On a GPU the forward gets faster while the writer stays on the CPU:
+    # its ceiling must stay above the forward rate (goal: >= 2x) for the build to keep up.
+    manifest = open_cache(work / "cache").manifest
+    layouts = {
+        cname: ShardLayout(
+            seq_len=args.seq_len, topk=cfg.cache.topk, layers=tuple(layers), n_temps=len(cfg.cache.temperatures),
+            hidden_codec=cfg.cache.hidden_codec, id_dtype=manifest["id_dtype"], padded=False,
+            chunk_sequences=cfg.cache.chunk_sequences, hidden_level=cfg.cache.compression_level,
+            logits_level=LOGITS_LEVEL, train_sequences=len(ids), hidden_compressor=cname)
+        for cname in ("zstd", "lz4")
+    }
+    cap = TeacherCapture(model, layers, cfg.cache.topk, cfg.cache.temperatures, cfg.cache.logit_dtype)
+    batches = []
+    for b in range(0, len(ids), args.batch_size):
+        c = cap(ids[b : b + args.batch_size])
+        batches.append({"input_ids": seqs.input_ids[b : b + args.batch_size], "topk_ids": c.topk_ids,
+                        "topk_logits": c.topk_logits, "lse": c.lse, "hidden": c.hidden})
+    cap.close()
+    shard = cfg.cache.shard_sequences
+
+    def writer_only(threads: int, cname: str) -> tuple[float, int]:
+        out = work / f"writer-{threads}-{cname}"
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "shards").mkdir(parents=True)
+        t0 = time.perf_counter()
+        with CacheWriter(out, layouts[cname], threads=threads) as w:
+            row = 0
+            for s in range(0, len(ids), shard):
+                n = min(shard, len(ids) - s)
+                w.open_shard(s // shard, s, n)
+                while row < s + n:
+                    batch = batches[row // args.batch_size]
+                    w.put_rows(s // shard, batch)
+                    row += len(batch["input_ids"])
+                w.end_shard(s // shard)
+        seconds = time.perf_counter() - t0
+        hidden = sum(p.stat().st_size for p in (out / "shards").rglob("*") if p.is_file() and ".zarr" in str(p))
+        return seconds, hidden
+
+    cores = writer_threads(0)
+    print(f"\n| writer alone (no forward; {len(layers)} {cfg.cache.hidden_codec} layers) | hidden B/token "
+          "| tokens/s | vs forward |")
+    print("|---|---:|---:|---:|")
+    for cname in layouts:
+        for threads in sorted({1, cores}):
+            writer_only(threads, cname)  # warm-up
+            runs = [writer_only(threads, cname) for _ in range(2)]
+            rate = n_tok / min(s for s, _ in runs)
+            print(f"| Blosc {cname}, {threads} encode thread{'s' if threads > 1 else ''} | {runs[0][1] / n_tok:.0f} "
+                  f"| {rate:.0f} | {rate / (n_tok / f):.2f}x |")
+
+    info = summarize(manifest)
     side = info["bytes_per_token"]["side_data"]
     print(f"\nlogit side data (k={cfg.cache.topk}, {cfg.cache.logit_dtype}, {len(cfg.cache.temperatures)} "
           f"temperatures, ids uint16, input ids included): {side:.1f} B/token "

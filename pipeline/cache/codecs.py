@@ -32,6 +32,9 @@ class HiddenCodec:
     # {suffix: array} -> float32 [n, T, d]
     decode: Callable[[dict[str, np.ndarray]], np.ndarray]
     bound: str  # human-readable round-trip bound, shown by `cache info`
+    # the same encoding on a torch tensor where it lives (a GPU: only the encoded bytes cross to the host);
+    # returns host arrays bit-identical to `encode` of the tensor's float32 values (tested)
+    encode_torch: Callable[[torch.Tensor], dict[str, np.ndarray]] | None = None
 
 
 HIDDEN_CODECS: Registry[HiddenCodec] = Registry("hidden codec")
@@ -61,25 +64,42 @@ def _int8_decode(a: dict[str, np.ndarray]) -> np.ndarray:
     return a[""].astype(np.float32) * a["scale"].astype(np.float32)[..., None]
 
 
+def _int8_encode_torch(x: torch.Tensor) -> dict[str, np.ndarray]:
+    """_int8_encode on the tensor's device: the same fp32 arithmetic, half-to-even rounding and scale
+    rounded up to fp16 (next fp16 above = its bit pattern + 1, the scale being >= 0)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127.0  # [n, T]
+    s16 = scale.half()
+    low = (s16.float() < scale).to(torch.int16)
+    s16 = (s16.view(torch.int16) + low).view(torch.float16)
+    s = s16.float().unsqueeze(-1)
+    q = torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x)).round()
+    return {"": q.clamp_(-127, 127).to(torch.int8).cpu().numpy(), "scale": s16.cpu().numpy()}
+
+
 for _codec in (
-    HiddenCodec("fp32", lambda x: {"": np.asarray(x, dtype=np.float32)}, lambda a: a[""].astype(np.float32), "lossless"),
-    HiddenCodec("bf16", _bf16_encode, _bf16_decode, "|err| <= 2^-8 |x|"),
+    HiddenCodec("fp32", lambda x: {"": np.asarray(x, dtype=np.float32)}, lambda a: a[""].astype(np.float32), "lossless",
+                lambda x: {"": x.float().cpu().numpy()}),
+    HiddenCodec("bf16", _bf16_encode, _bf16_decode, "|err| <= 2^-8 |x|",
+                lambda x: {"": x.float().to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}),
     HiddenCodec(
         "fp16",
         lambda x: {"": np.clip(x, -FP16_MAX, FP16_MAX).astype(np.float16)},
         lambda a: a[""].astype(np.float32),
         "|err| <= 2^-11 |x| (normal range)",
+        lambda x: {"": x.float().clamp(-FP16_MAX, FP16_MAX).half().cpu().numpy()},
     ),
-    HiddenCodec("int8", _int8_encode, _int8_decode, "|err| <= absmax/254 per vector"),
+    HiddenCodec("int8", _int8_encode, _int8_decode, "|err| <= absmax/254 per vector", _int8_encode_torch),
 ):
     HIDDEN_CODECS.register(_codec.name)(_codec)
 
 
-def zarr_compressor(level: int, typesize: int):
-    """zstd over byte-shuffled values: the exponent bytes of nearby floats compress together."""
+def zarr_compressor(level: int, typesize: int, cname: str = "zstd"):
+    """Blosc (zstd by default) over byte-shuffled values: the exponent bytes of nearby floats compress
+    together."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle" if typesize > 1 else "noshuffle",
+    return BloscCodec(cname=cname, clevel=min(level, 9), shuffle="shuffle" if typesize > 1 else "noshuffle",
                       typesize=typesize)
 
 

@@ -94,8 +94,24 @@ def combine_checksums(per_file: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+# Settings that change speed, never what a cache holds: never part of the digest (caches fingerprinted
+# with them before they were dropped still match). cache.batch_size can move the fp32 forward's low-order
+# bits (other matmul blocking), within the rounding the stored formats already carry; writer_threads changes
+# nothing written.
+SPEED_KEYS = (("capture", "batch_size"),)
+# Keys added to the fingerprint later, with the value every cache fingerprinted before them has
+DEFAULTS = ((("codecs", "hidden_compressor"), "zstd"),)
+
+
 def fingerprint_digest(fingerprint: dict) -> str:
-    return hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode(), digest_size=16).hexdigest()
+    content = json.loads(json.dumps(fingerprint))
+    for section, key in SPEED_KEYS:
+        if isinstance(content.get(section), dict):
+            content[section].pop(key, None)
+    for (section, key), value in DEFAULTS:
+        if isinstance(content.get(section), dict):
+            content[section].setdefault(key, value)
+    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 REQUIRED_KEYS = (

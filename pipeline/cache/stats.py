@@ -31,6 +31,12 @@ class SquareSums:
             self.sums[layer] = self.sums.get(layer, 0.0) + value
         self.tokens += int(valid.sum())
 
+    def add_token_squares(self, token_squares: dict[int, np.ndarray], valid: np.ndarray) -> None:
+        """The same from each token's sum of squares {layer: [r, T] float64}, computed where the teacher ran."""
+        for layer, per_token in token_squares.items():
+            self.sums[int(layer)] = self.sums.get(int(layer), 0.0) + float(per_token[valid].sum())
+        self.tokens += int(valid.sum())
+
     def mean_square(self, hidden_size: int) -> dict[int, float]:
         if not self.tokens:
             return {}

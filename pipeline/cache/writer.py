@@ -13,11 +13,13 @@ Unset (the normal case), it does nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import shutil
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,7 @@ class ShardLayout:
     hidden_level: int
     logits_level: int
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
+    hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -58,8 +61,10 @@ def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
 class ShardWriter:
     """Writes one shard of `n_rows` sequences, chunk by chunk, into temporary files."""
 
-    def __init__(self, root: Path, index: int, start: int, n_rows: int, layout: ShardLayout):
+    def __init__(self, root: Path, index: int, start: int, n_rows: int, layout: ShardLayout,
+                 pool: ThreadPoolExecutor | None = None):
         self.root, self.index, self.start, self.n_rows, self.layout = root, index, start, n_rows, layout
+        self.pool = pool  # None: everything on the calling thread
         self.arrow, self.zdir, self.record = shard_paths(root, index)
         self.arrow_tmp = self.arrow.with_name(self.arrow.name + ".tmp")
         self.zdir_tmp = self.zdir.with_name(self.zdir.name + ".tmp")
@@ -81,7 +86,8 @@ class ShardWriter:
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
-        hidden {layer: [r, T, d] float32}."""
+        and either hidden {layer: [r, T, d] float32} or, encoded where the teacher ran, encoded {layer:
+        {suffix: array}} with token_squares {layer: [r, T] float64}."""
         self._pending.append(rows)
         self._pending_rows += len(rows["input_ids"])
         while self._pending_rows >= self.layout.chunk_sequences:
@@ -105,14 +111,52 @@ class ShardWriter:
         return _concat_rows(parts)
 
     def _flush(self, n: int) -> None:
+        """Encode, compress and write one chunk of n rows. The independent parts (the Arrow record batch
+        with its top-k planes, and each hidden layer's encode + compress + write) run on the writer's thread
+        pool when it has one; numpy, torch, zstd and Blosc release the GIL, so they scale with cores.
+        The bytes written do not depend on the number of threads."""
         rows = self._take(n)
+        lay = self.layout
+        r0, r1 = self._written, self._written + n
+        codec = HIDDEN_CODECS.get(lay.hidden_codec)
+        tasks = [lambda: self._write_logits(rows, n)]
+        encoded: dict[int, dict[str, np.ndarray]] = {}
+
+        def encode(layer: int) -> None:
+            encoded[layer] = codec.encode(rows["hidden"][layer])
+
+        if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
+            encoded.update(rows["encoded"])
+        else:
+            run_all(self.pool, [functools.partial(encode, layer) for layer in lay.layers])
+        for layer in lay.layers:  # array creation touches the group's metadata: one thread, first chunk only
+            for suffix, arr in encoded[layer].items():
+                name = hidden_array(layer, suffix)
+                if name not in self._arrays:
+                    self._arrays[name] = self._group.create_array(
+                        name, shape=(self.n_rows,) + arr.shape[1:], chunks=(lay.chunk_sequences,) + arr.shape[1:],
+                        dtype=arr.dtype, fill_value=0, compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize,
+                                                                                      lay.hidden_compressor)],
+                    )
+                    self._layer_arrays[layer].append(name)
+                tasks.append(functools.partial(self._arrays[name].__setitem__, slice(r0, r1), arr))
+        run_all(self.pool, tasks)
+        self._written = r1
+
+    def _write_logits(self, rows: dict, n: int) -> None:
+        """The Arrow part of a chunk (ids, top-k planes, lse, lengths) and the per-split sums of squares."""
         lay = self.layout
         valid = np.ones(rows["input_ids"].shape, dtype=bool)  # [n, T]
         if lay.padded:
             valid = np.arange(lay.seq_len)[None, :] < rows["length"][:, None]
         cut = min(max(lay.train_sequences - (self.start + self._written), 0), n)  # rows [0, cut) are train
         for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, n))):
-            if b > a:
+            if b <= a:
+                continue
+            if "token_squares" in rows:
+                self._squares[split].add_token_squares(
+                    {layer: t[a:b] for layer, t in rows["token_squares"].items()}, valid[a:b])
+            else:
                 self._squares[split].add({layer: h[a:b] for layer, h in rows["hidden"].items()}, valid[a:b])
         cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
         if lay.padded:
@@ -130,22 +174,6 @@ class ShardWriter:
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))
             self._ipc = pa.ipc.new_file(self._sink, batch.schema, options=opts)
         self._ipc.write_batch(batch)
-
-        codec = HIDDEN_CODECS.get(lay.hidden_codec)
-        r0, r1 = self._written, self._written + n
-        for layer in lay.layers:
-            for suffix, arr in codec.encode(rows["hidden"][layer]).items():
-                name = hidden_array(layer, suffix)
-                if name not in self._arrays:
-                    shape = (self.n_rows,) + arr.shape[1:]
-                    chunks = (lay.chunk_sequences,) + arr.shape[1:]
-                    self._arrays[name] = self._group.create_array(
-                        name, shape=shape, chunks=chunks, dtype=arr.dtype, fill_value=0,
-                        compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize)],
-                    )
-                    self._layer_arrays[layer].append(name)
-                self._arrays[name][r0:r1] = arr
-        self._written = r1
 
     def finish(self) -> dict:
         """Commit: flush the tail, close, rename into place, write the shard record (last)."""
@@ -190,20 +218,43 @@ class ShardWriter:
             pass
 
 
-def _slice_rows(rows: dict, a: int, b: int) -> dict:
-    out = {k: v[a:b] for k, v in rows.items() if k not in ("lse", "hidden")}
-    out["lse"] = rows["lse"][:, a:b]
-    out["hidden"] = {layer: h[a:b] for layer, h in rows["hidden"].items()}
-    return out
+def run_all(pool: ThreadPoolExecutor | None, tasks: list) -> None:
+    """Run the callables, on `pool` when given; the first exception is raised after all have finished."""
+    if pool is None or len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    futures = [pool.submit(task) for task in tasks]
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
-def _concat_rows(parts: list[dict]) -> dict:
+def writer_threads(requested: int) -> int:
+    """cache.writer_threads: 0 = every core this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _slice_rows(rows, a: int, b: int, key: str = ""):
+    """Rows [a, b) of a batch: arrays along axis 0 (lse, [n_temps, r, T], along axis 1), nested dicts
+    (hidden, encoded, token_squares) recursively."""
+    if isinstance(rows, dict):
+        return {k: _slice_rows(v, a, b, k) for k, v in rows.items()}
+    return rows[:, a:b] if key == "lse" else rows[a:b]
+
+
+def _concat_rows(parts: list, key: str = ""):
     if len(parts) == 1:
         return parts[0]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("lse", "hidden")}
-    out["lse"] = np.concatenate([p["lse"] for p in parts], axis=1)
-    out["hidden"] = {layer: np.concatenate([p["hidden"][layer] for p in parts]) for layer in parts[0]["hidden"]}
-    return out
+    if isinstance(parts[0], dict):
+        return {k: _concat_rows([p[k] for p in parts], k) for k in parts[0]}
+    return np.concatenate(parts, axis=1 if key == "lse" else 0)
 
 
 _STOP = object()
@@ -212,8 +263,10 @@ _STOP = object()
 class CacheWriter:
     """Background writer. Use as a context manager: put rows, end shards; errors surface here."""
 
-    def __init__(self, root: Path, layout: ShardLayout, queue_size: int = 2):
+    def __init__(self, root: Path, layout: ShardLayout, queue_size: int = 2, threads: int = 1):
         self.root, self.layout = root, layout
+        # encode/compress workers (threads > 1); the writer thread itself only dispatches and commits
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-encode") if threads > 1 else None
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._abort = threading.Event()
@@ -236,7 +289,7 @@ class CacheWriter:
                 op, index, payload = item
                 if op == "open":
                     start, n_rows = payload
-                    self._shards[index] = ShardWriter(self.root, index, start, n_rows, self.layout)
+                    self._shards[index] = ShardWriter(self.root, index, start, n_rows, self.layout, self._pool)
                 elif op == "rows":
                     shard = self._shards[index]
                     shard.add(payload)
@@ -274,16 +327,20 @@ class CacheWriter:
         self._put(("end", index, None))
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._abort.set()
-            try:
-                self._q.put_nowait(_STOP)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=30)
-            for w in self._shards.values():
-                w.abort()
-            return
-        self._put(_STOP)
-        self._thread.join()
-        self._raise_if_failed()
+        try:
+            if exc_type is not None:
+                self._abort.set()
+                try:
+                    self._q.put_nowait(_STOP)
+                except queue.Full:
+                    pass
+                self._thread.join(timeout=30)
+                for w in self._shards.values():
+                    w.abort()
+                return
+            self._put(_STOP)
+            self._thread.join()
+            self._raise_if_failed()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=exc_type is None, cancel_futures=True)

@@ -21,7 +21,7 @@ from pipeline.cache.codecs import HIDDEN_CODECS
 from pipeline.cache.directory import BuildLock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.manifest import FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import CacheWriter, ShardLayout
+from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads
 from pipeline.data.sequences import sequences_from_config
 from pipeline.errors import PipelineError
 from pipeline.sources import models
@@ -98,8 +98,13 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
 
     # 3. teacher and capture hooks (validates topk against the real head, layers against the depth)
     teacher, _ = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
-    teacher.to(models.pick_device(cfg.teacher.device))
-    capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype)
+    device = models.pick_device(cfg.teacher.device)
+    teacher.to(device)
+    # hidden states encoded where the teacher runs (a GPU: only the encoded bytes cross to the host, and the
+    # CPU writer only compresses) or on the writer's threads; the same bytes either way
+    on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
+    capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype,
+                             hidden_codec=codec.name if on_device else None)
     vocab = capture.vocab_size
 
     fingerprint = {
@@ -119,8 +124,9 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "codecs": {
             "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/zstd-{LOGITS_LEVEL}",
             "ids": id_dtype(vocab).name, "hidden_level": cc.compression_level,
+            "hidden_compressor": cc.hidden_compressor,
         },
-        "capture": {"batch_size": cc.batch_size, "teacher_dtype": cfg.teacher.dtype},
+        "capture": {"teacher_dtype": cfg.teacher.dtype},
         "layout": {"shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences},
     }
     n = len(seqs)
@@ -177,6 +183,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             seq_len=data.seq_len, topk=cc.topk, layers=tuple(layers), n_temps=len(cc.temperatures),
             hidden_codec=codec.name, id_dtype=id_dtype(vocab).name, padded=not data.packing,
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
+            hidden_compressor=cc.hidden_compressor,
             train_sequences=seqs.n_train,
         )
 
@@ -185,7 +192,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         try:
             total = sum(r for _, _, r in todo) * data.seq_len
             bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {root.name}", disable=rank != 0)
-            with CacheWriter(root, layout) as writer:
+            with CacheWriter(root, layout, threads=writer_threads(cc.writer_threads)) as writer:
                 for s, start, rows in todo:
                     writer.open_shard(s, start, rows)
                     for b in range(start, start + rows, cc.batch_size):
@@ -199,6 +206,8 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
                             batch["length"] = seqs.lengths[b:e]
                         cap = capture(ids, mask)
                         batch.update(topk_ids=cap.topk_ids, topk_logits=cap.topk_logits, lse=cap.lse, hidden=cap.hidden)
+                        if cap.encoded is not None:
+                            batch.update(encoded=cap.encoded, token_squares=cap.token_squares)
                         writer.put_rows(s, batch)
                         bar.update(ids.numel())
                     writer.end_shard(s)

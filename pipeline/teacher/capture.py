@@ -49,7 +49,11 @@ class Captured:
     topk_ids: np.ndarray  # [B, T, k] uint16 | uint32
     topk_logits: np.ndarray  # [B, T, k] storage dtype (see logits_to_numpy)
     lse: np.ndarray  # [n_temps, B, T] float32, logsumexp(z / T) over the full vocabulary
-    hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32
+    hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
+    # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,
+    # and each token's float64 sum of squares per layer [B, T] (what the manifest's mean square needs)
+    encoded: dict[int, dict[str, np.ndarray]] | None = None
+    token_squares: dict[int, np.ndarray] | None = None
 
 
 class TeacherCapture:
@@ -63,6 +67,7 @@ class TeacherCapture:
         temperatures: list[float],
         logit_dtype: str = "fp16",
         head_chunk_tokens: int = 1024,
+        hidden_codec: str | None = None,
     ):
         self.model = model
         self.layers = sorted(set(layers))
@@ -73,6 +78,11 @@ class TeacherCapture:
         self.logit_dtype = logit_dtype
         self.id_dtype = id_dtype(self.vocab_size)
         self.head_chunk_tokens = head_chunk_tokens
+        self.codec = None
+        if hidden_codec is not None:  # encode block outputs on the teacher's device, copy only the encoding
+            from pipeline.cache.codecs import HIDDEN_CODECS
+
+            self.codec = HIDDEN_CODECS.get(hidden_codec)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         n = len(self.blocks)
         bad = [i for i in self.layers if not 0 <= i <= n]
@@ -117,9 +127,10 @@ class TeacherCapture:
         B, T, _ = normed.shape
         head = self.model.get_output_embeddings()
         flat = normed.reshape(B * T, -1)
-        ids = torch.empty(B * T, self.topk, dtype=torch.long)
-        vals = torch.empty(B * T, self.topk, dtype=torch.float32)
-        lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32)
+        # top-k and lse stay on the head's device until the one copy of what is stored
+        ids = torch.empty(B * T, self.topk, dtype=torch.long, device=device)
+        vals = torch.empty(B * T, self.topk, dtype=torch.float32, device=device)
+        lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32, device=device)
         # the LM head in token chunks: never more than one [chunk, V] logits tensor alive
         for s in range(0, B * T, self.head_chunk_tokens):
             z = head(flat[s : s + self.head_chunk_tokens]).float()  # [c, V]
@@ -129,10 +140,19 @@ class TeacherCapture:
             vals[s : s + len(z)], ids[s : s + len(z)] = v, i
             for ti, temp in enumerate(self.temperatures):
                 lse[ti, s : s + len(z)] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
-        hidden = {i: self._store[i].float().cpu().numpy() for i in self.layers}
-        return Captured(
-            topk_ids=ids.reshape(B, T, self.topk).numpy().astype(self.id_dtype),
-            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk), self.logit_dtype),
-            lse=lse.reshape(len(self.temperatures), B, T).numpy(),
-            hidden=hidden,
+        out = Captured(
+            topk_ids=ids.reshape(B, T, self.topk).to(torch.int32).cpu().numpy().astype(self.id_dtype),
+            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk).to(LOGIT_DTYPES[self.logit_dtype]).cpu(),
+                                        self.logit_dtype),
+            lse=lse.reshape(len(self.temperatures), B, T).cpu().numpy(),
+            hidden={},
         )
+        if self.codec is None:
+            out.hidden = {i: self._store[i].float().cpu().numpy() for i in self.layers}
+        else:
+            out.encoded, out.token_squares = {}, {}
+            for i in self.layers:
+                h = self._store[i].float()
+                out.encoded[i] = self.codec.encode_torch(h)
+                out.token_squares[i] = h.double().square().sum(-1).cpu().numpy()  # [B, T]
+        return out

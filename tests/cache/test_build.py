@@ -131,6 +131,79 @@ def test_changed_config_refused_then_overwritten(tiny_config):
     assert open_cache(cache_dir).manifest["topk"] == 4
 
 
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_writer_threads_write_the_same_bytes(tiny_config, tmp_path, codec):
+    """Encoding on 1 thread and on 4 threads gives byte-identical shards: every file checksum (in the
+    manifest) and every decoded value agree."""
+    cfg_path, _ = tiny_config(data__num_sequences=24, cache__hidden_codec=codec, cache__shard_sequences=8,
+                              cache__chunk_sequences=4)
+    one, four = tmp_path / "one", tmp_path / "four"
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={one}", "--set", "cache.writer_threads=1").exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={four}", "--set", "cache.writer_threads=4").exit_code == 0
+    assert_same_cache(one, four)
+    assert len(open_cache(one).manifest["shards"]) == 3
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_encoding_on_the_device_writes_the_same_bytes(tiny_config, tmp_path, codec):
+    """cache.encode_on device (the teacher's device, here the CPU) vs the writer threads: identical shard
+    files and values; the train-split mean squares agree to float64 summation order."""
+    cfg_path, _ = tiny_config(data__num_sequences=24, cache__hidden_codec=codec, data__heldout_fraction=0.25)
+    dev, host = tmp_path / "dev", tmp_path / "host"
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={dev}", "--set", "cache.encode_on=device").exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={host}", "--set", "cache.encode_on=writer").exit_code == 0
+    md, mh = open_cache(dev).manifest, open_cache(host).manifest
+    assert [s["checksum"] for s in md["shards"]] == [s["checksum"] for s in mh["shards"]]
+    assert md["hidden_mean_square"].keys() == mh["hidden_mean_square"].keys()
+    for layer, v in mh["hidden_mean_square"].items():
+        assert abs(md["hidden_mean_square"][layer] - v) <= 1e-12 * v
+    md.pop("hidden_mean_square"), mh.pop("hidden_mean_square")
+    assert md == mh
+
+
+def test_lz4_hidden_states_read_back_the_same(tiny_config, tmp_path):
+    """cache.hidden_compressor lz4 changes the bytes on disk, never the decoded values; it is part of the
+    fingerprint (another config for a finished zstd cache)."""
+    cfg_path, cache_dir = tiny_config(data__num_sequences=16)
+    lz4 = tmp_path / "lz4"
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={lz4}", "--set", "cache.hidden_compressor=lz4").exit_code == 0
+    a, b = open_cache(cache_dir), open_cache(lz4)
+    zarr_json = json.loads((lz4 / "shards" / "shard-00000.zarr" / "layer_2" / "zarr.json").read_text())
+    assert "lz4" in json.dumps(zarr_json["codecs"])
+    assert a.manifest["shards"][0]["checksum"] != b.manifest["shards"][0]["checksum"]
+    for i in range(len(a)):
+        for layer in a[i]["hidden"]:
+            assert np.array_equal(a[i]["hidden"][layer], b[i]["hidden"][layer])
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.hidden_compressor=lz4")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_speed_settings_keep_the_fingerprint(tiny_config):
+    """The forward batch size and the writer threads are speed settings: a finished cache stays complete."""
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    assert run_cli("cache", "build", cfg_path, "--set", "cache.batch_size=4").exit_code == 0
+    before = (cache_dir / "manifest.json").read_text()
+    for key in ("cache.batch_size=2", "cache.writer_threads=3", "cache.encode_on=device"):
+        r = run_cli("cache", "build", cfg_path, "--set", key)
+        assert r.exit_code == 0 and "already complete" in r.output, (key, r.output)
+    assert (cache_dir / "manifest.json").read_text() == before
+    # a fingerprint recorded with the batch size (caches built before it was dropped) still matches
+    from pipeline.cache.manifest import fingerprint_digest
+
+    fp = json.loads(before)["fingerprint"]
+    old = json.loads(json.dumps(fp))
+    old["capture"]["batch_size"] = 16
+    assert fingerprint_digest(old) == fingerprint_digest(fp)
+    # and one fingerprinted before the hidden compressor was a key (it was always zstd)
+    older = json.loads(json.dumps(fp))
+    del older["codecs"]["hidden_compressor"]
+    assert fingerprint_digest(older) == fingerprint_digest(fp)
+    changed = json.loads(json.dumps(fp))
+    changed["topk"] += 1
+    assert fingerprint_digest(changed) != fingerprint_digest(fp)
+
+
 def test_second_builder_refused(tiny_config):
     cfg_path, cache_dir = tiny_config(data__num_sequences=8)
     lock = BuildLock(cache_dir)

@@ -87,3 +87,23 @@ def test_id_planes_lossless(dtype, high):
     assert np.array_equal(decode_topk_ids(encode_topk_ids(ids), dtype, 5, 7), ids)
     planes = to_planes(ids.reshape(3, -1))
     assert planes.dtype == np.uint8 and np.array_equal(from_planes(planes, ids.itemsize), ids.reshape(3, -1))
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "int8"])
+def test_torch_encode_is_bit_identical(name):
+    """The on-device encoder writes exactly the host encoder's bytes (here on the CPU device), including
+    ties in the int8 rounding, scales that need rounding up, zero vectors and fp16 overflow."""
+    import torch
+
+    x = _hidden()
+    x[0, 0, :4] = [0.5, 1.5, -2.5, 127.0]  # ties at scale 1 after the absmax row below
+    x[0, 0, 4] = -127.0
+    x[0, 1] = np.linspace(-1e5, 1e5, x.shape[-1])  # beyond fp16's range
+    rng = np.random.default_rng(1)
+    y = np.concatenate([x, rng.standard_t(2, (5, 16, 64)).astype(np.float32) * 3.7])
+    c = HIDDEN_CODECS.get(name)
+    host, dev = c.encode(y), c.encode_torch(torch.from_numpy(y))
+    assert sorted(host) == sorted(dev)
+    for suffix in host:
+        assert host[suffix].dtype == dev[suffix].dtype and host[suffix].shape == dev[suffix].shape
+        assert host[suffix].tobytes() == dev[suffix].tobytes(), suffix
