@@ -287,7 +287,8 @@ def main() -> None:
         cost["totals"] = {"runs": n, "one_cache_seconds": one_cache, "online_seconds": online}
         md += ["", f"For the {n} 30-step runs of this page: one cache + {n} cached runs = "
                f"{one_cache / 60:.0f} min; {n} online runs = {online / 60:.0f} min "
-               f"({online / one_cache:.2f}x), from the two timed runs above (training loops only, evaluations excluded)."]
+               f"({online / one_cache:.2f}x), from the two timed runs above (each training loop with its held-out "
+               "evaluations; benchmark scoring, the same for both, excluded)."]
     results["cost"] = cost
     for name, r in ev.items():
         h = r.get("heldout") or {}
