@@ -127,7 +127,8 @@ def validate_manifest(m: dict, where: Path) -> None:
         raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")
     if m["format_version"] != FORMAT_VERSION:
         raise PipelineError(
-            f"{where}: cache format_version {m['format_version']} is not supported (this code reads {FORMAT_VERSION})"
+            f"{where}: cache format_version {m['format_version']} is not supported (this code reads {FORMAT_VERSION}); "
+            "rebuild it with `distill cache build CONFIG --overwrite`"
         )
     covered = 0
     for s in m["shards"]:

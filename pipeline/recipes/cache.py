@@ -242,7 +242,8 @@ def verify_cache(cache_dir: str) -> None:
     bad = c.verify()
     if bad:
         raise PipelineError(f"{cache_dir}: {len(bad)} bad file(s), first: {bad[0]}")
-    click.echo(f"{cache_dir}: OK ({len(c.manifest['shards'])} shards, {len(c)} sequences)")
+    click.echo(f"{cache_dir}: OK (format {c.manifest['format_version']}, {len(c.manifest['shards'])} shards, "
+               f"{len(c)} sequences)")
 
 
 def summarize(manifest: dict) -> dict:
@@ -260,9 +261,12 @@ def summarize(manifest: dict) -> dict:
         str(layer): sum(s["bytes"]["hidden"][str(layer)] for s in m["shards"]) for layer in m["layers"]
     }
     hidden_total = sum(per_layer.values())
+    codecs = m.get("fingerprint", {}).get("codecs", {})
     return {
+        "format_version": m["format_version"],
         "teacher": m["teacher"],
         "fingerprint_digest": m.get("fingerprint_digest"),
+        "hidden_compressor": codecs.get("hidden_compressor", "zstd"),
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
@@ -291,11 +295,11 @@ def cache_info(cache_dir: str, as_json: bool = False) -> dict:
     lines = [
         f"cache        {cache_dir}",
         f"teacher      {t['model']} ({t['model_type']}, {t['num_layers']} blocks, d={t['hidden_size']}, V={t['vocab_size']}, {t['dtype']})",
-        f"fingerprint  {info['fingerprint_digest']}",
+        f"format       {info['format_version']}; fingerprint {info['fingerprint_digest']}",
         f"sequences    {info['sequences']} x {info['seq_len']} ({info['tokens']} tokens) in {info['shards']} shards; "
         f"train {info['split']['train']}, held-out {info['split']['heldout']}",
         f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}",
-        f"layers       {info['layers']} ({info['hidden_codec']})",
+        f"layers       {info['layers']} ({info['hidden_codec']}, Blosc {info['hidden_compressor']})",
         f"side data    {b['side_data']:.1f} B/token ({r['side_data_vs_raw']:.2f} of raw)",
         f"hidden       {b['hidden_all_layers']:.0f} B/token for {len(per_layer)} layers "
         f"({r['hidden_vs_raw_codec']:.2f} of raw {info['hidden_codec']}, {r['hidden_vs_fp32']:.3f} of fp32)",

@@ -68,9 +68,20 @@ def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
             np.testing.assert_allclose(s["lse"][t], torch.logsumexp(logits[i] / t, -1).numpy(), rtol=1e-6)
         np.testing.assert_allclose(s["hidden"][2], out.hidden_states[2][i].numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s["hidden"][0], out.hidden_states[0][i].numpy(), rtol=1e-6, atol=1e-6)
-    assert run_cli("cache", "verify", cache_dir).exit_code == 0
+    verify = run_cli("cache", "verify", cache_dir)
+    assert verify.exit_code == 0 and "OK (format 1," in verify.output
     info = run_cli("cache", "info", cache_dir, "--json")
     assert json.loads(info.output)["sequences"] == 10
+    assert json.loads(info.output)["format_version"] == 1
+    assert json.loads(info.output)["hidden_compressor"] == "zstd"
+    assert "format       1; fingerprint" in run_cli("cache", "info", cache_dir).output
+    # a cache of another format version: one line naming both versions and the way out
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("cache", "verify", cache_dir)
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "format_version 0 is not supported (this code reads 1)" in r.output and "--overwrite" in r.output
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
