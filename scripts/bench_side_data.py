@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache.codecs import encode_topk_logits, to_planes  # noqa: E402
+from pipeline.cache.codecs import _float_keys, encode_topk_logits, to_planes  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
@@ -77,8 +77,7 @@ def key_planes(bits: np.ndarray, delta: bool) -> np.ndarray:
     """uint16 bit patterns [R, T, k] -> byte planes, as order-preserving keys (and neighbour differences)."""
     if delta:
         return encode_topk_logits(bits)
-    top = np.uint16(0x8000)
-    keys = np.where(bits & top, ~bits, bits | top)
+    keys = _float_keys(bits)
     return to_planes(keys.reshape(len(keys), -1))
 
 

@@ -121,6 +121,11 @@ def table_models(rows: list[tuple[str, dict]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)] + [model_row(n, r) for n, r in rows]
 
 
+def paired(x: dict, y: dict) -> dict:
+    """x - y paired: held-out NLL and KL over the same sequences, accuracy over the same items."""
+    return {"nll": paired_heldout(x, y, "nll"), "kl": paired_heldout(x, y, "kl"), "acc": paired_accuracy(x, y)}
+
+
 def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teacher: dict) -> tuple[list[str], dict]:
     """Rows of variants against `ref` (paired on the same sequences / items) plus their recovery metrics."""
     head = ["variant", "held-out PPL", "KL to teacher", "mean acc", "PPL recovery", "KL recovery",
@@ -130,8 +135,7 @@ def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teach
     for n in names:
         r = ev[n]
         rec = recovery_metrics(teacher, pruned, r)
-        d = {"nll": paired_heldout(r, ev[ref], "nll"), "kl": paired_heldout(r, ev[ref], "kl"),
-             "acc": paired_accuracy(r, ev[ref])}
+        d = paired(r, ev[ref])
         data[n] = {"recovery": {k: v for k, v in rec.items() if k != "tasks"}, "vs_" + ref: d}
         h = r["heldout"]
         same = n == ref
@@ -249,8 +253,7 @@ def main() -> None:
                "|---|---:|---:|---:|---:|---:|---:|"]
         for a, b in pairs:
             ha, hb = ev[a]["heldout"], ev[b]["heldout"]
-            d = {"nll": paired_heldout(ev[b], ev[a], "nll"), "kl": paired_heldout(ev[b], ev[a], "kl"),
-                 "acc": paired_accuracy(ev[b], ev[a])}
+            d = paired(ev[b], ev[a])
             results.setdefault("seeds", {})[a] = d
             md.append(f"| {LABEL.get(a, a)} | {ha['perplexity']:.2f} / {hb['perplexity']:.2f} | "
                       f"{ha['kl_to_teacher']:.4f} / {hb['kl_to_teacher']:.4f} | {pct(mean_acc(ev[a]))} / "

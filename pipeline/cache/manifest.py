@@ -100,7 +100,7 @@ def combine_checksums(per_file: dict[str, str]) -> str:
 # nothing written.
 SPEED_KEYS = (("capture", "batch_size"),)
 # Keys added to the fingerprint later, with the value every cache fingerprinted before them has
-DEFAULTS = ((("codecs", "hidden_compressor"), "zstd"),)
+FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd"}
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -108,7 +108,7 @@ def fingerprint_digest(fingerprint: dict) -> str:
     for section, key in SPEED_KEYS:
         if isinstance(content.get(section), dict):
             content[section].pop(key, None)
-    for (section, key), value in DEFAULTS:
+    for (section, key), value in FINGERPRINT_DEFAULTS.items():
         if isinstance(content.get(section), dict):
             content[section].setdefault(key, value)
     return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()

@@ -10,13 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def square_sums(hidden: dict[int, np.ndarray], valid: np.ndarray) -> dict[int, float]:
-    """{layer: sum over valid tokens [r, T] and features of h^2} for hidden {layer: [r, T, d]}, in float64."""
-    out = {}
-    for layer, h in hidden.items():
-        per_token = np.einsum("rtd,rtd->rt", h, h, dtype=np.float64)  # [r, T]
-        out[int(layer)] = float(per_token[valid].sum())
-    return out
+def token_squares(hidden: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """{layer: each token's sum over features of h^2 [r, T], float64} for hidden {layer: [r, T, d]}."""
+    return {int(layer): np.einsum("rtd,rtd->rt", h, h, dtype=np.float64) for layer, h in hidden.items()}
 
 
 class SquareSums:
@@ -27,13 +23,12 @@ class SquareSums:
         self.tokens = 0
 
     def add(self, hidden: dict[int, np.ndarray], valid: np.ndarray) -> None:
-        for layer, value in square_sums(hidden, valid).items():
-            self.sums[layer] = self.sums.get(layer, 0.0) + value
-        self.tokens += int(valid.sum())
+        self.add_token_squares(token_squares(hidden), valid)
 
-    def add_token_squares(self, token_squares: dict[int, np.ndarray], valid: np.ndarray) -> None:
-        """The same from each token's sum of squares {layer: [r, T] float64}, computed where the teacher ran."""
-        for layer, per_token in token_squares.items():
+    def add_token_squares(self, squares: dict[int, np.ndarray], valid: np.ndarray) -> None:
+        """The same from each token's sum of squares {layer: [r, T] float64} (token_squares, or computed
+        where the teacher ran)."""
+        for layer, per_token in squares.items():
             self.sums[int(layer)] = self.sums.get(int(layer), 0.0) + float(per_token[valid].sum())
         self.tokens += int(valid.sum())
 

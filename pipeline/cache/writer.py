@@ -28,7 +28,7 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import HIDDEN_CODECS, encode_topk_ids, encode_topk_logits, zarr_compressor
-from pipeline.cache.stats import SquareSums
+from pipeline.cache.stats import SquareSums, token_squares
 from pipeline.cache.manifest import (
     checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths, write_json_atomic,
 )
@@ -150,14 +150,10 @@ class ShardWriter:
         if lay.padded:
             valid = np.arange(lay.seq_len)[None, :] < rows["length"][:, None]
         cut = min(max(lay.train_sequences - (self.start + self._written), 0), n)  # rows [0, cut) are train
+        squares = rows["token_squares"] if "token_squares" in rows else token_squares(rows["hidden"])
         for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, n))):
-            if b <= a:
-                continue
-            if "token_squares" in rows:
-                self._squares[split].add_token_squares(
-                    {layer: t[a:b] for layer, t in rows["token_squares"].items()}, valid[a:b])
-            else:
-                self._squares[split].add({layer: h[a:b] for layer, h in rows["hidden"].items()}, valid[a:b])
+            if b > a:
+                self._squares[split].add_token_squares({layer: t[a:b] for layer, t in squares.items()}, valid[a:b])
         cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
         if lay.padded:
             cols["length"] = pa.array(rows["length"].astype(np.int32))

@@ -98,9 +98,7 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
         raise PipelineError(f"{cache.root} has no held-out sequences (it was built with data.heldout_fraction 0)")
     temp = next((t for t in cache.temperatures if abs(t - KL_TEMPERATURE) <= 1e-6), None)
     device = next(model.parameters()).device
-    nll = kl = 0.0
-    count = 0
-    per_seq: dict[str, list] = {"nll": [], "kl": [], "tokens": []}  # sums per held-out sequence, for paired stats
+    per_seq: dict[str, list] = {"nll": [], "kl": [], "tokens": []}  # sums per held-out sequence; totals below
     for s in tqdm(range(0, len(rows), batch_size), desc="held-out (cache)", unit="batch", disable=not progress):
         items = [cache[i] for i in rows[s : s + batch_size]]
         ids = torch.as_tensor(np.stack([r["input_ids"] for r in items]), dtype=torch.long, device=device)  # [B, T]
@@ -109,8 +107,6 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
         logp = torch.log_softmax(logits, -1)
         row_nll = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * target_ok).sum(1)  # [B]
-        nll += float(row_nll.sum())
-        m = int(target_ok.sum())
         for b, item in enumerate(items):
             m_b = int(target_ok[b].sum())
             per_seq["nll"].append(float(row_nll[b]))
@@ -125,13 +121,12 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
                 mean = logits_loss("kl", logits[b], *teacher, target_ok[b], KL_TEMPERATURE, tail="bucket")
                 row_kl = float(mean) * m_b
             per_seq["kl"].append(row_kl)
-            kl += row_kl
-        count += m
+    count = sum(per_seq["tokens"])
     if count == 0:
         raise PipelineError(f"{cache.root}: no valid next-token positions in the held-out split")
     return {
-        "perplexity": _perplexity(nll / count),
-        "kl_to_teacher": kl / count if temp is not None else None,
+        "perplexity": _perplexity(sum(per_seq["nll"]) / count),
+        "kl_to_teacher": sum(per_seq["kl"]) / count if temp is not None else None,
         "tokens": count,
         "sequences": len(rows),
         "kl_support": f"top-{cache.topk} + tail bucket" if temp is not None else None,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.cache.codecs import HIDDEN_CODECS
 from pipeline.cache.directory import BuildLock, claim, finalize, finished_record, remove_if_empty_claim
-from pipeline.cache.manifest import FORMAT_VERSION, fingerprint_digest
+from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads
 from pipeline.data.sequences import sequences_from_config
@@ -261,12 +261,12 @@ def summarize(manifest: dict) -> dict:
         str(layer): sum(s["bytes"]["hidden"][str(layer)] for s in m["shards"]) for layer in m["layers"]
     }
     hidden_total = sum(per_layer.values())
-    codecs = m.get("fingerprint", {}).get("codecs", {})
+    codecs = m.get("fingerprint", {}).get("codecs", {})  # a key added later reads as its old value
     return {
         "format_version": m["format_version"],
         "teacher": m["teacher"],
         "fingerprint_digest": m.get("fingerprint_digest"),
-        "hidden_compressor": codecs.get("hidden_compressor", "zstd"),
+        "hidden_compressor": codecs.get("hidden_compressor", FINGERPRINT_DEFAULTS["codecs", "hidden_compressor"]),
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
