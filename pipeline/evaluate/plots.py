@@ -217,6 +217,6 @@ def plot_ablation(result: dict, out: Path) -> Path:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.suptitle(f"Ablation over one cache ({len(names)} variants)")
     fig.tight_layout()
-    fig.savefig(out, dpi=DPI)
+    fig.savefig(out, dpi=DPI, bbox_inches="tight")  # the legends sit below the axes, outside tight_layout
     plt.close(fig)
     return out
