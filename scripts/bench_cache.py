@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import open_cache  # noqa: E402
-from pipeline.cache.codecs import HIDDEN_CODECS, zarr_compressor  # noqa: E402
+from pipeline.cache.codecs import HIDDEN_CODECS, frequency_order, zarr_compressor  # noqa: E402
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
@@ -93,7 +93,8 @@ def main() -> None:
             seq_len=args.seq_len, topk=cfg.cache.topk, layers=tuple(layers), n_temps=len(cfg.cache.temperatures),
             hidden_codec=cfg.cache.hidden_codec, id_dtype=manifest["id_dtype"], padded=False,
             chunk_sequences=cfg.cache.chunk_sequences, hidden_level=cfg.cache.compression_level,
-            logits_level=LOGITS_LEVEL, train_sequences=len(ids), hidden_compressor=cname)
+            logits_level=LOGITS_LEVEL, train_sequences=len(ids), hidden_compressor=cname,
+            id_order=frequency_order(seqs.input_ids, model.config.vocab_size, manifest["id_dtype"]).tobytes())
         for cname in ("zstd", "lz4")
     }
     cap = TeacherCapture(model, layers, cfg.cache.topk, cfg.cache.temperatures, cfg.cache.logit_dtype)

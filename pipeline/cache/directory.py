@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.cache.manifest import (
-    BUILD, LOCK, MANIFEST, SHARDS, combine_checksums, file_checksum, fingerprint_digest, read_json,
+    BUILD, FORMAT_VERSION, LOCK, MANIFEST, SHARDS, combine_checksums, file_checksum, fingerprint_digest, read_json,
     shard_files, shard_paths, validate_manifest, write_json_atomic,
 )
 from pipeline.errors import PipelineError
@@ -70,6 +70,10 @@ def claim(root: Path, fingerprint: dict, overwrite: bool) -> str:
         if have is not None and fingerprint_digest(have) == want:
             return "complete" if existing.name == MANIFEST else "resume"
         if not overwrite:
+            version = (have or {}).get("format_version", FORMAT_VERSION)
+            if version != FORMAT_VERSION:
+                raise PipelineError(f"{root} holds a format-{version} cache (this code writes format {FORMAT_VERSION}); "
+                                    "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
             raise PipelineError(f"{root} holds a cache built with {what}; pass --overwrite to replace it")
         _wipe(root)

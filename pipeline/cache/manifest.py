@@ -10,7 +10,10 @@
                                     written after the data files, so a shard counts only once it exists
 
 Arrow columns per sequence row: input_ids [T], length (padded mode only), topk_ids and topk_logits
-(byte planes, see codecs.py), lse_<j> [T] float32 for temperatures[j].
+(brotli-compressed byte planes of frequency ranks / logit keys, see codecs.py), lse_<j> [T] float32 for
+temperatures[j]: the normaliser of the stored top-k logits, so that 1 - sum_I exp(z_i / T - lse) is the
+true full-vocabulary tail (teacher/capture.py, stored_lse). The schema's metadata holds the id table
+(id_order: order[rank] = id, raw little-endian id_dtype).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-FORMAT_VERSION = 1
+# 2: the lse stored with the top-k logits carries the true tail (capture.stored_lse); ids as corpus
+# frequency ranks and top-k byte planes brotli-compressed per sequence (codecs.py)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 LOCK = ".lock"

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits
+from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows
 from pipeline.cache.manifest import (
     MANIFEST, combine_checksums, file_checksum, hidden_array, lse_column, read_json, shard_files, shard_paths,
     validate_manifest,
@@ -60,6 +60,7 @@ class Cache:
         self._chunks: OrderedDict = OrderedDict()
         self._chunk_cache = chunk_cache
         self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, zarr.Group]] = {}
+        self._orders: dict[int, np.ndarray] = {}  # shard position -> its id table (order[rank] = id)
         for s in m["shards"]:
             arrow, zdir, _ = shard_paths(self.root, s["index"])
             if not arrow.is_file() or not zdir.is_dir():
@@ -122,9 +123,15 @@ class Cache:
 
         out = {"input_ids": col("input_ids", np.int64)}
         if self.with_logits:
-            stored = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
+            dtype, id_type = np.dtype(_STORED_LOGIT_DTYPES[m["logit_dtype"]]), np.dtype(m["id_dtype"])
+            order = self._orders.get(pos)
+            if order is None:
+                order = self._orders[pos] = np.frombuffer(reader.schema.metadata[b"id_order"], dtype=id_type)
+            stored = decode_topk_logits(decompress_rows(batch.column("topk_logits"), t * k * dtype.itemsize),
+                                        dtype, t, k)
             out.update(
-                topk_ids=decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
+                topk_ids=decode_topk_ids(decompress_rows(batch.column("topk_ids"), t * k * id_type.itemsize),
+                                         order, t, k).astype(np.int64),
                 topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
                 lse={temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
             )

@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from pipeline.cache.codecs import HIDDEN_CODECS, encode_topk_ids, encode_topk_logits, zarr_compressor
+from pipeline.cache.codecs import (
+    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, rank_table, zarr_compressor,
+)
 from pipeline.cache.stats import SquareSums, token_squares
 from pipeline.cache.manifest import (
     checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths, write_json_atomic,
@@ -50,6 +52,10 @@ class ShardLayout:
     logits_level: int
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
     hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
+    id_order: bytes = b""  # the cache's id table, order[rank] = id (codecs.frequency_order), as raw bytes
+
+    def order(self) -> np.ndarray:
+        return np.frombuffer(self.id_order, dtype=self.id_dtype)
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -83,6 +89,7 @@ class ShardWriter:
         self._written = 0
         self._tokens = 0
         self._squares = {"train": SquareSums(), "heldout": SquareSums()}
+        self._rank_of = rank_table(layout.order())
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
@@ -125,10 +132,21 @@ class ShardWriter:
         def encode(layer: int) -> None:
             encoded[layer] = codec.encode(rows["hidden"][layer])
 
+        side: dict[str, list[bytes]] = {}
+
+        def compress_side(name: str, planes) -> None:
+            side[name] = compress_rows(planes())
+
+        encode_tasks = [
+            functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
+            functools.partial(compress_side, "topk_logits", lambda: encode_topk_logits(rows["topk_logits"])),
+        ]
         if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
             encoded.update(rows["encoded"])
         else:
-            run_all(self.pool, [functools.partial(encode, layer) for layer in lay.layers])
+            encode_tasks += [functools.partial(encode, layer) for layer in lay.layers]
+        run_all(self.pool, encode_tasks)
+        rows = dict(rows, side=side)
         for layer in lay.layers:  # array creation touches the group's metadata: one thread, first chunk only
             for suffix, arr in encoded[layer].items():
                 name = hidden_array(layer, suffix)
@@ -160,11 +178,11 @@ class ShardWriter:
             self._tokens += int(rows["length"].sum())
         else:
             self._tokens += rows["input_ids"].size
-        cols["topk_ids"] = _fixed(encode_topk_ids(rows["topk_ids"]))
-        cols["topk_logits"] = _fixed(encode_topk_logits(rows["topk_logits"]))
+        cols["topk_ids"] = pa.array(rows["side"]["topk_ids"], type=pa.binary())
+        cols["topk_logits"] = pa.array(rows["side"]["topk_logits"], type=pa.binary())
         for j in range(lay.n_temps):
             cols[lse_column(j)] = _fixed(rows["lse"][j])
-        batch = pa.RecordBatch.from_pydict(cols)
+        batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": lay.id_order})
         if self._ipc is None:
             self._sink = pa.OSFile(str(self.arrow_tmp), "wb")
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))

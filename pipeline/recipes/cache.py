@@ -17,7 +17,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.codecs import HIDDEN_CODECS
+from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_COMPRESSOR, SIDE_LEVEL, frequency_order
 from pipeline.cache.directory import BuildLock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
@@ -29,7 +29,7 @@ from pipeline.sources.digest import model_digest, tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.teacher.capture import TeacherCapture, id_dtype
 
-LOGITS_LEVEL = 9  # zstd level of the Arrow side data: small next to hidden states, so pay for ratio
+LOGITS_LEVEL = 9  # zstd level of the Arrow record batches (input ids, lse; the top-k blobs are brotli already)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -122,8 +122,8 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "temperatures": [float(t) for t in cc.temperatures],
         "layers": layers,
         "codecs": {
-            "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/zstd-{LOGITS_LEVEL}",
-            "ids": id_dtype(vocab).name, "hidden_level": cc.compression_level,
+            "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/{SIDE_COMPRESSOR}-{SIDE_LEVEL}",
+            "ids": f"{id_dtype(vocab).name}/frequency-rank-planes/{SIDE_COMPRESSOR}-{SIDE_LEVEL}", "hidden_level": cc.compression_level,
             "hidden_compressor": cc.hidden_compressor,
         },
         "capture": {"teacher_dtype": cfg.teacher.dtype},
@@ -185,6 +185,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
             hidden_compressor=cc.hidden_compressor,
             train_sequences=seqs.n_train,
+            id_order=frequency_order(seqs.input_ids, vocab, id_dtype(vocab)).tobytes(),
         )
 
         # 6. capture loop: the teacher runs here, encoding and writing on the writer thread

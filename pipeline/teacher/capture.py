@@ -44,11 +44,42 @@ def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored: torch.Tensor,
+               temperatures: list[float]) -> torch.Tensor:
+    """The log-normaliser to store with the rounded top-k logits, per temperature -> [n_temps, N] float32.
+
+    z [N, V] fp32 logits (overwritten: the top-k entries are set to -inf), top / top_ids [N, k] the top-k
+    values (descending) and ids of z, stored [N, k] those values rounded to the stored dtype. With the
+    true tail tau_T = sum_{j not in I} softmax(z / T)_j, the stored value is
+
+        lse'_T = logsumexp(stored / T) - log(1 - tau_T)
+
+    so that what a reader derives, 1 - sum_I exp(stored_i / T - lse'_T), is tau_T itself and every p_i
+    keeps the rounding of its own logit only; lse'_T = logsumexp(z / T) when nothing is rounded (fp32).
+    With m = max z / T, S_in = sum_I exp(z_i / T - m) (float64) and S_out the same sum outside I (float32,
+    each term relative to m), log(1 - tau_T) = -log1p(S_out / S_in): no cancellation for confident tokens
+    (never 1 - sum_I p_i) and no lse-sized absolute rounding (never a difference of two logsumexps). The
+    error left is the float32 rounding of the result, 0.5 ulp(lse'_T), plus a few 2^-24 times tau_T.
+    """
+    z.scatter_(-1, top_ids, float("-inf"))
+    out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
+    wide = "cpu" if z.device.type == "mps" else z.device  # [N, k] float64 work (MPS has no float64)
+    top64, stored64 = top.to(wide, torch.float64), stored.to(wide, torch.float64)
+    for ti, temp in enumerate(temperatures):
+        m = top[:, :1] / temp  # [N, 1] fp32: every exponent below is <= 0
+        s_out = torch.exp(z / temp - m).sum(-1).to(wide, torch.float64)  # 0 when k = V
+        m64 = m.to(wide, torch.float64)
+        s_in = torch.exp(top64 / temp - m64).sum(-1)
+        lse = torch.logsumexp(stored64 / temp - m64, dim=-1) + m64.squeeze(-1) + torch.log1p(s_out / s_in)
+        out[ti] = lse.to(out)
+    return out
+
+
 @dataclass
 class Captured:
     topk_ids: np.ndarray  # [B, T, k] uint16 | uint32
     topk_logits: np.ndarray  # [B, T, k] storage dtype (see logits_to_numpy)
-    lse: np.ndarray  # [n_temps, B, T] float32, logsumexp(z / T) over the full vocabulary
+    lse: np.ndarray  # [n_temps, B, T] float32: the normaliser of the stored top-k logits (see stored_lse)
     hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
     # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,
     # and each token's float64 sum of squares per layer [B, T] (what the manifest's mean square needs)
@@ -138,8 +169,8 @@ class TeacherCapture:
                 z = torch.tanh(z / self.softcap) * self.softcap
             v, i = torch.topk(z, self.topk, dim=-1)
             vals[s : s + len(z)], ids[s : s + len(z)] = v, i
-            for ti, temp in enumerate(self.temperatures):
-                lse[ti, s : s + len(z)] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
+            stored = v.to(LOGIT_DTYPES[self.logit_dtype]).float()  # the top-k logits as the reader gets them
+            lse[:, s : s + len(z)] = stored_lse(z, v, i, stored, self.temperatures)
         out = Captured(
             topk_ids=ids.reshape(B, T, self.topk).to(torch.int32).cpu().numpy().astype(self.id_dtype),
             topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk).to(LOGIT_DTYPES[self.logit_dtype]).cpu(),

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cache import open_cache
 from pipeline.cache.directory import BuildLock
+from pipeline.cache.manifest import FORMAT_VERSION
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.sequences import sequences_from_config
@@ -69,19 +70,54 @@ def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
         np.testing.assert_allclose(s["hidden"][2], out.hidden_states[2][i].numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s["hidden"][0], out.hidden_states[0][i].numpy(), rtol=1e-6, atol=1e-6)
     verify = run_cli("cache", "verify", cache_dir)
-    assert verify.exit_code == 0 and "OK (format 1," in verify.output
+    assert verify.exit_code == 0 and f"OK (format {FORMAT_VERSION}," in verify.output
     info = run_cli("cache", "info", cache_dir, "--json")
     assert json.loads(info.output)["sequences"] == 10
-    assert json.loads(info.output)["format_version"] == 1
+    assert json.loads(info.output)["format_version"] == FORMAT_VERSION == 2
     assert json.loads(info.output)["hidden_compressor"] == "zstd"
-    assert "format       1; fingerprint" in run_cli("cache", "info", cache_dir).output
+    assert "format       2; fingerprint" in run_cli("cache", "info", cache_dir).output
     # a cache of another format version: one line naming both versions and the way out
     manifest = json.loads((cache_dir / "manifest.json").read_text())
-    manifest["format_version"] = 0
+    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 1
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("cache", "verify", cache_dir)
     assert r.exit_code == 2 and r.output.count("\n") == 1
-    assert "format_version 0 is not supported (this code reads 1)" in r.output and "--overwrite" in r.output
+    assert "format_version 1 is not supported (this code reads 2)" in r.output and "--overwrite" in r.output
+    # building over it says what is there; --overwrite replaces it
+    r = run_cli("cache", "build", cfg_path)
+    assert r.exit_code == 2 and "holds a format-1 cache (this code writes format 2)" in r.output
+    assert "--overwrite" in r.output and json.loads((cache_dir / "manifest.json").read_text())["format_version"] == 1
+    assert run_cli("cache", "build", cfg_path, "--overwrite").exit_code == 0
+    assert open_cache(cache_dir).manifest["format_version"] == 2
+
+
+@pytest.mark.parametrize("logit_dtype", ["fp16", "bf16"])
+def test_reader_tails_are_the_full_vocabulary_tails(tiny_config, tiny_teacher, logit_dtype):
+    """Through the writer and reader: the tail implied by the stored (rounded) top-k logits and the stored
+    lse is the teacher's full-softmax tail outside those ids (float64 dense forward), to the lse's float32
+    rounding, at every cached temperature."""
+    from tests.teacher.test_capture import check_tail_criteria, ulp
+
+    cfg_path, cache_dir = tiny_config(data__num_sequences=4, cache__logit_dtype=logit_dtype,
+                                      cache__temperatures=[1.0, 2.0, 0.5])
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    c = open_cache(cache_dir)
+    seqs = sequences_from_config(load_config(cfg_path).data, load_tokenizer(str(tiny_teacher)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(seqs.input_ids).long()).logits.double()
+    for i in range(len(c)):
+        s = c[i]
+        ids = torch.from_numpy(s["topk_ids"])
+        for t in (1.0, 2.0, 0.5):
+            log_p = torch.log_softmax(logits[i] / t, -1)
+            true = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1).exp().numpy()
+            lse = s["lse"][t].astype(np.float64)
+            implied = -np.expm1(torch.logsumexp(torch.from_numpy(s["topk_logits"]).double() / t
+                                                - torch.from_numpy(lse).unsqueeze(-1), -1).numpy())
+            err, bound = np.abs(implied - true), ulp(lse) + 2.0 ** -21
+            assert (err <= bound).all(), f"T={t}: tail off by {err.max():.3g}"
+            check_tail_criteria(f"T={t}", implied, true)
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])

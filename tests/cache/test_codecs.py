@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, encode_topk_ids, encode_topk_logits, from_planes, to_planes,
+    HIDDEN_CODECS, compress_rows, decode_topk_ids, decode_topk_logits, decompress_rows, encode_topk_ids,
+    encode_topk_logits, frequency_order, from_planes, rank_table, to_planes,
 )
 from pipeline.errors import PipelineError
 
@@ -82,9 +83,22 @@ def test_topk_logit_transform_is_lossless(dtype):
 
 
 @pytest.mark.parametrize("dtype,high", [(np.uint16, 65535), (np.uint32, 262143)])
-def test_id_planes_lossless(dtype, high):
-    ids = np.random.default_rng(2).integers(0, high + 1, (3, 5, 7)).astype(dtype)
-    assert np.array_equal(decode_topk_ids(encode_topk_ids(ids), dtype, 5, 7), ids)
+def test_id_ranks_lossless(dtype, high):
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, high + 1, (3, 5, 7)).astype(dtype)
+    corpus = np.concatenate([np.full(50, 7), np.full(20, high), rng.integers(0, high + 1, 300)])
+    order = frequency_order(corpus, high + 1, dtype)
+    assert order.dtype == dtype and order[0] == 7 and order[1] == high  # most frequent first
+    assert np.array_equal(np.sort(order), np.arange(high + 1))  # a permutation of the vocabulary
+    counts = np.bincount(corpus, minlength=high + 1)
+    assert (np.diff(counts[order]) <= 0).all()
+    rank_of = rank_table(order)
+    assert np.array_equal(order[rank_of], np.arange(high + 1))
+    planes = encode_topk_ids(ids, rank_of)
+    assert np.array_equal(from_planes(planes, ids.itemsize), rank_of[ids].reshape(3, -1))
+    assert np.array_equal(decode_topk_ids(planes, order, 5, 7), ids)
+    blobs = compress_rows(planes)
+    assert len(blobs) == 3 and np.array_equal(decompress_rows(blobs, planes.shape[1]), planes)
     planes = to_planes(ids.reshape(3, -1))
     assert planes.dtype == np.uint8 and np.array_equal(from_planes(planes, ids.itemsize), ids.reshape(3, -1))
 
