@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.cache.storage import Storage
 from pipeline.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -33,10 +34,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def shard_paths(root: Path, index: int) -> tuple[Path, Path, Path]:
-    """(arrow file, zarr dir, record json) of shard `index`."""
-    base = root / SHARDS / shard_name(index)
-    return base.with_suffix(".arrow"), base.with_suffix(".zarr"), base.with_suffix(".json")
+def shard_paths(index: int) -> tuple[str, str, str]:
+    """(arrow file, zarr folder, record json) of shard `index`, relative to the cache root."""
+    base = f"{SHARDS}/{shard_name(index)}"
+    return f"{base}.arrow", f"{base}.zarr", f"{base}.json"
 
 
 def lse_column(j: int) -> str:
@@ -66,24 +67,16 @@ def read_json(path: Path) -> dict:
         raise PipelineError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def file_checksum(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+def shard_files(store: Storage, index: int) -> list[str]:
+    """Every data file of a shard that is there (the Arrow file and the Zarr store's files), relative to
+    the cache root, in a fixed order."""
+    arrow, zdir, _ = shard_paths(index)
+    return ([arrow] if store.isfile(arrow) else []) + store.files(zdir)
 
 
-def shard_files(root: Path, index: int) -> list[Path]:
-    """Every data file of a shard (the Arrow file and the Zarr store's files), in a fixed order."""
-    arrow, zdir, _ = shard_paths(root, index)
-    files = [arrow] + sorted(p for p in zdir.rglob("*") if p.is_file())
-    return files
-
-
-def checksum_files(root: Path, files: list[Path]) -> tuple[dict[str, str], str]:
+def checksum_files(store: Storage, files: list[str]) -> tuple[dict[str, str], str]:
     """({relative path: checksum}, shard checksum over the sorted per-file checksums)."""
-    per_file = {str(p.relative_to(root)): file_checksum(p) for p in files}
+    per_file = {name: store.checksum(name) for name in files}
     return per_file, combine_checksums(per_file)
 
 
@@ -121,7 +114,7 @@ REQUIRED_KEYS = (
 )
 
 
-def validate_manifest(m: dict, where: Path) -> None:
+def validate_manifest(m: dict, where: str | Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
         raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")
