@@ -122,13 +122,14 @@ class Storage:
         if self.local or not hasattr(self.fs, "split_path"):
             return
         bucket = self.fs.split_path(self.root)[0]
+        self._fresh()
         try:
-            found = self.fs.exists(bucket)
+            self.fs.info(bucket)  # not exists(): it reads every failure (credentials, bad options) as "missing"
+        except FileNotFoundError:
+            raise PipelineError(f"{label or self.url}: bucket {bucket} does not exist (create it first; "
+                                "a build never creates buckets)") from None
         except Exception as e:
             raise PipelineError(f"{label or self.url}: cannot reach bucket {bucket} ({_first_line(e)})") from None
-        if not found:
-            raise PipelineError(f"{label or self.url}: bucket {bucket} does not exist (create it first; "
-                                "a build never creates buckets)")
 
     # ------------------------------------------------------------------ queries
     def exists(self, rel: str = "") -> bool:
