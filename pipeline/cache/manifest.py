@@ -3,11 +3,21 @@
     CACHE/
       manifest.json                 written last, atomically; its presence means "complete"
       build.json                    the fingerprint of the build in progress (refuses other configs)
-      .lock                         flock held by the one builder
+      .lock                         flock held by the one builder (object stores: a lock object, see below)
       shards/shard-00000.arrow      Arrow IPC file: one record batch per chunk of sequences
       shards/shard-00000.zarr/      Zarr v3 group: layer_<i> [n, T, d] (+ layer_<i>_scale) per layer
       shards/shard-00000.json       shard record: sequences, tokens, bytes, per-file and shard checksums;
                                     written after the data files, so a shard counts only once it exists
+
+CACHE is a local folder or any fsspec URL (storage.py); names are relative to it, the bytes are the same.
+On a local folder data files are written as `*.tmp` and renamed, JSON files replaced atomically. Object
+stores have no rename: data files are written at their final names, and only the order of writes (data,
+then the shard record, then the manifest) keeps an unfinished build invisible: a shard counts when its
+record exists and every checksum in it matches, files without a record are leftovers that the next
+attempt deletes, and without manifest.json there is no cache. There `.lock` is an object created
+exclusively (If-None-Match: *) with the builder's host, pid and token, deleted at the end; a lock left by
+a dead process on the same host is taken over, one from another host must be deleted by hand
+(directory.ObjectLock lists the limits).
 
 Arrow columns per sequence row: input_ids [T], length (padded mode only), topk_ids and topk_logits
 (byte planes, see codecs.py), lse_<j> [T] float32 for temperatures[j].

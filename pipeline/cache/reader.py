@@ -3,6 +3,9 @@
 `open_cache(dir, layers=[...])` decodes only those cached hidden layers (a consumer that maps 4 of 10
 cached layers does not pay for the other 6); `c.layers` still lists every cached layer.
 
+`dir` is a folder or an fsspec URL (`open_cache(url, storage_options={...})`): Arrow files are memory
+mapped locally and read through a buffered remote file otherwise; Zarr goes through zarr's FsspecStore.
+
 The only module (with writer.py) that knows where arrays live. Reads go by chunk (one Arrow record
 batch + one Zarr chunk per layer) and keep the last few decoded chunks, so sequential and
 chunk-shuffled access decompress each chunk once.
