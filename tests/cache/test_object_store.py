@@ -268,3 +268,21 @@ def test_bad_urls_one_line_nothing_written(tiny_config, s3, monkeypatch, endpoin
     r = run_cli("cache", "build", cfg_path, "--set", f"cache.dir={s3.url()}", "--set", "cache.storage_options={bogus_option: 1}")
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert f"cache.dir: cannot reach bucket {BUCKET} (TypeError: " in r.output and "bogus_option" in r.output
+
+
+def test_changed_config_refused_then_overwritten_on_an_object_store(tiny_config, s3):
+    url = s3.url()
+    cfg_path, _ = tiny_config(data__num_sequences=8, cache__storage_options=s3.options(), cache__dir=url)
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    before = s3.keys(url)
+    store = Storage(url, s3.options())
+    manifest = store.read_json("manifest.json")
+    again = run_cli("cache", "build", cfg_path)
+    assert again.exit_code == 0 and "already complete" in again.output
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.topk=4")
+    assert r.exit_code == 2 and "--overwrite" in r.output and r.output.count("\n") == 1
+    assert store.read_json("manifest.json") == manifest and s3.keys(url) == before
+    r = run_cli("cache", "build", cfg_path, "--set", "cache.topk=4", "--overwrite")
+    assert r.exit_code == 0, r.output
+    c = open_cache(url, storage_options=s3.options())
+    assert c.manifest["topk"] == 4 and c.verify() == [] and s3.keys(url) == before  # nothing of the old build left
