@@ -12,6 +12,7 @@ once per window instead of once per row. No teacher weights are loaded on the ca
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -101,6 +102,7 @@ class CacheDataset(Dataset):
         self._cache: Cache | None = cache
 
     def _open(self) -> Cache:
+        self._pid = os.getpid()
         return open_cache(self.cache_dir, layers=self.layers, logits=self.logits, storage_options=self.storage_options)
 
     def __getstate__(self):
@@ -112,7 +114,9 @@ class CacheDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, pos: int) -> dict:
-        if self._cache is None:
+        if self._cache is None or (self._pid != os.getpid() and not self._cache.storage.local):
+            # a forked DataLoader worker inherits the parent's open cache: a memory map is fine to share, an
+            # fsspec filesystem (its event loop and connections) is not, so a worker opens its own
             self._cache = self._open()
         s = self._cache[self.indices[pos]]
         item = {"input_ids": s["input_ids"]}

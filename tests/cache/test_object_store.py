@@ -237,6 +237,21 @@ def test_train_from_an_s3_cache_equals_training_from_a_local_one(tmp_path, s3):
         logs[name] = [{k: v for k, v in h.items() if k.startswith("loss")} for h in state["log_history"] if "loss" in h]
     assert logs["s3"] == logs["local"] and len(logs["s3"]) == 2
 
+    # DataLoader workers (forked after the parent opened the cache) each open their own filesystem
+    import torch
+
+    from pipeline.train.dataset import CacheDataset
+
+    remote = CacheDataset(url, "train", [2, 4], 1.0, storage_options=options)
+    local = CacheDataset(str(tmp_path / "cache"), "train", [2, 4], 1.0)
+    loader = torch.utils.data.DataLoader(remote, batch_size=1, num_workers=2, collate_fn=lambda rows: rows[0],
+                                         multiprocessing_context="fork")
+    items = list(loader)
+    assert len(items) == len(local) > 2
+    for i, item in enumerate(items):
+        assert item.keys() == local[i].keys()
+        assert all(np.array_equal(item[k], local[i][k]) for k in item), i
+
 
 def test_bad_urls_one_line_nothing_written(tiny_config, s3, monkeypatch, endpoint_from_fsspec_config):
     import importlib.util
