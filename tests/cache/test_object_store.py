@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from moto.server import ThreadedMotoServer
 
 from pipeline.cache import open_cache
-from pipeline.cache.directory import ObjectLock
+from pipeline.cache.directory import ObjectLock, finished_record
 from pipeline.cache.storage import Storage
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -161,13 +161,12 @@ def test_killed_build_is_invisible_and_resumes_to_the_uninterrupted_result(tiny_
     assert "shards/shard-00000.json" in keys and "shards/shard-00001.json" not in keys
     half = [k for k in keys if k.startswith("shards/shard-00001.zarr/") and "/c/" in k]
     assert half  # the half-written shard's chunks are there, at their final names...
+    assert "shards/shard-00001.arrow" not in keys  # (its Arrow upload never completed: no object)
     assert "manifest.json" not in keys and "build.json" in keys and ".lock" in keys
     with pytest.raises(PipelineError, match="not a finished cache: no manifest.json .an unfinished build"):
         open_cache(url, storage_options=s3.options())  # ...and invisible: no manifest, no shard record
     assert run_cli("cache", "verify", url).exit_code != 0
     store = Storage(url, s3.options())
-    from pipeline.cache.directory import finished_record
-
     assert finished_record(store, 0, 0, 8) is not None and finished_record(store, 1, 8, 8) is None
 
     r = run_cli("cache", "build", cfg_path, "--set", f"cache.dir={url}")  # the rerun, in this process
