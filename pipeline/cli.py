@@ -80,7 +80,10 @@ def cache_build(config: str, overrides: tuple[str, ...], overwrite: bool) -> Non
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @user_errors
 def cache_verify(cache_dir: str) -> None:
-    """Check the manifest and every shard checksum; exit non-zero naming the first bad file."""
+    """Check the manifest and every shard checksum; exit non-zero naming the first bad file.
+
+    CACHE_DIR is a folder or an fsspec URL (s3://bucket/prefix, ...); options such as an endpoint
+    come from fsspec's config (e.g. FSSPEC_S3_ENDPOINT_URL) or the backend's environment."""
     from pipeline.recipes.cache import verify_cache
 
     verify_cache(cache_dir)
@@ -91,7 +94,8 @@ def cache_verify(cache_dir: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def cache_info(cache_dir: str, as_json: bool) -> None:
-    """Teacher, layers, k, temperatures, sizes and bytes/token per component of a cache."""
+    """Teacher, layers, k, temperatures, sizes and bytes/token per component of a cache (a folder or an
+    fsspec URL, as for `cache verify`)."""
     from pipeline.recipes.cache import cache_info as info
 
     info(cache_dir, as_json=as_json)

@@ -82,7 +82,8 @@ class StudentConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str = "cache/demo"
+    dir: str = "cache/demo"  # a folder, or any fsspec URL: s3://bucket/prefix, gs://..., memory://...
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for cache.dir (endpoint_url, ...)
     topk: int = field(default=64, metadata=_range(1, None))
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     layers: Union[str, list[int]] = "auto"  # auto | all | [1, 15, 30]

@@ -1,24 +1,33 @@
-"""The cache directory's life cycle: lock, claim (new / resume / refuse / overwrite), finalize."""
+"""The cache directory's life cycle: lock, claim (new / resume / refuse / overwrite), finalize.
+
+Everything goes through `Storage` (storage.py), so the same code serves a local folder and an object
+store; only the build lock differs (`build_lock`): an flock locally, an exclusive-create lock object on
+an object store.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
 
 from pipeline.cache.manifest import (
-    BUILD, FORMAT_VERSION, LOCK, MANIFEST, SHARDS, combine_checksums, file_checksum, fingerprint_digest, read_json,
-    shard_files, shard_paths, validate_manifest, write_json_atomic,
+    BUILD, FORMAT_VERSION, LOCK, MANIFEST, SHARDS, combine_checksums, fingerprint_digest, shard_files, shard_paths,
+    validate_manifest,
 )
+from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
 
 
 class BuildLock:
-    """An exclusive, non-blocking flock on CACHE/.lock: one builder per cache."""
+    """An exclusive, non-blocking flock on CACHE/.lock: one builder per cache (local folders)."""
 
-    def __init__(self, root: Path):
-        self.path = root / LOCK
+    def __init__(self, root: Path | Storage):
+        self.path = as_storage(root).path / LOCK
         self._fh = None
 
     def acquire(self) -> None:
@@ -42,84 +51,162 @@ class BuildLock:
             self._fh = None
 
 
-def _is_cache_dir(root: Path) -> bool:
-    return any((root / n).exists() for n in (MANIFEST, BUILD, SHARDS))
+class ObjectLock:
+    """One builder per cache on an object store: CACHE/.lock created exclusively (a conditional PUT,
+    If-None-Match: *), holding the builder's host, pid and a random token; deleted at the end.
+
+    Limits, unlike an flock: the lock is not released by the kernel when the builder dies. A lock left by a
+    process that is no longer running on this host is taken over (with a note); one left by a dead builder
+    on another host must be deleted by hand (the error names it). Taking over a stale lock and releasing
+    one (read, compare the token, delete) are two requests each, not one atomic step. The store must honour
+    exclusive creation (AWS S3 and S3-compatible servers that support conditional writes, fsspec's memory://);
+    where a backend ignores mode "xb", two builders are not kept apart.
+    """
+
+    def __init__(self, store: Storage):
+        self.store = store
+        self.token: str | None = None
+
+    def _holder(self) -> dict:
+        try:
+            return self.store.read_json(LOCK)
+        except PipelineError:
+            return {}
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def acquire(self) -> None:
+        mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for attempt in range(2):
+            try:
+                with self.store.open(LOCK, "xb") as f:
+                    f.write((json.dumps(mine, sort_keys=True) + "\n").encode())
+                self.token = mine["token"]
+                return
+            except FileExistsError:
+                holder = self._holder()
+                if attempt == 0 and self._stale(holder):
+                    import click
+
+                    click.echo(f"{self.store}: removing the lock left by pid {holder['pid']} (no longer running "
+                               "on this host)", err=True)
+                    self.store.remove(LOCK)
+                    continue
+                who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+                       if holder else "an unknown builder")
+                raise PipelineError(f"{self.store} is being built by another process (lock {self.store.display(LOCK)} "
+                                    f"held by {who}; delete it if no build is running)") from None
+
+    @property
+    def held(self) -> bool:
+        return self.token is not None
+
+    def release(self) -> None:
+        if self.token is None:
+            return
+        if self._holder().get("token") == self.token:
+            self.store.remove(LOCK)
+        self.token = None
 
 
-def _wipe(root: Path) -> None:
-    for p in root.iterdir():
-        if p.name == LOCK:
-            continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+def build_lock(store: Storage) -> BuildLock | ObjectLock:
+    return BuildLock(store) if store.local else ObjectLock(store)
 
 
-def claim(root: Path, fingerprint: dict, overwrite: bool) -> str:
+def _is_cache_dir(store: Storage) -> bool:
+    return any(store.exists(n) for n in (MANIFEST, BUILD, SHARDS))
+
+
+def _wipe(store: Storage) -> None:
+    for name in store.listdir():
+        if name != LOCK:
+            store.remove(name)
+
+
+def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
     """Prepare `root` for a build of `fingerprint` (caller holds the lock).
 
     Returns "complete" when a finished cache with this fingerprint is already there, "resume"
     when an unfinished build of it is, "new" otherwise. A different fingerprint is refused unless
     `overwrite`; a non-empty folder that is not a cache is never overwritten.
     """
+    store = as_storage(root)
     want = fingerprint_digest(fingerprint)
-    entries = [p for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
+    entries = [n for n in store.listdir() if n != LOCK]
     if entries:
-        if not _is_cache_dir(root):
-            raise PipelineError(f"{root} is not empty and is not a cache; choose another cache.dir")
-        existing = root / MANIFEST if (root / MANIFEST).is_file() else root / BUILD
-        have = read_json(existing).get("fingerprint") if existing.is_file() else None
+        if not _is_cache_dir(store):
+            raise PipelineError(f"{store} is not empty and is not a cache; choose another cache.dir")
+        existing = MANIFEST if store.isfile(MANIFEST) else BUILD
+        have = store.read_json(existing).get("fingerprint") if store.isfile(existing) else None
         if have is not None and fingerprint_digest(have) == want:
-            return "complete" if existing.name == MANIFEST else "resume"
+            return "complete" if existing == MANIFEST else "resume"
         if not overwrite:
             version = (have or {}).get("format_version", FORMAT_VERSION)
             if version != FORMAT_VERSION:
-                raise PipelineError(f"{root} holds a format-{version} cache (this code writes format {FORMAT_VERSION}); "
+                raise PipelineError(f"{store} holds a format-{version} cache (this code writes format {FORMAT_VERSION}); "
                                     "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
-            raise PipelineError(f"{root} holds a cache built with {what}; pass --overwrite to replace it")
-        _wipe(root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / BUILD, {"fingerprint": fingerprint})
+            raise PipelineError(f"{store} holds a cache built with {what}; pass --overwrite to replace it")
+        _wipe(store)
+    store.makedirs()
+    store.write_json(BUILD, {"fingerprint": fingerprint})
     return "new"
 
 
-def finished_record(root: Path, index: int, start: int, n_rows: int) -> dict | None:
-    """The record of a shard that is completely and correctly on disk, else None."""
-    record_path = shard_paths(root, index)[2]
-    if not record_path.is_file():
+def finished_record(root: Storage | Path, index: int, start: int, n_rows: int) -> dict | None:
+    """The record of a shard that is completely and correctly stored, else None. On an object store,
+    shard files without a record (a build stopped mid-shard) are leftovers: never counted."""
+    store = as_storage(root)
+    record_path = shard_paths(index)[2]
+    if not store.isfile(record_path):
         return None
     try:
-        record = read_json(record_path)
+        record = store.read_json(record_path)
     except PipelineError:
         return None
     if record.get("start") != start or record.get("sequences") != n_rows:
         return None
-    files = shard_files(root, index)
-    names = {str(p.relative_to(root)) for p in files}
+    names = set(shard_files(store, index))
     if names != set(record.get("files", {})):
         return None
-    if any(file_checksum(root / n) != record["files"][n] for n in names):
+    try:
+        if any(store.checksum(n) != record["files"][n] for n in names):
+            return None
+    except FileNotFoundError:
         return None
     if combine_checksums(record["files"]) != record.get("checksum"):
         return None
     return record
 
 
-def finalize(root: Path, header: dict, n_shards: int) -> dict:
+def finalize(root: Storage | Path, header: dict, n_shards: int) -> dict:
     """Gather the shard records into manifest.json (written last, atomically)."""
+    store = as_storage(root)
     shards, records = [], []
     for index in range(n_shards):
-        record = read_json(shard_paths(root, index)[2])
+        record = store.read_json(shard_paths(index)[2])
         records.append(record)
         shards.append({k: record[k] for k in ("name", "index", "start", "sequences", "tokens", "bytes", "checksum")})
     manifest = dict(header, shards=shards)
     mean_square = train_mean_square(records, int(header["teacher"]["hidden_size"]))
     if mean_square:
         manifest["hidden_mean_square"] = mean_square
-    validate_manifest(manifest, root / MANIFEST)
-    write_json_atomic(root / MANIFEST, manifest)
-    (root / BUILD).unlink(missing_ok=True)
-    for tmp in (root / SHARDS).glob("*.tmp"):
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    validate_manifest(manifest, store.display(MANIFEST))
+    store.write_json(MANIFEST, manifest)
+    store.remove(BUILD)
+    for name in store.listdir(SHARDS):
+        if name.endswith(".tmp"):
+            store.remove(f"{SHARDS}/{name}")
     return manifest
 
 
@@ -138,12 +225,14 @@ def train_mean_square(records: list[dict], hidden_size: int) -> dict[str, float]
     return {layer: sums[layer] / (tokens * hidden_size) for layer in sorted(sums, key=int)}
 
 
-def remove_if_empty_claim(root: Path, created: bool) -> None:
+def remove_if_empty_claim(root: Storage | Path, created: bool) -> None:
     """Undo a claim that wrote nothing but build.json (keeps bad input from leaving debris)."""
-    if created and root.is_dir() and not (root / SHARDS).exists():
-        (root / BUILD).unlink(missing_ok=True)
-        (root / LOCK).unlink(missing_ok=True)
-        try:
-            os.rmdir(root)
-        except OSError:
-            pass
+    store = as_storage(root)
+    if created and store.isdir() and not store.exists(SHARDS):
+        store.remove(BUILD)
+        if store.local:
+            store.remove(LOCK)
+            try:
+                os.rmdir(store.path)
+            except OSError:
+                pass

@@ -3,11 +3,21 @@
     CACHE/
       manifest.json                 written last, atomically; its presence means "complete"
       build.json                    the fingerprint of the build in progress (refuses other configs)
-      .lock                         flock held by the one builder
+      .lock                         flock held by the one builder (object stores: a lock object, see below)
       shards/shard-00000.arrow      Arrow IPC file: one record batch per chunk of sequences
       shards/shard-00000.zarr/      Zarr v3 group: layer_<i> [n, T, d] (+ layer_<i>_scale) per layer
       shards/shard-00000.json       shard record: sequences, tokens, bytes, per-file and shard checksums;
                                     written after the data files, so a shard counts only once it exists
+
+CACHE is a local folder or any fsspec URL (storage.py); names are relative to it, the bytes are the same.
+On a local folder data files are written as `*.tmp` and renamed, JSON files replaced atomically. Object
+stores have no rename: data files are written at their final names, and only the order of writes (data,
+then the shard record, then the manifest) keeps an unfinished build invisible: a shard counts when its
+record exists and every checksum in it matches, files without a record are leftovers that the next
+attempt deletes, and without manifest.json there is no cache. There `.lock` is an object created
+exclusively (If-None-Match: *) with the builder's host, pid and token, deleted at the end; a lock left by
+a dead process on the same host is taken over, one from another host must be deleted by hand
+(directory.ObjectLock lists the limits).
 
 Arrow columns per sequence row: input_ids [T], length (padded mode only), topk_ids and topk_logits
 (brotli-compressed byte planes of frequency ranks / logit keys, see codecs.py), lse_<j> [T] float32 for
@@ -23,6 +33,7 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.cache.storage import Storage
 from pipeline.errors import PipelineError
 
 # 2: the lse stored with the top-k logits carries the true tail (capture.stored_lse); ids as corpus
@@ -38,10 +49,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def shard_paths(root: Path, index: int) -> tuple[Path, Path, Path]:
-    """(arrow file, zarr dir, record json) of shard `index`."""
-    base = root / SHARDS / shard_name(index)
-    return base.with_suffix(".arrow"), base.with_suffix(".zarr"), base.with_suffix(".json")
+def shard_paths(index: int) -> tuple[str, str, str]:
+    """(arrow file, zarr folder, record json) of shard `index`, relative to the cache root."""
+    base = f"{SHARDS}/{shard_name(index)}"
+    return f"{base}.arrow", f"{base}.zarr", f"{base}.json"
 
 
 def lse_column(j: int) -> str:
@@ -71,24 +82,16 @@ def read_json(path: Path) -> dict:
         raise PipelineError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def file_checksum(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+def shard_files(store: Storage, index: int) -> list[str]:
+    """Every data file of a shard that is there (the Arrow file and the Zarr store's files), relative to
+    the cache root, in a fixed order."""
+    arrow, zdir, _ = shard_paths(index)
+    return ([arrow] if store.isfile(arrow) else []) + store.files(zdir)
 
 
-def shard_files(root: Path, index: int) -> list[Path]:
-    """Every data file of a shard (the Arrow file and the Zarr store's files), in a fixed order."""
-    arrow, zdir, _ = shard_paths(root, index)
-    files = [arrow] + sorted(p for p in zdir.rglob("*") if p.is_file())
-    return files
-
-
-def checksum_files(root: Path, files: list[Path]) -> tuple[dict[str, str], str]:
+def checksum_files(store: Storage, files: list[str]) -> tuple[dict[str, str], str]:
     """({relative path: checksum}, shard checksum over the sorted per-file checksums)."""
-    per_file = {str(p.relative_to(root)): file_checksum(p) for p in files}
+    per_file = {name: store.checksum(name) for name in files}
     return per_file, combine_checksums(per_file)
 
 
@@ -126,7 +129,7 @@ REQUIRED_KEYS = (
 )
 
 
-def validate_manifest(m: dict, where: Path) -> None:
+def validate_manifest(m: dict, where: str | Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
         raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")

@@ -3,6 +3,9 @@
 `open_cache(dir, layers=[...])` decodes only those cached hidden layers (a consumer that maps 4 of 10
 cached layers does not pay for the other 6); `c.layers` still lists every cached layer.
 
+`dir` is a folder or an fsspec URL (`open_cache(url, storage_options={...})`): Arrow files are memory
+mapped locally and read through a buffered remote file otherwise; Zarr goes through zarr's FsspecStore.
+
 The only module (with writer.py) that knows where arrays live. Reads go by chunk (one Arrow record
 batch + one Zarr chunk per layer) and keep the last few decoded chunks, so sequential and
 chunk-shuffled access decompress each chunk once.
@@ -19,9 +22,9 @@ import zarr
 
 from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows
 from pipeline.cache.manifest import (
-    MANIFEST, combine_checksums, file_checksum, hidden_array, lse_column, read_json, shard_files, shard_paths,
-    validate_manifest,
+    BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths, validate_manifest,
 )
+from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
 from pipeline.teacher.capture import logits_from_numpy
 
@@ -29,18 +32,20 @@ _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float3
 
 
 class Cache:
-    def __init__(self, root: str | Path, chunk_cache: int = 4, layers: list[int] | None = None, logits: bool = True):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Storage, chunk_cache: int = 4, layers: list[int] | None = None,
+                 logits: bool = True, storage_options: dict | None = None):
+        self.storage = as_storage(root, storage_options)
+        # a local cache's folder as a Path; an fsspec URL as given
+        self.root = self.storage.path if self.storage.local else self.storage.display()
         self.with_logits = bool(logits)  # False: top-k ids, logits and lse are neither read nor decoded
-        if not self.root.is_dir():
+        if not self.storage.isdir():
             raise PipelineError(f"cache directory not found: {self.root}")
-        path = self.root / MANIFEST
-        if not path.is_file():
+        if not self.storage.isfile(MANIFEST):
             hint = " (an unfinished build: rerun `distill cache build` with its config)" if (
-                self.root / "build.json").is_file() else ""
+                self.storage.isfile(BUILD)) else ""
             raise PipelineError(f"{self.root} is not a finished cache: no {MANIFEST}{hint}")
-        self.manifest = read_json(path)
-        validate_manifest(self.manifest, path)
+        self.manifest = self.storage.read_json(MANIFEST)
+        validate_manifest(self.manifest, self.storage.display(MANIFEST))
         m = self.manifest
         self.seq_len: int = m["seq_len"]
         self.topk: int = m["topk"]
@@ -61,9 +66,10 @@ class Cache:
         self._chunk_cache = chunk_cache
         self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, zarr.Group]] = {}
         self._orders: dict[int, np.ndarray] = {}  # shard position -> its id table (order[rank] = id)
+        present = set(self.storage.listdir(SHARDS))  # one listing, not two requests per shard
         for s in m["shards"]:
-            arrow, zdir, _ = shard_paths(self.root, s["index"])
-            if not arrow.is_file() or not zdir.is_dir():
+            arrow, zdir, _ = shard_paths(s["index"])
+            if arrow.rsplit("/", 1)[-1] not in present or zdir.rsplit("/", 1)[-1] not in present:
                 raise PipelineError(f"{self.root}: files of {s['name']} are missing")
 
     # ------------------------------------------------------------------ structure
@@ -93,15 +99,15 @@ class Cache:
     def _open(self, pos: int):
         if pos not in self._files:
             index = self.manifest["shards"][pos]["index"]
-            arrow, zdir, _ = shard_paths(self.root, index)
-            source = pa.memory_map(str(arrow), "r")
+            arrow, zdir, _ = shard_paths(index)
+            source = self.storage.arrow_source(arrow)  # a memory map locally
             options = None
             if not self.with_logits:  # the top-k and lse columns are not even decompressed
                 schema = pa.ipc.open_file(source).schema
                 keep = [i for i, name in enumerate(schema.names) if name in ("input_ids", "length")]
                 options = pa.ipc.IpcReadOptions(included_fields=keep)
             reader = pa.ipc.open_file(source, options=options)
-            group = zarr.open_group(store=str(zdir), mode="r", zarr_format=3)
+            group = zarr.open_group(store=self.storage.zarr_store(zdir, read_only=True), mode="r", zarr_format=3)
             self._files[pos] = (reader, group)
         return self._files[pos]
 
@@ -176,7 +182,7 @@ class Cache:
         missing = [x for x in layers if x not in self.layers]
         if missing:
             raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
-        reader = Cache(self.root, layers=list(layers), logits=False)
+        reader = Cache(self.storage, layers=list(layers), logits=False)
         acc = SquareSums()
         train = self.indices("train")
         from tqdm.auto import tqdm
@@ -193,22 +199,23 @@ class Cache:
         """Recompute every checksum; returns the bad files (relative paths), empty when sound."""
         bad: list[str] = []
         for s in self.manifest["shards"]:
-            record = read_json(shard_paths(self.root, s["index"])[2])
-            files = shard_files(self.root, s["index"])
-            names = {str(p.relative_to(self.root)) for p in files}
+            record_path = shard_paths(s["index"])[2]
+            record = self.storage.read_json(record_path)
+            names = set(shard_files(self.storage, s["index"]))
             for name in sorted(set(record["files"]) - names):
                 bad.append(f"{name} (missing)")
             for name in sorted(names - set(record["files"])):
                 bad.append(f"{name} (unexpected)")
             for name in sorted(names & set(record["files"])):
-                if file_checksum(self.root / name) != record["files"][name]:
+                if self.storage.checksum(name) != record["files"][name]:
                     bad.append(name)
             if combine_checksums(record["files"]) != s["checksum"]:
-                bad.append(f"{shard_paths(self.root, s['index'])[2].relative_to(self.root)} (record differs from manifest)")
+                bad.append(f"{record_path} (record differs from manifest)")
         return bad
 
 
-def open_cache(root: str | Path, layers: list[int] | None = None, logits: bool = True) -> Cache:
-    """The cache at `root`; `layers` limits the hidden layers decoded per sequence (default: all cached);
-    logits=False reads no top-k ids, logits or lse."""
-    return Cache(root, layers=layers, logits=logits)
+def open_cache(root: str | Path | Storage, layers: list[int] | None = None, logits: bool = True,
+               storage_options: dict | None = None) -> Cache:
+    """The cache at `root` (a folder or an fsspec URL, opened with `storage_options`); `layers` limits the
+    hidden layers decoded per sequence (default: all cached); logits=False reads no top-k ids, logits or lse."""
+    return Cache(root, layers=layers, logits=logits, storage_options=storage_options)

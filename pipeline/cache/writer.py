@@ -1,7 +1,9 @@
 """Shard writing: encode + compress + write on a background thread behind a bounded queue.
 
 The teacher thread only captures and enqueues; a `ShardWriter` streams each shard's chunks into
-`*.tmp` files, and on `end_shard` renames them into place and writes the shard record last. An
+`*.tmp` files, and on `end_shard` renames them into place and writes the shard record last. On an
+object store (no rename) the data files are written at their final names; the record, written last,
+is still what makes a shard count, so files without one are leftovers the next attempt replaces. An
 exception in the writer thread is re-raised in the main thread at its next `put`/`end_shard`/exit;
 leaving the `with` block on an exception stops the thread without committing the open shard.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import queue
-import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,8 @@ from pipeline.cache.codecs import (
     HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, rank_table, zarr_compressor,
 )
 from pipeline.cache.stats import SquareSums, token_squares
-from pipeline.cache.manifest import (
-    checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths, write_json_atomic,
-)
+from pipeline.cache.manifest import SHARDS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths
+from pipeline.cache.storage import Storage, as_storage
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,23 @@ def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
 class ShardWriter:
     """Writes one shard of `n_rows` sequences, chunk by chunk, into temporary files."""
 
-    def __init__(self, root: Path, index: int, start: int, n_rows: int, layout: ShardLayout,
+    def __init__(self, root: Storage | Path, index: int, start: int, n_rows: int, layout: ShardLayout,
                  pool: ThreadPoolExecutor | None = None):
-        self.root, self.index, self.start, self.n_rows, self.layout = root, index, start, n_rows, layout
+        self.store = as_storage(root)
+        self.index, self.start, self.n_rows, self.layout = index, start, n_rows, layout
         self.pool = pool  # None: everything on the calling thread
-        self.arrow, self.zdir, self.record = shard_paths(root, index)
-        self.arrow_tmp = self.arrow.with_name(self.arrow.name + ".tmp")
-        self.zdir_tmp = self.zdir.with_name(self.zdir.name + ".tmp")
-        for p in (self.record, self.arrow, self.arrow_tmp):
-            p.unlink(missing_ok=True)
-        for p in (self.zdir, self.zdir_tmp):
-            shutil.rmtree(p, ignore_errors=True)
-        self.arrow.parent.mkdir(parents=True, exist_ok=True)
-        self._group = zarr.open_group(store=str(self.zdir_tmp), mode="w", zarr_format=3)
+        self.arrow, self.zdir, self.record = shard_paths(index)
+        tmp = ".tmp" if self.store.atomic_rename else ""  # object stores: no rename, the final names at once
+        self.arrow_tmp, self.zdir_tmp = self.arrow + tmp, self.zdir + tmp
+        for p in dict.fromkeys((self.record, self.arrow, self.arrow_tmp, self.zdir, self.zdir_tmp)):  # record first
+            self.store.remove(p)
+        self.store.makedirs(SHARDS)
+        self._group = zarr.open_group(store=self.store.zarr_store(self.zdir_tmp), mode="w", zarr_format=3)
         self._arrays: dict[str, zarr.Array] = {}
         self._layer_arrays: dict[int, list[str]] = {layer: [] for layer in layout.layers}
         self._ipc: pa.ipc.RecordBatchFileWriter | None = None
         self._sink = None
+        self._raw = None  # object stores: the file object behind the Arrow sink
         self._pending: list[dict] = []
         self._pending_rows = 0
         self._written = 0
@@ -184,7 +184,7 @@ class ShardWriter:
             cols[lse_column(j)] = _fixed(rows["lse"][j])
         batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": lay.id_order})
         if self._ipc is None:
-            self._sink = pa.OSFile(str(self.arrow_tmp), "wb")
+            self._sink, self._raw = self.store.arrow_sink(self.arrow_tmp)
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))
             self._ipc = pa.ipc.new_file(self._sink, batch.schema, options=opts)
         self._ipc.write_batch(batch)
@@ -197,12 +197,22 @@ class ShardWriter:
             raise RuntimeError(f"{shard_name(self.index)}: got {self._written} rows, expected {self.n_rows}")
         self._ipc.close()
         self._sink.close()
-        self.arrow_tmp.rename(self.arrow)
-        self.zdir_tmp.rename(self.zdir)
-        per_file, checksum = checksum_files(self.root, shard_files(self.root, self.index))
+        if self._raw is not None:
+            self._raw.close()  # the upload completes here
+        if self.store.atomic_rename:
+            self.store.rename(self.arrow_tmp, self.arrow)
+            self.store.rename(self.zdir_tmp, self.zdir)
+        files = shard_files(self.store, self.index)
+        per_file, checksum = checksum_files(self.store, files)
+        depth = self.zdir.count("/") + 1  # shards/shard-00000.zarr/<array>/...
+        array_bytes: dict[str, int] = {}
+        for f in files:
+            if not f.startswith(self.zdir + "/"):
+                continue
+            array = f.split("/")[depth]
+            array_bytes[array] = array_bytes.get(array, 0) + self.store.size(f)
         hidden_bytes = {
-            str(layer): sum(f.stat().st_size for name in names for f in (self.zdir / name).rglob("*") if f.is_file())
-            for layer, names in self._layer_arrays.items()
+            str(layer): sum(array_bytes.get(name, 0) for name in names) for layer, names in self._layer_arrays.items()
         }
         record = {
             "name": shard_name(self.index),
@@ -214,16 +224,26 @@ class ShardWriter:
                 split: {"tokens": acc.tokens, "layers": {str(k): v for k, v in acc.sums.items()}}
                 for split, acc in self._squares.items()
             },
-            "bytes": {"arrow": self.arrow.stat().st_size, "hidden": hidden_bytes},
+            "bytes": {"arrow": self.store.size(self.arrow), "hidden": hidden_bytes},
             "files": per_file,
             "checksum": checksum,
         }
-        write_json_atomic(self.record, record)
+        self.store.write_json(self.record, record)
         return record
 
     def abort(self) -> None:
-        """Close handles without committing; the .tmp files are removed by the next attempt."""
+        """Close handles without committing; the .tmp files (on an object store: the files without a
+        record) are removed by the next attempt."""
         try:
+            if self._raw is not None:  # object store: closing would upload what is there; drop it instead
+                if hasattr(self._raw, "discard"):
+                    self._raw.discard()
+                try:
+                    self._raw.closed = True  # the buffered file's close (and __del__) must not commit now
+                except AttributeError:
+                    pass
+                self._raw = self._sink = self._ipc = None
+                return
             if self._ipc is not None:
                 self._ipc.close()
             if self._sink is not None:
@@ -277,8 +297,8 @@ _STOP = object()
 class CacheWriter:
     """Background writer. Use as a context manager: put rows, end shards; errors surface here."""
 
-    def __init__(self, root: Path, layout: ShardLayout, queue_size: int = 2, threads: int = 1):
-        self.root, self.layout = root, layout
+    def __init__(self, root: Storage | Path, layout: ShardLayout, queue_size: int = 2, threads: int = 1):
+        self.root, self.layout = as_storage(root), layout
         # encode/compress workers (threads > 1); the writer thread itself only dispatches and commits
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-encode") if threads > 1 else None
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)

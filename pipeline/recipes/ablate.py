@@ -35,6 +35,7 @@ import click
 import yaml
 
 from pipeline.cache.manifest import MANIFEST, read_json, write_json_atomic
+from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
 from pipeline.errors import PipelineError
 from pipeline.sources import models
@@ -365,8 +366,8 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     base_data = load_config_data(config, overrides)
     base = config_from_dict(copy.deepcopy(base_data))
     out = Path(base.ablate.output_dir)
-    manifest_path = Path(base.cache.dir) / MANIFEST
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    store = Storage(base.cache.dir, base.cache.storage_options, what="cache.dir")  # a folder or an fsspec URL
+    manifest = store.read_json(MANIFEST) if store.isfile(MANIFEST) else None
     variants, student_of, needed = check_variants(base, base_data, manifest)
     students = sorted(set(student_of.values()))
     echo(f"ablate: {len(variants)} variants ({', '.join(variants)}) over the cache {base.cache.dir} -> {out}")
@@ -381,11 +382,11 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
         (out / "cache.yaml").write_text(yaml.safe_dump(build, sort_keys=False))
         echo(f"cache: building {base.cache.dir} once for all variants (teacher layers {needed}); log {out / 'cache.log'}")
         rc, seconds = _run(["cache", "build", str(out / "cache.yaml")], out / "cache.log")
-        if rc != 0 or not manifest_path.is_file():
+        if rc != 0 or not store.isfile(MANIFEST):
             raise PipelineError(f"building the cache failed (exit {rc}); see {out / 'cache.log'}:\n"
                                 f"{_tail(out / 'cache.log')}")
         echo(f"cache: built in {seconds:.0f} s")
-        manifest = read_json(manifest_path)
+        manifest = store.read_json(MANIFEST)
         # the one build's cost, kept for reruns: wall time, and the largest child's peak RSS (the build's
         # process; ru_maxrss of children, which includes this small parent's RSS at the fork)
         write_json_atomic(out / BUILD_RECORD, {"seconds": seconds, "fingerprint_digest": manifest.get("fingerprint_digest"),

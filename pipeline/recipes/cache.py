@@ -18,9 +18,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_COMPRESSOR, SIDE_LEVEL, frequency_order
-from pipeline.cache.directory import BuildLock, claim, finalize, finished_record, remove_if_empty_claim
+from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
+from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads
 from pipeline.data.sequences import sequences_from_config
 from pipeline.errors import PipelineError
@@ -85,6 +86,11 @@ def _all_ok(world: int, ok: bool) -> bool:
 def build_cache(cfg, overwrite: bool = False) -> dict | None:
     rank, world = _dist()
     cc, data = cfg.cache, cfg.data
+    # 0. where the cache goes: a known protocol with its backend installed, an existing bucket (nothing loaded
+    # or written yet)
+    root = Storage(cc.dir, cc.storage_options, what="cache.dir")
+    if rank == 0:
+        root.check_bucket("cache.dir")
     codec = HIDDEN_CODECS.get(cc.hidden_codec)
 
     # 1. cheap checks on the teacher's config, before anything is written
@@ -147,8 +153,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
     }
 
     # 4. claim the directory (rank 0 holds the lock for the whole build)
-    root = Path(cc.dir)
-    lock = BuildLock(root)
+    lock = build_lock(root)
     created = not root.exists()
     state: object = None
     if rank == 0:
@@ -238,8 +243,8 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
 # ----------------------------------------------------------------------------- verify / info
 
 
-def verify_cache(cache_dir: str) -> None:
-    c = open_cache(cache_dir)
+def verify_cache(cache_dir: str, storage_options: dict | None = None) -> None:
+    c = open_cache(cache_dir, storage_options=storage_options)
     bad = c.verify()
     if bad:
         raise PipelineError(f"{cache_dir}: {len(bad)} bad file(s), first: {bad[0]}")
@@ -286,8 +291,8 @@ def summarize(manifest: dict) -> dict:
     }
 
 
-def cache_info(cache_dir: str, as_json: bool = False) -> dict:
-    info = summarize(open_cache(cache_dir).manifest)
+def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | None = None) -> dict:
+    info = summarize(open_cache(cache_dir, storage_options=storage_options).manifest)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return info

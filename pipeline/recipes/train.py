@@ -21,6 +21,7 @@ import click
 import torch
 
 from pipeline.cache.manifest import write_json_atomic
+from pipeline.cache.storage import redact
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
 from pipeline.resources import peak_memory
@@ -153,7 +154,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     else:
         from pipeline.cache.reader import open_cache
 
-        cache = open_cache(cfg.cache.dir)
+        cache = open_cache(cfg.cache.dir, storage_options=cfg.cache.storage_options)
         manifest = cache.manifest
         n_teacher = int(manifest["teacher"]["num_layers"])
         d_teacher = int(manifest["teacher"]["hidden_size"])
@@ -198,8 +199,9 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         collator = OnlineTeacherCollator(capture, loss.temperature)
     else:
         # only what the loss reads: no hidden layers without gamma/delta, no top-k logits without beta
-        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0)
-        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature, logits=loss.beta > 0)
+        so = cfg.cache.storage_options
+        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0, storage_options=so)
+        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature, logits=loss.beta > 0, storage_options=so)
         capture, collator = None, collate
     if len(train_ds) == 0:
         raise PipelineError("the cache's train split is empty")
@@ -260,8 +262,10 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
             capture.close()
 
     # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
+    config = cfg.to_dict()
+    config["cache"]["storage_options"] = redact(cfg.cache.storage_options)  # no credentials in run.json
     summary = {
-        "mode": mode, "config": cfg.to_dict(), "student_source": spec,
+        "mode": mode, "config": config, "student_source": spec,
         "layer_map": {str(j): t for j, t in layer_map.items()}, "metrics": metrics,
         "resumed_from": resume, "resources": peak_memory(),  # this process's peak (rank 0's under DDP)
     }

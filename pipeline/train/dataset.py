@@ -12,6 +12,7 @@ once per window instead of once per row. No teacher weights are loaded on the ca
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -87,16 +88,22 @@ class CacheDataset(Dataset):
     The Cache is opened lazily in each process (DataLoader workers get their own file handles).
     """
 
-    def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float, logits: bool = True):
-        self.cache_dir = str(cache_dir)
+    def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float, logits: bool = True,
+                 storage_options: dict | None = None):
+        self.cache_dir = str(cache_dir)  # a folder or an fsspec URL (opened with storage_options)
+        self.storage_options = dict(storage_options or {})
         self.layers = sorted(set(int(x) for x in layers))
         self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
-        cache = open_cache(self.cache_dir, layers=self.layers, logits=self.logits)  # the mapped layers only
+        cache = self._open()  # the mapped layers only
         self.indices = list(cache.indices(split))
         self.temperature = cached_temperature(cache.temperatures, temperature)
         self.padded = cache.padded
         self.groups = chunk_groups([cache.locate(i)[:2] for i in self.indices])
         self._cache: Cache | None = cache
+
+    def _open(self) -> Cache:
+        self._pid = os.getpid()
+        return open_cache(self.cache_dir, layers=self.layers, logits=self.logits, storage_options=self.storage_options)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -107,8 +114,10 @@ class CacheDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, pos: int) -> dict:
-        if self._cache is None:
-            self._cache = open_cache(self.cache_dir, layers=self.layers, logits=self.logits)
+        if self._cache is None or (self._pid != os.getpid() and not self._cache.storage.local):
+            # a forked DataLoader worker inherits the parent's open cache: a memory map is fine to share, an
+            # fsspec filesystem (its event loop and connections) is not, so a worker opens its own
+            self._cache = self._open()
         s = self._cache[self.indices[pos]]
         item = {"input_ids": s["input_ids"]}
         if self.logits:
