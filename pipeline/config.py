@@ -94,6 +94,7 @@ class CacheConfig:
     chunk_sequences: int = field(default=8, metadata=_range(1, None))
     compression_level: int = field(default=3, metadata=_range(1, 22))
     hidden_compressor: str = field(default="zstd", metadata=_choice("zstd", "lz4"))
+    side_compressor: str = field(default="brotli", metadata=_choice("brotli", "zstd"))  # top-k ids and logits
     writer_threads: int = field(default=0, metadata=_range(0, None))  # encode/compress threads; 0 = every core
     encode_on: str = field(default="auto", metadata=_choice("auto", "device", "writer"))  # where hidden states are encoded
 

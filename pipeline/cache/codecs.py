@@ -112,8 +112,9 @@ def zarr_compressor(level: int, typesize: int, cname: str = "zstd"):
 # whose context modelling codes these bytes tighter than zstd (measured on real text in the README's
 # side-data table). Lossless for any order of the k entries.
 
-SIDE_COMPRESSOR = "brotli"
-SIDE_LEVEL = 10  # brotli 11 is ~3x slower for < 0.1 B/token; 9 is ~6x faster for +8 B/token (README)
+# cache.side_compressor -> level. brotli 10: brotli 11 is ~3x slower for < 0.1 B/token, 9 ~6x faster for
+# +8 B/token; zstd 9: some 40x faster than brotli 10 for ~8 B/token more (README, side-data table)
+SIDE_LEVELS = {"brotli": 10, "zstd": 9}
 
 _UINT = {2: np.uint16, 4: np.uint32}
 
@@ -132,19 +133,19 @@ def from_planes(p: np.ndarray, width: int) -> np.ndarray:
     return b.view(_UINT[width]).reshape(r, -1)
 
 
-def compress_rows(planes: np.ndarray) -> list[bytes]:
-    """[R, n] uint8 -> one compressed blob per row."""
+def compress_rows(planes: np.ndarray, compressor: str) -> list[bytes]:
+    """[R, n] uint8 -> one compressed blob per row (compressor: a SIDE_LEVELS key)."""
     import pyarrow as pa
 
-    codec = pa.Codec(SIDE_COMPRESSOR, compression_level=SIDE_LEVEL)
+    codec = pa.Codec(compressor, compression_level=SIDE_LEVELS[compressor])
     return [codec.compress(np.ascontiguousarray(row), asbytes=True) for row in planes]
 
 
-def decompress_rows(blobs, nbytes: int) -> np.ndarray:
+def decompress_rows(blobs, nbytes: int, compressor: str) -> np.ndarray:
     """Inverse of compress_rows: a sequence of blobs (bytes or pyarrow binary scalars) -> [R, nbytes] uint8."""
     import pyarrow as pa
 
-    codec = pa.Codec(SIDE_COMPRESSOR)
+    codec = pa.Codec(compressor)
     out = np.empty((len(blobs), nbytes), dtype=np.uint8)
     for r, blob in enumerate(blobs):
         buf = blob.as_buffer() if hasattr(blob, "as_buffer") else blob
@@ -188,6 +189,26 @@ def frequency_order(input_ids: np.ndarray, vocab_size: int, dtype) -> np.ndarray
     of a cache, a function of its corpus alone."""
     counts = np.bincount(np.asarray(input_ids, dtype=np.int64).reshape(-1), minlength=vocab_size)[:vocab_size]
     return np.argsort(-counts, kind="stable").astype(dtype)
+
+
+def pack_order(order: np.ndarray) -> bytes:
+    """The id table as stored (in each shard's Arrow schema): wrap-around differences of neighbours, zstd.
+    The tokens the corpus never uses follow in ascending id order, so their differences are small and cost
+    almost nothing; a table is about 2 bytes per distinct corpus token."""
+    import pyarrow as pa
+
+    deltas = order.copy()
+    deltas[1:] = order[1:] - order[:-1]  # modulo 2^W
+    return pa.Codec("zstd", compression_level=19).compress(to_planes(deltas[None])[0], asbytes=True)
+
+
+def unpack_order(packed: bytes, vocab_size: int, dtype) -> np.ndarray:
+    import pyarrow as pa
+
+    dtype = np.dtype(dtype)
+    raw = pa.Codec("zstd").decompress(packed, decompressed_size=vocab_size * dtype.itemsize, asbytes=True)
+    deltas = from_planes(np.frombuffer(raw, dtype=np.uint8)[None], dtype.itemsize)[0]
+    return np.cumsum(deltas, dtype=np.uint64).astype(dtype)  # the modulo 2^W sum, truncated
 
 
 def rank_table(order: np.ndarray) -> np.ndarray:

@@ -124,20 +124,20 @@ def fingerprint_digest(fingerprint: dict) -> str:
 
 REQUIRED_KEYS = (
     "format_version", "fingerprint", "teacher", "seq_len", "num_sequences", "topk", "temperatures",
-    "layers", "logit_dtype", "id_dtype", "hidden_codec", "split", "shard_sequences", "chunk_sequences",
-    "shards",
+    "layers", "logit_dtype", "id_dtype", "hidden_codec", "side_compressor", "split", "shard_sequences",
+    "chunk_sequences", "shards",
 )
 
 
 def validate_manifest(m: dict, where: str | Path) -> None:
-    missing = [k for k in REQUIRED_KEYS if k not in m]
-    if missing:
-        raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")
-    if m["format_version"] != FORMAT_VERSION:
+    if "format_version" in m and m["format_version"] != FORMAT_VERSION:  # before the keys: other versions have others
         raise PipelineError(
             f"{where}: cache format_version {m['format_version']} is not supported (this code reads {FORMAT_VERSION}); "
             "rebuild it with `distill cache build CONFIG --overwrite`"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")
     covered = 0
     for s in m["shards"]:
         if s["start"] != covered:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows
+from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows, unpack_order
 from pipeline.cache.manifest import (
     BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths, validate_manifest,
 )
@@ -132,11 +132,13 @@ class Cache:
             dtype, id_type = np.dtype(_STORED_LOGIT_DTYPES[m["logit_dtype"]]), np.dtype(m["id_dtype"])
             order = self._orders.get(pos)
             if order is None:
-                order = self._orders[pos] = np.frombuffer(reader.schema.metadata[b"id_order"], dtype=id_type)
-            stored = decode_topk_logits(decompress_rows(batch.column("topk_logits"), t * k * dtype.itemsize),
+                order = self._orders[pos] = unpack_order(reader.schema.metadata[b"id_order"],
+                                                         int(m["teacher"]["vocab_size"]), id_type)
+            side = m["side_compressor"]
+            stored = decode_topk_logits(decompress_rows(batch.column("topk_logits"), t * k * dtype.itemsize, side),
                                         dtype, t, k)
             out.update(
-                topk_ids=decode_topk_ids(decompress_rows(batch.column("topk_ids"), t * k * id_type.itemsize),
+                topk_ids=decode_topk_ids(decompress_rows(batch.column("topk_ids"), t * k * id_type.itemsize, side),
                                          order, t, k).astype(np.int64),
                 topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
                 lse={temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},

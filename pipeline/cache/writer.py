@@ -29,7 +29,7 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, rank_table, zarr_compressor,
+    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, pack_order, rank_table, zarr_compressor,
 )
 from pipeline.cache.stats import SquareSums, token_squares
 from pipeline.cache.manifest import SHARDS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths
@@ -53,6 +53,7 @@ class ShardLayout:
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
     hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
     id_order: bytes = b""  # the cache's id table, order[rank] = id (codecs.frequency_order), as raw bytes
+    side_compressor: str = "brotli"  # cache.side_compressor: top-k ids and logits, per sequence
 
     def order(self) -> np.ndarray:
         return np.frombuffer(self.id_order, dtype=self.id_dtype)
@@ -90,6 +91,7 @@ class ShardWriter:
         self._tokens = 0
         self._squares = {"train": SquareSums(), "heldout": SquareSums()}
         self._rank_of = rank_table(layout.order())
+        self._packed_order = pack_order(layout.order())
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
@@ -135,7 +137,7 @@ class ShardWriter:
         side: dict[str, list[bytes]] = {}
 
         def compress_side(name: str, planes) -> None:
-            side[name] = compress_rows(planes())
+            side[name] = compress_rows(planes(), self.layout.side_compressor)
 
         encode_tasks = [
             functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
@@ -182,7 +184,7 @@ class ShardWriter:
         cols["topk_logits"] = pa.array(rows["side"]["topk_logits"], type=pa.binary())
         for j in range(lay.n_temps):
             cols[lse_column(j)] = _fixed(rows["lse"][j])
-        batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": lay.id_order})
+        batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": self._packed_order})
         if self._ipc is None:
             self._sink, self._raw = self.store.arrow_sink(self.arrow_tmp)
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))

@@ -17,7 +17,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_COMPRESSOR, SIDE_LEVEL, frequency_order
+from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_LEVELS, frequency_order
 from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest
 from pipeline.cache.reader import open_cache
@@ -113,6 +113,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
                              hidden_codec=codec.name if on_device else None)
     vocab = capture.vocab_size
 
+    side = f"{cc.side_compressor}-{SIDE_LEVELS[cc.side_compressor]}"
     fingerprint = {
         "format_version": FORMAT_VERSION,
         "teacher_digest": model_digest(teacher),
@@ -128,8 +129,8 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "temperatures": [float(t) for t in cc.temperatures],
         "layers": layers,
         "codecs": {
-            "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/{SIDE_COMPRESSOR}-{SIDE_LEVEL}",
-            "ids": f"{id_dtype(vocab).name}/frequency-rank-planes/{SIDE_COMPRESSOR}-{SIDE_LEVEL}", "hidden_level": cc.compression_level,
+            "hidden": codec.name, "logits": f"{cc.logit_dtype}/delta-planes/{side}",
+            "ids": f"{id_dtype(vocab).name}/frequency-rank-planes/{side}", "hidden_level": cc.compression_level,
             "hidden_compressor": cc.hidden_compressor,
         },
         "capture": {"teacher_dtype": cfg.teacher.dtype},
@@ -147,6 +148,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "seq_len": data.seq_len, "num_sequences": n, "packing": data.packing,
         "topk": cc.topk, "temperatures": fingerprint["temperatures"], "layers": layers,
         "logit_dtype": cc.logit_dtype, "id_dtype": id_dtype(vocab).name, "hidden_codec": codec.name,
+        "side_compressor": cc.side_compressor,
         "hidden_codec_bound": codec.bound,
         "split": {"train": [0, seqs.n_train], "heldout": [seqs.n_train, n]},
         "shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences,
@@ -191,6 +193,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             hidden_compressor=cc.hidden_compressor,
             train_sequences=seqs.n_train,
             id_order=frequency_order(seqs.input_ids, vocab, id_dtype(vocab)).tobytes(),
+            side_compressor=cc.side_compressor,
         )
 
         # 6. capture loop: the teacher runs here, encoding and writing on the writer thread
@@ -273,6 +276,7 @@ def summarize(manifest: dict) -> dict:
         "teacher": m["teacher"],
         "fingerprint_digest": m.get("fingerprint_digest"),
         "hidden_compressor": codecs.get("hidden_compressor", FINGERPRINT_DEFAULTS["codecs", "hidden_compressor"]),
+        "side_compressor": m["side_compressor"],
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
@@ -304,7 +308,8 @@ def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | No
         f"format       {info['format_version']}; fingerprint {info['fingerprint_digest']}",
         f"sequences    {info['sequences']} x {info['seq_len']} ({info['tokens']} tokens) in {info['shards']} shards; "
         f"train {info['split']['train']}, held-out {info['split']['heldout']}",
-        f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}",
+        f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}; "
+        f"ids as frequency ranks, {info['side_compressor']} per sequence",
         f"layers       {info['layers']} ({info['hidden_codec']}, Blosc {info['hidden_compressor']})",
         f"side data    {b['side_data']:.1f} B/token ({r['side_data_vs_raw']:.2f} of raw)",
         f"hidden       {b['hidden_all_layers']:.0f} B/token for {len(per_layer)} layers "

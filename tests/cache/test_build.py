@@ -226,6 +226,25 @@ def test_lz4_hidden_states_read_back_the_same(tiny_config, tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
+def test_zstd_side_data_reads_back_the_same(tiny_config, tmp_path):
+    """cache.side_compressor zstd changes the top-k blobs, never the decoded ids, logits or lse; it is part
+    of the fingerprint and the manifest, and `cache info` names it."""
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8, cache__logit_dtype="fp16")
+    other = tmp_path / "zstd"
+    assert run_cli("cache", "build", cfg_path).exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={other}", "--set",
+                   "cache.side_compressor=zstd").exit_code == 0
+    a, b = open_cache(cache_dir), open_cache(other)
+    assert (a.manifest["side_compressor"], b.manifest["side_compressor"]) == ("brotli", "zstd")
+    assert a.manifest["fingerprint_digest"] != b.manifest["fingerprint_digest"]
+    for i in range(len(a)):
+        for key in ("topk_ids", "topk_logits", "input_ids"):
+            assert np.array_equal(a[i][key], b[i][key])
+        for t in a.temperatures:
+            assert np.array_equal(a[i]["lse"][t], b[i]["lse"][t])
+    assert "zstd per sequence" in run_cli("cache", "info", other).output
+
+
 def test_speed_settings_keep_the_fingerprint(tiny_config):
     """The forward batch size and the writer threads are speed settings: a finished cache stays complete."""
     cfg_path, cache_dir = tiny_config(data__num_sequences=8)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.cache.codecs import (
     HIDDEN_CODECS, compress_rows, decode_topk_ids, decode_topk_logits, decompress_rows, encode_topk_ids,
-    encode_topk_logits, frequency_order, from_planes, rank_table, to_planes,
+    encode_topk_logits, frequency_order, from_planes, pack_order, rank_table, to_planes, unpack_order,
 )
 from pipeline.errors import PipelineError
 
@@ -97,8 +97,13 @@ def test_id_ranks_lossless(dtype, high):
     planes = encode_topk_ids(ids, rank_of)
     assert np.array_equal(from_planes(planes, ids.itemsize), rank_of[ids].reshape(3, -1))
     assert np.array_equal(decode_topk_ids(planes, order, 5, 7), ids)
-    blobs = compress_rows(planes)
-    assert len(blobs) == 3 and np.array_equal(decompress_rows(blobs, planes.shape[1]), planes)
+    for compressor in ("brotli", "zstd"):
+        blobs = compress_rows(planes, compressor)
+        assert len(blobs) == 3 and np.array_equal(decompress_rows(blobs, planes.shape[1], compressor), planes)
+    packed = pack_order(order)
+    assert np.array_equal(unpack_order(packed, high + 1, dtype), order)
+    # the unused tokens follow in id order and cost almost nothing: ~ bytes per distinct corpus token
+    assert len(packed) < 8 * len(np.unique(corpus)) + 256 < order.nbytes // 10
     planes = to_planes(ids.reshape(3, -1))
     assert planes.dtype == np.uint8 and np.array_equal(from_planes(planes, ids.itemsize), ids.reshape(3, -1))
 
