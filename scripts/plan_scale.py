@@ -365,7 +365,8 @@ def main() -> None:
 
     # ------------------------------------------------------------------ side data
     print(f"\n## Side data, B/token (fp16 logits, {len(TEMPERATURES)} fp32 lse, input ids)\n")
-    print("| teacher | ids | k | top-k ids | top-k logits | lse | input ids | total |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| teacher | ids | k | top-k ids | top-k logits | lse | input ids | total |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     r_side = {}
     for kk in (k // 2, k, 2 * k):
         r_side[kk] = side_bytes(with_topk(batches, kk), order32, chunk)
@@ -376,10 +377,11 @@ def main() -> None:
                   + f" | {sum(s.values()):.1f} |")
     r_levels = side_levels(b64, order32)
     print(f"\ntop-k ids + logits (k={k}, uint32 ids) per compressor, one core:\n")
-    print("| compressor | trained SmolLM2 B/token | tokens/s | random 1B-class B/token | tokens/s |\n|---|---:|---:|---:|---:|")
+    print("| compressor | trained SmolLM2 B/token | tokens/s | random 1B-class B/token | tokens/s |")
+    print("|---|---:|---:|---:|---:|")
     for (name, per_tok, rate), (_, r_tok, r_rate) in zip(t_levels, r_levels):
-        print(f"| {name}{' (the format)' if name == f'{SIDE_COMPRESSOR} {SIDE_LEVEL}' else ''} | {per_tok:.1f} | {rate:.0f} "
-              f"| {r_tok:.1f} | {r_rate:.0f} |")
+        mark = " (the format)" if name == f"{SIDE_COMPRESSOR} {SIDE_LEVEL}" else ""
+        print(f"| {name}{mark} | {per_tok:.1f} | {rate:.0f} | {r_tok:.1f} | {r_rate:.0f} |")
 
     # ------------------------------------------------------------------ hidden bytes per codec + writer
     print(f"\n## Hidden states, B/token per layer (Blosc, level {HIDDEN_LEVEL}; raw bf16 = 2 x d)\n")
