@@ -65,10 +65,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import open_cache  # noqa: E402
 from pipeline.cache.codecs import (  # noqa: E402
-    HIDDEN_CODECS, SIDE_COMPRESSOR, SIDE_LEVEL, encode_topk_ids, encode_topk_logits, frequency_order, rank_table,
+    HIDDEN_CODECS, SIDE_LEVELS, encode_topk_ids, encode_topk_logits, frequency_order, pack_order, rank_table,
 )
 from pipeline.cache.directory import finalize  # noqa: E402
-from pipeline.cache.manifest import FORMAT_VERSION, file_checksum  # noqa: E402
+from pipeline.cache.manifest import FORMAT_VERSION  # noqa: E402
+from pipeline.cache.storage import Storage  # noqa: E402
 from pipeline.cache.stats import token_squares  # noqa: E402
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -184,7 +185,7 @@ def joined(batches: list[dict], key: str) -> np.ndarray:
 def side_bytes(batches: list[dict], order: np.ndarray, chunk: int) -> dict[str, float]:
     """Bytes/token of each side-data column as the writer stores it (order's dtype = the id width)."""
     ids, topk_ids, logits, lse = (joined(batches, k) for k in ("input_ids", "topk_ids", "topk_logits", "lse"))
-    codec = pa.Codec(SIDE_COMPRESSOR, compression_level=SIDE_LEVEL)
+    codec = pa.Codec("brotli", compression_level=SIDE_LEVELS["brotli"])  # the default cache.side_compressor
     zstd = pa.Codec("zstd", compression_level=LOGITS_LEVEL)
 
     def rows(planes: np.ndarray) -> int:
@@ -269,6 +270,7 @@ def finish_cache(root: Path, layout: ShardLayout, n_rows: int, d: int, vocab: in
         "seq_len": layout.seq_len, "num_sequences": n_rows, "packing": True, "topk": layout.topk,
         "temperatures": TEMPERATURES, "layers": list(layout.layers), "logit_dtype": "fp16",
         "id_dtype": layout.id_dtype, "hidden_codec": layout.hidden_codec, "hidden_codec_bound": "",
+        "side_compressor": layout.side_compressor,
         "split": {"train": [0, n_rows], "heldout": [n_rows, n_rows]},
         "shard_sequences": n_rows, "chunk_sequences": layout.chunk_sequences,
     }
@@ -380,7 +382,7 @@ def main() -> None:
     print("| compressor | trained SmolLM2 B/token | tokens/s | random 1B-class B/token | tokens/s |")
     print("|---|---:|---:|---:|---:|")
     for (name, per_tok, rate), (_, r_tok, r_rate) in zip(t_levels, r_levels):
-        mark = " (the format)" if name == f"{SIDE_COMPRESSOR} {SIDE_LEVEL}" else ""
+        mark = " (the default)" if name == f"brotli {SIDE_LEVELS['brotli']}" else ""
         print(f"| {name}{mark} | {per_tok:.1f} | {rate:.0f} | {r_tok:.1f} | {r_rate:.0f} |")
 
     # ------------------------------------------------------------------ hidden bytes per codec + writer
@@ -402,13 +404,13 @@ def main() -> None:
                   f"| {t_hidden[codec, cname]:.0f} | {ratio_t:.3f} | {ratio_t * 2 * d:.0f} |")
     cols = sum(r_side[k].values()) * tokens
     print(f"\nArrow file of the side data: {arrow_bytes} bytes for {tokens} tokens; the columns above account for "
-          f"{cols:.0f}; the rest, {arrow_bytes - cols:.0f} bytes, is the file's schema (the id table, "
-          f"{order32.nbytes} bytes) and framing: a fixed cost per shard file")
+          f"{cols:.0f}; the rest, {arrow_bytes - cols:.0f} bytes, is the file's schema (the packed id table, twice: "
+          f"{len(pack_order(order32))} bytes each) and framing: a fixed cost per shard file")
     blob = max((work / "w-int8-zstd" / "shards").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        file_checksum(blob)
+        Storage(blob.parent).checksum(blob.name)
         best = min(best, time.perf_counter() - t0)
     print(f"checksum (blake2b) rate: {blob.stat().st_size / best / 1e6:.0f} MB/s on one core "
           f"({blob.stat().st_size} bytes, the shard's largest file)")
