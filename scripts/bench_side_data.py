@@ -140,7 +140,7 @@ def main() -> None:
     for dt in ("fp16", "bf16"):
         bits = fp_keys(z, dt)
         back = fp_values(bits, dt)
-        layouts.append((f"by value: ids planes, {dt} delta keys (today's layout at {dt})",
+        layouts.append((f"by value: ids planes, {dt} delta keys (format 1 at {dt})",
                         [to_planes(ids.reshape(len(ids), -1)), key_planes(bits, True)], back))
     bits = fp_keys(z, "fp16")
     layouts.append(("by value: frequency-rank planes, fp16 delta keys",
