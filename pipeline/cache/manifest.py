@@ -10,7 +10,9 @@
                                     written after the data files, so a shard counts only once it exists
 
 Arrow columns per sequence row: input_ids [T], length (padded mode only), topk_ids and topk_logits
-(byte planes, see codecs.py), lse_<j> [T] float32 for temperatures[j].
+(byte planes, see codecs.py; cache.logits topk | topk+sampled), sample_ids, sample_counts and
+sample_logits (the same byte planes, [T, K]; cache.logits sampled | topk+sampled), lse_<j> [T] float32
+for temperatures[j].
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def combine_checksums(per_file: dict[str, str]) -> str:
 # nothing written.
 SPEED_KEYS = (("capture", "batch_size"),)
 # Keys added to the fingerprint later, with the value every cache fingerprinted before them has
-FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd"}
+FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd", ("capture", "logits"): "topk"}
 
 
 def fingerprint_digest(fingerprint: dict) -> str:

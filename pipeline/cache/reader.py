@@ -25,6 +25,7 @@ from pipeline.cache.manifest import (
 from pipeline.errors import PipelineError
 from pipeline.teacher.capture import logits_from_numpy
 
+TARGET_KEYS = ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits")  # per-sequence [T, k | K]
 _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 
 
@@ -43,7 +44,9 @@ class Cache:
         validate_manifest(self.manifest, path)
         m = self.manifest
         self.seq_len: int = m["seq_len"]
-        self.topk: int = m["topk"]
+        self.topk: int = m["topk"]  # 0: no top-k targets (cache.logits sampled)
+        self.sampling: dict | None = m.get("sampling")  # {samples, proposal_temperature, seed, count_dtype}
+        self.samples: int = int(self.sampling["samples"]) if self.sampling else 0
         self.temperatures: list[float] = [float(t) for t in m["temperatures"]]
         self.layers: list[int] = [int(x) for x in m["layers"]]
         self.chunk_sequences: int = m["chunk_sequences"]
@@ -122,12 +125,15 @@ class Cache:
 
         out = {"input_ids": col("input_ids", np.int64)}
         if self.with_logits:
-            stored = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
-            out.update(
-                topk_ids=decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
-                topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
-                lse={temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
-            )
+            if k:  # a cache of sampled targets only has no top-k columns
+                stored = decode_topk_logits(col("topk_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, k)
+                out.update(
+                    topk_ids=decode_topk_ids(col("topk_ids", np.uint8), np.dtype(m["id_dtype"]), t, k).astype(np.int64),
+                    topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
+                )
+            out["lse"] = {temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)}
+            if self.samples:
+                out.update(self._read_samples(col))
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
@@ -145,12 +151,23 @@ class Cache:
             self._chunks.popitem(last=False)
         return out
 
+    def _read_samples(self, col) -> dict:
+        """sample_ids [n, T, K] int64, sample_counts [n, T, K] int64 (0 = empty slot), sample_logits [n, T, K] fp32."""
+        m, t, K = self.manifest, self.seq_len, self.samples
+        stored = decode_topk_logits(col("sample_logits", np.uint8), _STORED_LOGIT_DTYPES[m["logit_dtype"]], t, K)
+        return {
+            "sample_ids": decode_topk_ids(col("sample_ids", np.uint8), np.dtype(m["id_dtype"]), t, K).astype(np.int64),
+            "sample_counts": decode_topk_ids(col("sample_counts", np.uint8), np.dtype(self.sampling["count_dtype"]), t,
+                                             K).astype(np.int64),
+            "sample_logits": logits_from_numpy(stored, m["logit_dtype"]),
+        }
+
     def __getitem__(self, i: int) -> dict:
         pos, chunk, row = self.locate(int(i))
         c = self.read_chunk(pos, chunk)
         s = {"input_ids": c["input_ids"][row], "hidden": {layer: h[row] for layer, h in c["hidden"].items()}}
         if self.with_logits:
-            s.update(topk_ids=c["topk_ids"][row], topk_logits=c["topk_logits"][row],
+            s.update({key: c[key][row] for key in TARGET_KEYS if key in c},
                      lse={temp: v[row] for temp, v in c["lse"].items()})
         if "length" in c:
             s["length"] = int(c["length"][row])

@@ -50,6 +50,7 @@ class ShardLayout:
     logits_level: int
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
     hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
+    samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -85,7 +86,8 @@ class ShardWriter:
         self._squares = {"train": SquareSums(), "heldout": SquareSums()}
 
     def add(self, rows: dict) -> None:
-        """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
+        """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k] (topk > 0),
+        sample_ids/sample_counts/sample_logits [r, T, K] (samples > 0), lse [n_temps, r, T],
         and either hidden {layer: [r, T, d] float32} or, encoded where the teacher ran, encoded {layer:
         {suffix: array}} with token_squares {layer: [r, T] float64}."""
         self._pending.append(rows)
@@ -160,8 +162,13 @@ class ShardWriter:
             self._tokens += int(rows["length"].sum())
         else:
             self._tokens += rows["input_ids"].size
-        cols["topk_ids"] = _fixed(encode_topk_ids(rows["topk_ids"]))
-        cols["topk_logits"] = _fixed(encode_topk_logits(rows["topk_logits"]))
+        if lay.topk:
+            cols["topk_ids"] = _fixed(encode_topk_ids(rows["topk_ids"]))
+            cols["topk_logits"] = _fixed(encode_topk_logits(rows["topk_logits"]))
+        if lay.samples:  # sorted by logit like the top-k: the same delta planes
+            cols["sample_ids"] = _fixed(encode_topk_ids(rows["sample_ids"]))
+            cols["sample_counts"] = _fixed(encode_topk_ids(rows["sample_counts"]))
+            cols["sample_logits"] = _fixed(encode_topk_logits(rows["sample_logits"]))
         for j in range(lay.n_temps):
             cols[lse_column(j)] = _fixed(rows["lse"][j])
         batch = pa.RecordBatch.from_pydict(cols)
