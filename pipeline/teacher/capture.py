@@ -100,9 +100,10 @@ class TeacherCapture:
         self.samples, self.proposal_temperature, self.sample_seed = int(samples), float(proposal_temperature), int(sample_seed)
         if not (0 if self.samples else 1) <= topk <= self.vocab_size:
             raise PipelineError(f"cache.topk: {topk} must be between 1 and the vocabulary size {self.vocab_size}")
-        if self.samples < 0 or not self.proposal_temperature > 0:
-            raise PipelineError(f"cache.samples {samples} must be >= 1 and cache.proposal_temperature "
-                                f"{proposal_temperature} > 0")
+        if self.samples < 0:
+            raise PipelineError(f"cache.samples: {samples} must be >= 1")
+        if not self.proposal_temperature > 0:
+            raise PipelineError(f"cache.proposal_temperature: {proposal_temperature} must be > 0")
         self._store: dict[int, torch.Tensor] = {}
         self._handles = []
         for i in self.layers:

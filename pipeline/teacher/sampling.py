@@ -39,7 +39,10 @@ def draw(z: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> tuple[t
     c, K = uniforms.shape
     # unnormalised CDF of exp((z - max) / T): the uniforms scale to its last value, so the fp32 rounding of
     # the sum shifts no mass to an out-of-range id
-    cdf = torch.sub(z, z.amax(dim=-1, keepdim=True)).div_(temperature).exp_().cumsum_(dim=-1)  # [c, V]
+    e = torch.sub(z, z.amax(dim=-1, keepdim=True))  # [c, V]
+    if temperature != 1.0:  # (dividing by 1 is exact: the same draws either way)
+        e.div_(temperature)
+    cdf = e.exp_().cumsum_(dim=-1)
     total = cdf[:, -1:]
     # u * total rounds below total (the product can round up to it), so the lookup stays on an id of mass > 0
     target = torch.minimum(uniforms.to(cdf.device, torch.float32) * total, torch.nextafter(total, torch.zeros_like(total)))
