@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOGITS_MODES = ("topk", "sampled", "topk+sampled")  # cache.logits
 
 
 class _Loader(yaml.SafeLoader):
@@ -89,6 +90,12 @@ class CacheConfig:
     layers: Union[str, list[int]] = "auto"  # auto | all | [1, 15, 30]
     hidden_codec: str = "bf16"  # registry name, checked against pipeline.cache.codecs
     logit_dtype: str = field(default="fp16", metadata=_choice("fp16", "bf16", "fp32"))
+    # the teacher's distribution per position: the top-k logits, K draws from it (Sparse Logit Sampling,
+    # pipeline/teacher/sampling.py), or both
+    logits: str = field(default="topk", metadata=_choice(*LOGITS_MODES))
+    samples: int = field(default=64, metadata=_range(1, 65535))  # K draws per position (logits sampled | topk+sampled)
+    proposal_temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # draws from softmax(z / this)
+    sample_seed: int = 0  # the draws of sequence i come from the generator seeded with (sample_seed, i)
     batch_size: int = field(default=8, metadata=_range(1, None))
     shard_sequences: int = field(default=64, metadata=_range(1, None))
     chunk_sequences: int = field(default=8, metadata=_range(1, None))
@@ -139,6 +146,9 @@ class LossConfig:
     # CE and the divergence from the final hidden states, this many valid tokens at a time (the full
     # [tokens, vocab] logits never exist); 0 = the dense path (full logits, the reference)
     chunk_tokens: int = field(default=512, metadata=_range(0, None))
+    # which cached teacher targets the divergence reads: auto = the cache's only kind (top-k when it holds both),
+    # topk (tail bucket / renormalize), sampled (the unbiased importance-weighted estimate, kl and skew_kl)
+    logits_source: str = field(default="auto", metadata=_choice("auto", "topk", "sampled"))
     # accepted spellings of logits_args.lambda (folded into it at load): DistiLLM's lambda, the book's s = 1 - lambda
     skew_lambda: Union[float, None] = None  # [0, 1); 0 = plain KL
     skew_alpha: Union[float, None] = None  # (0, 1]; 1 = plain KL
@@ -329,6 +339,11 @@ def _validate(cfg: Config) -> None:
                 raise PipelineError(f"cache.layers[{i}]: {layer} must be >= 0 (0 = embedding output)")
     if not cfg.data.sources:
         raise PipelineError("data.sources: at least one source is needed")
+    if "sampled" in cfg.cache.logits and not any(
+            abs(t - cfg.cache.proposal_temperature) <= 1e-6 * max(1.0, t) for t in cfg.cache.temperatures):
+        cached = ", ".join(f"{t:g}" for t in cfg.cache.temperatures)
+        raise PipelineError(f"cache.proposal_temperature {cfg.cache.proposal_temperature:g} must be one of "
+                            f"cache.temperatures ({cached}): the draws' probabilities need its lse")
     if cfg.cache.shard_sequences % cfg.cache.chunk_sequences:
         raise PipelineError(
             f"cache.shard_sequences ({cfg.cache.shard_sequences}) must be a multiple of "

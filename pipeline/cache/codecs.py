@@ -116,7 +116,7 @@ def zarr_compressor(level: int, typesize: int, cname: str = "zstd"):
 # +8 B/token; zstd 9: some 40x faster than brotli 10 for ~8 B/token more (README, side-data table)
 SIDE_LEVELS = {"brotli": 10, "zstd": 9}
 
-_UINT = {2: np.uint16, 4: np.uint32}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
 def to_planes(a: np.ndarray) -> np.ndarray:

@@ -20,10 +20,12 @@ a dead process on the same host is taken over, one from another host must be del
 (directory.ObjectLock lists the limits).
 
 Arrow columns per sequence row: input_ids [T], length (padded mode only), topk_ids and topk_logits
-(brotli-compressed byte planes of frequency ranks / logit keys, see codecs.py), lse_<j> [T] float32 for
-temperatures[j]: the normaliser of the stored top-k logits, so that 1 - sum_I exp(z_i / T - lse) is the
-true full-vocabulary tail (teacher/capture.py, stored_lse). The schema's metadata holds the id table
-(id_order: order[rank] = id, raw little-endian id_dtype).
+(cache.logits topk | topk+sampled), sample_ids, sample_counts and sample_logits ([T, K]; cache.logits
+sampled | topk+sampled): byte planes of frequency ranks / logit keys / counts, each sequence's compressed
+with cache.side_compressor (see codecs.py). lse_<j> [T] float32 for temperatures[j]: the normaliser of
+the stored top-k logits, so that 1 - sum_I exp(z_i / T - lse) is the true full-vocabulary tail
+(teacher/capture.py, stored_lse; the full-vocabulary lse when there is no top-k). The schema's metadata
+holds the id table (id_order: order[rank] = id, packed by codecs.pack_order).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def combine_checksums(per_file: dict[str, str]) -> str:
 # nothing written.
 SPEED_KEYS = (("capture", "batch_size"),)
 # Keys added to the fingerprint later, with the value every cache fingerprinted before them has
-FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd"}
+FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd", ("capture", "logits"): "topk"}
 
 
 def fingerprint_digest(fingerprint: dict) -> str:

@@ -20,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from pipeline.cache.codecs import HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows, unpack_order
+from pipeline.cache.codecs import (
+    HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows, from_planes, unpack_order,
+)
 from pipeline.cache.manifest import (
     BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths, validate_manifest,
 )
@@ -28,6 +30,7 @@ from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
 from pipeline.teacher.capture import logits_from_numpy
 
+TARGET_KEYS = ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits")  # per-sequence [T, k | K]
 _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 
 
@@ -48,7 +51,9 @@ class Cache:
         validate_manifest(self.manifest, self.storage.display(MANIFEST))
         m = self.manifest
         self.seq_len: int = m["seq_len"]
-        self.topk: int = m["topk"]
+        self.topk: int = m["topk"]  # 0: no top-k targets (cache.logits sampled)
+        self.sampling: dict | None = m.get("sampling")  # {samples, proposal_temperature, seed, count_dtype}
+        self.samples: int = int(self.sampling["samples"]) if self.sampling else 0
         self.temperatures: list[float] = [float(t) for t in m["temperatures"]]
         self.layers: list[int] = [int(x) for x in m["layers"]]
         self.chunk_sequences: int = m["chunk_sequences"]
@@ -135,14 +140,20 @@ class Cache:
                 order = self._orders[pos] = unpack_order(reader.schema.metadata[b"id_order"],
                                                          int(m["teacher"]["vocab_size"]), id_type)
             side = m["side_compressor"]
-            stored = decode_topk_logits(decompress_rows(batch.column("topk_logits"), t * k * dtype.itemsize, side),
-                                        dtype, t, k)
-            out.update(
-                topk_ids=decode_topk_ids(decompress_rows(batch.column("topk_ids"), t * k * id_type.itemsize, side),
-                                         order, t, k).astype(np.int64),
-                topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
-                lse={temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)},
-            )
+
+            def planes(name: str, width: int) -> np.ndarray:
+                return decompress_rows(batch.column(name), t * (k if name.startswith("topk") else self.samples) * width,
+                                       side)
+
+            if k:  # a cache of sampled targets only has no top-k columns
+                stored = decode_topk_logits(planes("topk_logits", dtype.itemsize), dtype, t, k)
+                out.update(
+                    topk_ids=decode_topk_ids(planes("topk_ids", id_type.itemsize), order, t, k).astype(np.int64),
+                    topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
+                )
+            out["lse"] = {temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)}
+            if self.samples:
+                out.update(self._read_samples(planes, order, dtype, id_type))
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
@@ -160,12 +171,24 @@ class Cache:
             self._chunks.popitem(last=False)
         return out
 
+    def _read_samples(self, planes, order: np.ndarray, dtype: np.dtype, id_type: np.dtype) -> dict:
+        """sample_ids [n, T, K] int64, sample_counts [n, T, K] int64 (0 = empty slot), sample_logits [n, T, K] fp32."""
+        m, t, K = self.manifest, self.seq_len, self.samples
+        counts = np.dtype(self.sampling["count_dtype"])
+        stored = decode_topk_logits(planes("sample_logits", dtype.itemsize), dtype, t, K)
+        return {
+            "sample_ids": decode_topk_ids(planes("sample_ids", id_type.itemsize), order, t, K).astype(np.int64),
+            "sample_counts": from_planes(planes("sample_counts", counts.itemsize), counts.itemsize)
+            .reshape(-1, t, K).astype(np.int64),
+            "sample_logits": logits_from_numpy(stored, m["logit_dtype"]),
+        }
+
     def __getitem__(self, i: int) -> dict:
         pos, chunk, row = self.locate(int(i))
         c = self.read_chunk(pos, chunk)
         s = {"input_ids": c["input_ids"][row], "hidden": {layer: h[row] for layer, h in c["hidden"].items()}}
         if self.with_logits:
-            s.update(topk_ids=c["topk_ids"][row], topk_logits=c["topk_logits"][row],
+            s.update({key: c[key][row] for key in TARGET_KEYS if key in c},
                      lse={temp: v[row] for temp, v in c["lse"].items()})
         if "length" in c:
             s["length"] = int(c["length"][row])

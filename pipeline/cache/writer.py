@@ -29,7 +29,8 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, pack_order, rank_table, zarr_compressor,
+    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, pack_order, rank_table, to_planes,
+    zarr_compressor,
 )
 from pipeline.cache.stats import SquareSums, token_squares
 from pipeline.cache.manifest import SHARDS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths
@@ -57,6 +58,7 @@ class ShardLayout:
 
     def order(self) -> np.ndarray:
         return np.frombuffer(self.id_order, dtype=self.id_dtype)
+    samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -94,7 +96,8 @@ class ShardWriter:
         self._packed_order = pack_order(layout.order())
 
     def add(self, rows: dict) -> None:
-        """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k], lse [n_temps, r, T],
+        """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k] (topk > 0),
+        sample_ids/sample_counts/sample_logits [r, T, K] (samples > 0), lse [n_temps, r, T],
         and either hidden {layer: [r, T, d] float32} or, encoded where the teacher ran, encoded {layer:
         {suffix: array}} with token_squares {layer: [r, T] float64}."""
         self._pending.append(rows)
@@ -139,10 +142,20 @@ class ShardWriter:
         def compress_side(name: str, planes) -> None:
             side[name] = compress_rows(planes(), self.layout.side_compressor)
 
-        encode_tasks = [
-            functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
-            functools.partial(compress_side, "topk_logits", lambda: encode_topk_logits(rows["topk_logits"])),
-        ]
+        encode_tasks = []
+        if lay.topk:
+            encode_tasks += [
+                functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
+                functools.partial(compress_side, "topk_logits", lambda: encode_topk_logits(rows["topk_logits"])),
+            ]
+        if lay.samples:  # sorted by logit like the top-k: the same ranks and delta planes
+            encode_tasks += [
+                functools.partial(compress_side, "sample_ids",
+                                  lambda: encode_topk_ids(rows["sample_ids"], self._rank_of)),
+                functools.partial(compress_side, "sample_counts", lambda: to_planes(
+                    rows["sample_counts"].reshape(len(rows["sample_counts"]), -1))),
+                functools.partial(compress_side, "sample_logits", lambda: encode_topk_logits(rows["sample_logits"])),
+            ]
         if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
             encoded.update(rows["encoded"])
         else:
@@ -180,8 +193,9 @@ class ShardWriter:
             self._tokens += int(rows["length"].sum())
         else:
             self._tokens += rows["input_ids"].size
-        cols["topk_ids"] = pa.array(rows["side"]["topk_ids"], type=pa.binary())
-        cols["topk_logits"] = pa.array(rows["side"]["topk_logits"], type=pa.binary())
+        for name in ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits"):
+            if name in rows["side"]:
+                cols[name] = pa.array(rows["side"][name], type=pa.binary())
         for j in range(lay.n_temps):
             cols[lse_column(j)] = _fixed(rows["lse"][j])
         batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": self._packed_order})

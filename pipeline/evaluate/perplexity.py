@@ -97,6 +97,8 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
     if not rows:
         raise PipelineError(f"{cache.root} has no held-out sequences (it was built with data.heldout_fraction 0)")
     temp = next((t for t in cache.temperatures if abs(t - KL_TEMPERATURE) <= 1e-6), None)
+    if not cache.topk:  # a cache of sampled targets only: the KL needs the top-k buckets
+        temp = None
     device = next(model.parameters()).device
     per_seq: dict[str, list] = {"nll": [], "kl": [], "tokens": []}  # sums per held-out sequence; totals below
     for s in tqdm(range(0, len(rows), batch_size), desc="held-out (cache)", unit="batch", disable=not progress):

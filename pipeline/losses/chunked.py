@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, gathered_pair
+from pipeline.losses.sampled import sampled_pair
 
 DEFAULT_CHUNK_TOKENS = 512
 # final-logit transforms we reproduce, by config attribute (text config)
@@ -66,6 +67,11 @@ class VocabTerms:
     topk_ids: torch.Tensor | None = None  # [M, k] long
     topk_logits: torch.Tensor | None = None  # [M, k]
     lse: torch.Tensor | None = None  # [M] at the temperature
+    # sampled targets (pipeline/losses/sampled.py): topk_ids / topk_logits then hold the drawn ids and their
+    # logits [M, K], these their counts and the teacher's lse at the proposal temperature
+    sample_counts: torch.Tensor | None = None  # [M, K]
+    lse_proposal: torch.Tensor | None = None  # [M]
+    proposal_temperature: float = 1.0
 
 
 def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Tensor, a: int, b: int, grad: bool
@@ -103,7 +109,7 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
     if terms.topk_ids is not None:
         T = float(terms.temperature)
         ids = terms.topk_ids[a:b]
-        needs_lse = GATHERED_NEEDS_LSE[terms.tail]
+        needs_lse = terms.sample_counts is not None or GATHERED_NEEDS_LSE[terms.tail]
         lse_t = e_t = s_t = None
         if needs_lse:
             e_t = torch.sub(z, m).mul_(1.0 / T).exp_()  # [c, V]
@@ -114,7 +120,7 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
         with torch.enable_grad():
             z_in = z.gather(-1, ids).detach().requires_grad_(want)  # [c, k]
             lse_leaf = lse_t.detach().requires_grad_(want) if needs_lse else None
-            pair = gathered_pair(terms.tail, z_in, lse_leaf, terms.topk_logits[a:b], terms.lse[a:b], T)
+            pair = _teacher_pair(terms, z_in, lse_leaf, a, b)
             div = LOGIT_LOSSES.get(terms.divergence).fn(pair, terms.args or {}).sum()
             if want:
                 leaves = [z_in] + ([lse_leaf] if needs_lse else [])
@@ -135,6 +141,15 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
             grad_z.mul_(head.scale)
     total = terms.alpha * ce + terms.beta * float(terms.temperature) ** 2 * div
     return total, ce, div, grad_z
+
+
+def _teacher_pair(terms: VocabTerms, z_in: torch.Tensor, lse_leaf: torch.Tensor | None, a: int, b: int):
+    """The divergence's pair for rows a..b: top-k with its tail mode, or the importance-weighted draws."""
+    T = float(terms.temperature)
+    if terms.sample_counts is not None:
+        return sampled_pair(z_in, lse_leaf, terms.topk_logits[a:b], terms.sample_counts[a:b], terms.lse[a:b],
+                            terms.lse_proposal[a:b], T, float(terms.proposal_temperature))
+    return gathered_pair(terms.tail, z_in, lse_leaf, terms.topk_logits[a:b], terms.lse[a:b], T)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pipeline.losses.dynamics import DYNAMICS_LOSSES
 from pipeline.losses.hidden import HIDDEN_LOSSES
 from pipeline.losses.logits import TAIL_MODES, check_logits_args
+from pipeline.losses.sampled import check_sampled_divergence
 
 
 @dataclass
@@ -30,15 +31,27 @@ class LossSpec:
     hidden: str = "cosine"
     dynamics: str = "fdd"
     chunk_tokens: int = 512  # 0 = dense vocabulary losses (pipeline/losses/chunked.py)
+    # auto | topk | sampled (pipeline/losses/sampled.py); the recipe resolves auto from the cache, and
+    # the proposal temperature of sampled targets from its manifest
+    logits_source: str = "auto"
+    proposal_temperature: float | None = None
     preset: str | None = None  # where the defaults came from (for the record only)
 
     def checked(self) -> "LossSpec":
         """A copy with logits_args resolved; unknown names or parameters -> PipelineError."""
         args = check_logits_args(self.logits, self.logits_args)
+        if self.logits_source == "sampled":
+            check_sampled_divergence(self.logits)
         TAIL_MODES.get(self.tail)
         HIDDEN_LOSSES.get(self.hidden)
         DYNAMICS_LOSSES.get(self.dynamics)
         return dataclasses.replace(self, logits_args=args)
+
+    def _targets(self) -> str:
+        if self.logits_source == "sampled":
+            tp = f", proposal T={self.proposal_temperature:g}" if self.proposal_temperature is not None else ""
+            return f"sampled targets{tp}"
+        return f"tail {self.tail}"
 
     @property
     def needs_states(self) -> bool:
@@ -50,7 +63,7 @@ class LossSpec:
         args = ", ".join(f"{k}={v:g}" for k, v in self.logits_args.items())
         terms = [
             (self.alpha, "ce"),
-            (self.beta, f"{self.logits}({args + '; ' if args else ''}T={self.temperature:g}, tail {self.tail})"),
+            (self.beta, f"{self.logits}({args + '; ' if args else ''}T={self.temperature:g}, {self._targets()})"),
             (self.gamma, f"{self.hidden} hidden"),
             (self.delta, self.dynamics),
         ]

@@ -29,6 +29,7 @@ from pipeline.sources import models
 from pipeline.sources.digest import model_digest, tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.teacher.capture import TeacherCapture, id_dtype
+from pipeline.teacher.sampling import count_dtype
 
 LOGITS_LEVEL = 9  # zstd level of the Arrow record batches (input ids, lse; the top-k blobs are brotli already)
 
@@ -80,6 +81,16 @@ def _all_ok(world: int, ok: bool) -> bool:
     return int(flag) == 0
 
 
+def stored_targets(cc) -> tuple[int, int]:
+    """(top-k, draws per position) that cache.logits stores; 0 = none of that kind."""
+    return (cc.topk if "topk" in cc.logits else 0), (cc.samples if "sampled" in cc.logits else 0)
+
+
+def sampling_record(cc) -> dict:
+    """The sampled targets' settings, in the fingerprint and the manifest (pipeline/teacher/sampling.py)."""
+    return {"samples": cc.samples, "proposal_temperature": float(cc.proposal_temperature), "seed": cc.sample_seed}
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -109,8 +120,10 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
     # hidden states encoded where the teacher runs (a GPU: only the encoded bytes cross to the host, and the
     # CPU writer only compresses) or on the writer's threads; the same bytes either way
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
-    capture = TeacherCapture(teacher, layers, cc.topk, cc.temperatures, cc.logit_dtype,
-                             hidden_codec=codec.name if on_device else None)
+    topk, samples = stored_targets(cc)
+    capture = TeacherCapture(teacher, layers, topk, cc.temperatures, cc.logit_dtype,
+                             hidden_codec=codec.name if on_device else None, samples=samples,
+                             proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed)
     vocab = capture.vocab_size
 
     side = f"{cc.side_compressor}-{SIDE_LEVELS[cc.side_compressor]}"
@@ -125,7 +138,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             "packing": data.packing, "seed": data.seed,
         },
         "seq_len": data.seq_len,
-        "topk": cc.topk,
+        "topk": topk,
         "temperatures": [float(t) for t in cc.temperatures],
         "layers": layers,
         "codecs": {
@@ -133,9 +146,11 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             "ids": f"{id_dtype(vocab).name}/frequency-rank-planes/{side}", "hidden_level": cc.compression_level,
             "hidden_compressor": cc.hidden_compressor,
         },
-        "capture": {"teacher_dtype": cfg.teacher.dtype},
+        "capture": {"teacher_dtype": cfg.teacher.dtype, "logits": cc.logits},
         "layout": {"shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences},
     }
+    if samples:
+        fingerprint["sampling"] = sampling_record(cc)
     n = len(seqs)
     header = {
         "format_version": FORMAT_VERSION,
@@ -146,13 +161,15 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             "hidden_size": tcfg.hidden_size, "vocab_size": vocab, "dtype": cfg.teacher.dtype,
         },
         "seq_len": data.seq_len, "num_sequences": n, "packing": data.packing,
-        "topk": cc.topk, "temperatures": fingerprint["temperatures"], "layers": layers,
+        "topk": topk, "temperatures": fingerprint["temperatures"], "layers": layers, "logits": cc.logits,
         "logit_dtype": cc.logit_dtype, "id_dtype": id_dtype(vocab).name, "hidden_codec": codec.name,
         "side_compressor": cc.side_compressor,
         "hidden_codec_bound": codec.bound,
         "split": {"train": [0, seqs.n_train], "heldout": [seqs.n_train, n]},
         "shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences,
     }
+    if samples:
+        header["sampling"] = {**sampling_record(cc), "count_dtype": count_dtype(samples).name}
 
     # 4. claim the directory (rank 0 holds the lock for the whole build)
     lock = build_lock(root)
@@ -187,7 +204,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             click.echo(f"{root}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already written", err=True)
 
         layout = ShardLayout(
-            seq_len=data.seq_len, topk=cc.topk, layers=tuple(layers), n_temps=len(cc.temperatures),
+            seq_len=data.seq_len, topk=topk, samples=samples, layers=tuple(layers), n_temps=len(cc.temperatures),
             hidden_codec=codec.name, id_dtype=id_dtype(vocab).name, padded=not data.packing,
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
             hidden_compressor=cc.hidden_compressor,
@@ -213,8 +230,11 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
                             lengths = torch.from_numpy(seqs.lengths[b:e]).long()
                             mask = (torch.arange(data.seq_len)[None, :] < lengths[:, None]).long()
                             batch["length"] = seqs.lengths[b:e]
-                        cap = capture(ids, mask)
+                        cap = capture(ids, mask, sequences=list(range(b, e)))
                         batch.update(topk_ids=cap.topk_ids, topk_logits=cap.topk_logits, lse=cap.lse, hidden=cap.hidden)
+                        if samples:
+                            batch.update(sample_ids=cap.sample_ids, sample_counts=cap.sample_counts,
+                                         sample_logits=cap.sample_logits)
                         if cap.encoded is not None:
                             batch.update(encoded=cap.encoded, token_squares=cap.token_squares)
                         writer.put_rows(s, batch)
@@ -263,7 +283,9 @@ def summarize(manifest: dict) -> dict:
     arrow = sum(s["bytes"]["arrow"] for s in m["shards"])
     id_bytes = 2 if m["id_dtype"] == "uint16" else 4
     logit_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}[m["logit_dtype"]]
-    raw_side = m["topk"] * (id_bytes + logit_bytes) + 4 * len(m["temperatures"]) + id_bytes
+    sampling = m.get("sampling")  # sampled targets: K slots of id, logit and count per position
+    sample_bytes = sampling["samples"] * (id_bytes + logit_bytes + (1 if sampling["count_dtype"] == "uint8" else 2)) if sampling else 0
+    raw_side = m["topk"] * (id_bytes + logit_bytes) + sample_bytes + 4 * len(m["temperatures"]) + id_bytes
     d = m["teacher"]["hidden_size"]
     raw_codec = {"fp32": 4 * d, "bf16": 2 * d, "fp16": 2 * d, "int8": d + 2}[m["hidden_codec"]]
     per_layer = {
@@ -278,6 +300,7 @@ def summarize(manifest: dict) -> dict:
         "hidden_compressor": codecs.get("hidden_compressor", FINGERPRINT_DEFAULTS["codecs", "hidden_compressor"]),
         "side_compressor": m["side_compressor"],
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
+        "logits": m.get("logits", "topk"), "sampling": sampling,
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
         "split": m["split"], "shards": len(m["shards"]),
@@ -310,6 +333,12 @@ def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | No
         f"train {info['split']['train']}, held-out {info['split']['heldout']}",
         f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}; "
         f"ids as frequency ranks, {info['side_compressor']} per sequence",
+    ]
+    if info["sampling"]:
+        sp = info["sampling"]
+        lines.append(f"sampled      K={sp['samples']} draws per position at T={sp['proposal_temperature']:g} "
+                     f"(seed {sp['seed']}), logits {info['logit_dtype']}")
+    lines += [
         f"layers       {info['layers']} ({info['hidden_codec']}, Blosc {info['hidden_compressor']})",
         f"side data    {b['side_data']:.1f} B/token ({r['side_data_vs_raw']:.2f} of raw)",
         f"hidden       {b['hidden_all_layers']:.0f} B/token for {len(per_layer)} layers "

@@ -75,7 +75,28 @@ def loss_spec(loss) -> "LossSpec":
     """cfg.loss -> a checked LossSpec (registry names, the divergence's parameters); one-line errors."""
     from pipeline.losses.spec import LossSpec
 
-    return LossSpec(**{f.name: getattr(loss, f.name) for f in dataclasses.fields(LossSpec)}).checked()
+    return LossSpec(**{f.name: getattr(loss, f.name) for f in dataclasses.fields(LossSpec) if hasattr(loss, f.name)}).checked()
+
+
+def resolve_logits_source(loss, cache_cfg=None, manifest: dict | None = None):
+    """loss with logits_source resolved against what the teacher side holds (a cache manifest, or the online
+    teacher's cache.* settings) and, for sampled targets, their proposal temperature; checked again (the
+    divergence must have a sampled estimate). One-line errors."""
+    if manifest is not None:
+        mode = manifest.get("logits", "topk")
+        proposal = (manifest.get("sampling") or {}).get("proposal_temperature")
+        where = f"the cache holds cache.logits {mode}"
+    else:
+        mode, proposal = cache_cfg.logits, cache_cfg.proposal_temperature
+        where = f"the online teacher is configured with cache.logits {mode}"
+    source = loss.logits_source
+    if source == "auto":
+        source = "sampled" if mode == "sampled" else "topk"
+    if source not in mode:
+        raise PipelineError(f"loss.logits_source {source}: {where}; set loss.logits_source="
+                            f"{'sampled' if mode == 'sampled' else 'topk'} or rebuild with cache.logits=topk+sampled")
+    return dataclasses.replace(loss, logits_source=source,
+                               proposal_temperature=float(proposal) if source == "sampled" else None).checked()
 
 
 def check_dynamics_map(loss, layer_map: dict[int, int]) -> None:
@@ -104,7 +125,7 @@ def online_mean_square(capture, rows, batch_size: int, hidden_size: int) -> dict
         valid = torch.ones(ids.shape, dtype=torch.bool)
         if "length" in batch:
             valid = torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]
-        cap = capture(ids, valid.long() if "length" in batch else None)
+        cap = capture(ids, valid.long() if "length" in batch else None, sequences=batch["sequence"].tolist())
         acc.add(cap.hidden, np.asarray(valid))
     return acc.mean_square(hidden_size)
 
@@ -159,6 +180,10 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         n_teacher = int(manifest["teacher"]["num_layers"])
         d_teacher = int(manifest["teacher"]["hidden_size"])
 
+    # which teacher targets the logits loss reads (auto: the cache's only kind, top-k when it holds both), and
+    # for sampled ones their proposal temperature; the divergence is checked against the choice here
+    loss = resolve_logits_source(loss, cfg.cache if online else None, None if online else manifest)
+
     # 4. layer map: student depth from its config, teacher depth from the manifest, kept blocks from pruning.json
     layer_map = build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
     check_dynamics_map(loss, layer_map)
@@ -195,13 +220,19 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         cc = cfg.cache
         train_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(0, seqs.n_train), cc.shard_sequences, cc.chunk_sequences)
         eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
-        capture = TeacherCapture(teacher, needed, cc.topk, [loss.temperature], cc.logit_dtype)
+        sampled = loss.logits_source == "sampled"
+        temps = sorted({float(loss.temperature), float(loss.proposal_temperature)} if sampled else {float(loss.temperature)})
+        capture = TeacherCapture(teacher, needed, 0 if sampled else cc.topk, temps, cc.logit_dtype,
+                                 samples=cc.samples if sampled else 0, proposal_temperature=cc.proposal_temperature,
+                                 sample_seed=cc.sample_seed)
         collator = OnlineTeacherCollator(capture, loss.temperature)
     else:
         # only what the loss reads: no hidden layers without gamma/delta, no top-k logits without beta
         so = cfg.cache.storage_options
-        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0, storage_options=so)
-        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature, logits=loss.beta > 0, storage_options=so)
+        train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0,
+                                storage_options=so, source=loss.logits_source)
+        eval_ds = CacheDataset(cfg.cache.dir, "heldout", needed, loss.temperature, logits=loss.beta > 0,
+                               storage_options=so, source=loss.logits_source)
         capture, collator = None, collate
     if len(train_ds) == 0:
         raise PipelineError("the cache's train split is empty")

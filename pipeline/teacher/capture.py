@@ -61,8 +61,12 @@ def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored
     (never 1 - sum_I p_i) and no lse-sized absolute rounding (never a difference of two logsumexps). The
     error left is the float32 rounding of the result, 0.5 ulp(lse'_T), plus a few 2^-24 times tau_T.
     """
-    z.scatter_(-1, top_ids, float("-inf"))
     out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
+    if top.shape[-1] == 0:  # no top-k stored (sampled targets only): the full-vocabulary lse
+        for ti, temp in enumerate(temperatures):
+            out[ti] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
+        return out
+    z.scatter_(-1, top_ids, float("-inf"))
     wide = "cpu" if z.device.type == "mps" else z.device  # [N, k] float64 work (MPS has no float64)
     top64, stored64 = top.to(wide, torch.float64), stored.to(wide, torch.float64)
     for ti, temp in enumerate(temperatures):
@@ -85,6 +89,11 @@ class Captured:
     # and each token's float64 sum of squares per layer [B, T] (what the manifest's mean square needs)
     encoded: dict[int, dict[str, np.ndarray]] | None = None
     token_squares: dict[int, np.ndarray] | None = None
+    # with samples > 0 (pipeline/teacher/sampling.py): per position the distinct drawn ids sorted by logit,
+    # how often each was drawn (0 = an empty slot; the counts sum to K) and the raw logits there
+    sample_ids: np.ndarray | None = None  # [B, T, K] uint16 | uint32
+    sample_counts: np.ndarray | None = None  # [B, T, K] uint8 (K <= 255) | uint16
+    sample_logits: np.ndarray | None = None  # [B, T, K] storage dtype (see logits_to_numpy)
 
 
 class TeacherCapture:
@@ -99,6 +108,9 @@ class TeacherCapture:
         logit_dtype: str = "fp16",
         head_chunk_tokens: int = 1024,
         hidden_codec: str | None = None,
+        samples: int = 0,
+        proposal_temperature: float = 1.0,
+        sample_seed: int = 0,
     ):
         self.model = model
         self.layers = sorted(set(layers))
@@ -119,8 +131,14 @@ class TeacherCapture:
         bad = [i for i in self.layers if not 0 <= i <= n]
         if bad:
             raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n})")
-        if not 1 <= topk <= self.vocab_size:
+        # topk 0: no top-k targets (a cache of sampled logits only); samples 0: no draws
+        self.samples, self.proposal_temperature, self.sample_seed = int(samples), float(proposal_temperature), int(sample_seed)
+        if not (0 if self.samples else 1) <= topk <= self.vocab_size:
             raise PipelineError(f"cache.topk: {topk} must be between 1 and the vocabulary size {self.vocab_size}")
+        if self.samples < 0:
+            raise PipelineError(f"cache.samples: {samples} must be >= 1")
+        if not self.proposal_temperature > 0:
+            raise PipelineError(f"cache.proposal_temperature: {proposal_temperature} must be > 0")
         self._store: dict[int, torch.Tensor] = {}
         self._handles = []
         for i in self.layers:
@@ -147,7 +165,9 @@ class TeacherCapture:
         self._handles = []
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Captured:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 sequences: list[int] | None = None) -> Captured:
+        """`sequences`: the global index of every row, which seeds its draws (needed when samples > 0)."""
         self._store = {}
         base = self.model.get_decoder()
         device = self.model.get_output_embeddings().weight.device
@@ -162,11 +182,14 @@ class TeacherCapture:
         ids = torch.empty(B * T, self.topk, dtype=torch.long, device=device)
         vals = torch.empty(B * T, self.topk, dtype=torch.float32, device=device)
         lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32, device=device)
+        sampler = self._sampler(sequences, B, T, device)  # None without draws
         # the LM head in token chunks: never more than one [chunk, V] logits tensor alive
         for s in range(0, B * T, self.head_chunk_tokens):
             z = head(flat[s : s + self.head_chunk_tokens]).float()  # [c, V]
             if self.softcap:
                 z = torch.tanh(z / self.softcap) * self.softcap
+            if sampler is not None:
+                sampler(z, s)
             v, i = torch.topk(z, self.topk, dim=-1)
             vals[s : s + len(z)], ids[s : s + len(z)] = v, i
             stored = v.to(LOGIT_DTYPES[self.logit_dtype]).float()  # the top-k logits as the reader gets them
@@ -178,6 +201,8 @@ class TeacherCapture:
             lse=lse.reshape(len(self.temperatures), B, T).cpu().numpy(),
             hidden={},
         )
+        if sampler is not None:
+            self._store_samples(out, sampler, B, T)
         if self.codec is None:
             out.hidden = {i: self._store[i].float().cpu().numpy() for i in self.layers}
         else:
@@ -187,3 +212,21 @@ class TeacherCapture:
                 out.encoded[i] = self.codec.encode_torch(h)
                 out.token_squares[i] = h.double().square().sum(-1).cpu().numpy()  # [B, T]
         return out
+
+    def _sampler(self, sequences: list[int] | None, B: int, T: int, device):
+        if not self.samples:
+            return None
+        from pipeline.teacher.sampling import SampleBuffers, sequence_uniforms
+
+        if sequences is None or len(sequences) != B:
+            raise ValueError(f"drawing samples needs the global index of each of the {B} rows, got {sequences!r}")
+        uniforms = torch.from_numpy(sequence_uniforms(self.sample_seed, list(sequences), T, self.samples))
+        return SampleBuffers(uniforms.reshape(B * T, self.samples).to(device), self.proposal_temperature)
+
+    def _store_samples(self, out: Captured, sampler, B: int, T: int) -> None:
+        from pipeline.teacher.sampling import count_dtype
+
+        shape = (B, T, self.samples)
+        out.sample_ids = sampler.ids.reshape(shape).to(torch.int32).cpu().numpy().astype(self.id_dtype)
+        out.sample_counts = sampler.counts.reshape(shape).cpu().numpy().astype(count_dtype(self.samples))
+        out.sample_logits = logits_to_numpy(sampler.logits.reshape(shape).cpu(), self.logit_dtype)

@@ -4,6 +4,9 @@ Batches are dicts of tensors, the same for both sources:
     input_ids [B, T] long, topk_ids [B, T, k] long, topk_logits [B, T, k] fp32,
     lse [B, T] fp32 (at the loss temperature), hidden_<t> [B, T, d_teacher] fp32 per mapped teacher layer t,
     length [B] long (padded caches only).
+With sampled teacher targets (loss.logits_source sampled) sample_ids [B, T, K] long, sample_counts [B, T, K]
+and sample_logits [B, T, K] fp32 and lse_proposal [B, T] fp32 (at the proposal temperature) stand in for
+topk_ids / topk_logits.
 
 Shuffling keeps reads efficient: the sampler shuffles whole cache chunks (one Arrow record batch + one
 Zarr chunk per layer), then rows inside a small window of consecutive chunks, so each chunk is decoded
@@ -89,14 +92,24 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, cache_dir: str, split: str, layers: Sequence[int], temperature: float, logits: bool = True,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, source: str = "topk"):
         self.cache_dir = str(cache_dir)  # a folder or an fsspec URL (opened with storage_options)
         self.storage_options = dict(storage_options or {})
+        self.source = source  # topk | sampled: which teacher targets an item carries
         self.layers = sorted(set(int(x) for x in layers))
         self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
         cache = self._open()  # the mapped layers only
         self.indices = list(cache.indices(split))
         self.temperature = cached_temperature(cache.temperatures, temperature)
+        self.proposal_temperature = None
+        if source == "sampled":
+            if not cache.samples:
+                raise PipelineError(f"{self.cache_dir} holds no sampled teacher targets (cache.logits "
+                                    f"{cache.manifest.get('logits', 'topk')}): set loss.logits_source=topk or rebuild")
+            self.proposal_temperature = cached_temperature(cache.temperatures, cache.sampling["proposal_temperature"])
+        elif logits and not cache.topk:
+            raise PipelineError(f"{self.cache_dir} holds no top-k teacher targets (cache.logits sampled): "
+                                "set loss.logits_source=sampled or rebuild")
         self.padded = cache.padded
         self.groups = chunk_groups([cache.locate(i)[:2] for i in self.indices])
         self._cache: Cache | None = cache
@@ -120,7 +133,10 @@ class CacheDataset(Dataset):
             self._cache = self._open()
         s = self._cache[self.indices[pos]]
         item = {"input_ids": s["input_ids"]}
-        if self.logits:
+        if self.logits and self.source == "sampled":
+            item.update(sample_ids=s["sample_ids"], sample_counts=s["sample_counts"], sample_logits=s["sample_logits"],
+                        lse=s["lse"][self.temperature], lse_proposal=s["lse"][self.proposal_temperature])
+        elif self.logits:
             item.update(topk_ids=s["topk_ids"], topk_logits=s["topk_logits"], lse=s["lse"][self.temperature])
         for layer in self.layers:
             item[hidden_key(layer)] = s["hidden"][layer]
@@ -146,7 +162,7 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, pos: int) -> dict:
         i = self.indices[pos]
-        item = {"input_ids": self.input_ids[i].astype(np.int64)}
+        item = {"input_ids": self.input_ids[i].astype(np.int64), "sequence": i}  # i seeds the teacher's draws
         if self.lengths is not None:
             item["length"] = int(self.lengths[i])
         return item
@@ -155,13 +171,16 @@ class SequenceDataset(Dataset):
 # ----------------------------------------------------------------------------- collators
 
 
+LONG_KEYS = ("input_ids", "topk_ids", "sample_ids", "length", "sequence")
+
+
 def collate(items: list[dict]) -> dict:
     """Stack items into [B, ...] tensors (ids long, floats fp32)."""
     out = {}
     for key in items[0]:
         arr = np.stack([np.asarray(it[key]) for it in items])
         t = torch.from_numpy(arr)
-        out[key] = t.long() if key in ("input_ids", "topk_ids", "length") else t.float()
+        out[key] = t.long() if key in LONG_KEYS else t.float()
     return out
 
 
@@ -174,6 +193,10 @@ class OnlineTeacherCollator:
         self.temperature_index = capture.temperatures.index(
             cached_temperature(capture.temperatures, temperature)
         )
+        # a capture with draws (capture.samples > 0) gives sampled targets, seeded by the rows' sequence indices
+        # exactly as a cache build seeds them
+        self.proposal_index = capture.temperatures.index(
+            cached_temperature(capture.temperatures, capture.proposal_temperature)) if capture.samples else None
 
     def __call__(self, items: list[dict]) -> dict:
         batch = collate(items)
@@ -181,11 +204,18 @@ class OnlineTeacherCollator:
         mask = None
         if "length" in batch:
             mask = (torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]).long()
-        cap = self.capture(ids, mask)
+        sequences = batch.pop("sequence").tolist()
+        cap = self.capture(ids, mask, sequences=sequences)
         from pipeline.teacher.capture import logits_from_numpy
 
-        batch["topk_ids"] = torch.from_numpy(cap.topk_ids.astype(np.int64))
-        batch["topk_logits"] = torch.from_numpy(logits_from_numpy(cap.topk_logits, self.capture.logit_dtype))
+        if self.proposal_index is not None:
+            batch["sample_ids"] = torch.from_numpy(cap.sample_ids.astype(np.int64))
+            batch["sample_counts"] = torch.from_numpy(cap.sample_counts.astype(np.float32))
+            batch["sample_logits"] = torch.from_numpy(logits_from_numpy(cap.sample_logits, self.capture.logit_dtype))
+            batch["lse_proposal"] = torch.from_numpy(cap.lse[self.proposal_index])
+        else:
+            batch["topk_ids"] = torch.from_numpy(cap.topk_ids.astype(np.int64))
+            batch["topk_logits"] = torch.from_numpy(logits_from_numpy(cap.topk_logits, self.capture.logit_dtype))
         batch["lse"] = torch.from_numpy(cap.lse[self.temperature_index])
         for layer, h in cap.hidden.items():
             batch[hidden_key(layer)] = torch.from_numpy(h)

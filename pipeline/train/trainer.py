@@ -29,6 +29,7 @@ from pipeline.losses.chunked import VocabTerms, chunked_head_loss, final_hidden,
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.logits import cross_entropy, logits_loss
+from pipeline.losses.sampled import sampled_logits_loss
 from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
 from pipeline.teacher.capture import decoder_layers
@@ -116,7 +117,17 @@ class UniversalDistillationTrainer(Trainer):
             h = self._final_hidden.reshape(B * T, -1).index_select(0, rows)  # [M, d]
             self._final_hidden = None
             terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets[rows] if want_ce else None)
-            if spec.beta > 0:
+            if spec.beta > 0 and spec.logits_source == "sampled":  # ids and logits of the draws, their counts
+                k = inputs["sample_ids"].shape[-1]
+                terms = dataclasses.replace(
+                    terms, divergence=spec.logits, args=spec.logits_args, temperature=spec.temperature,
+                    topk_ids=inputs["sample_ids"].reshape(-1, k).index_select(0, rows).long(),
+                    topk_logits=inputs["sample_logits"].reshape(-1, k).index_select(0, rows),
+                    sample_counts=inputs["sample_counts"].reshape(-1, k).index_select(0, rows),
+                    lse=inputs["lse"].reshape(-1).index_select(0, rows),
+                    lse_proposal=inputs["lse_proposal"].reshape(-1).index_select(0, rows),
+                    proposal_temperature=spec.proposal_temperature)
+            elif spec.beta > 0:
                 k = inputs["topk_ids"].shape[-1]
                 terms = dataclasses.replace(
                     terms, divergence=spec.logits, tail=spec.tail, args=spec.logits_args, temperature=spec.temperature,
@@ -133,7 +144,15 @@ class UniversalDistillationTrainer(Trainer):
             if want_ce:
                 parts["loss_ce"] = cross_entropy(logits, targets, nm)
                 total = spec.alpha * parts["loss_ce"]
-            if spec.beta > 0:
+            if spec.beta > 0 and spec.logits_source == "sampled":
+                k = inputs["sample_ids"].shape[-1]
+                parts["loss_kl"] = sampled_logits_loss(
+                    spec.logits, logits, *(inputs[key].reshape(-1, k) for key in ("sample_ids", "sample_logits", "sample_counts")),
+                    inputs["lse"].reshape(-1), inputs["lse_proposal"].reshape(-1), nm, spec.temperature,
+                    spec.proposal_temperature, args=spec.logits_args,
+                )
+                total = total + spec.beta * parts["loss_kl"]
+            elif spec.beta > 0:
                 k = inputs["topk_ids"].shape[-1]
                 parts["loss_kl"] = logits_loss(
                     spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),

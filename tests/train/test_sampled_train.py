@@ -1,0 +1,109 @@
+"""Training from sampled teacher targets: a few steps from the cache, the live teacher drawing the same
+targets (online parity), the dense and chunked paths agreeing, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.recipes.train import run_train
+
+from .conftest import base_overrides, tiny_pair
+
+SAMPLED = ["cache.logits=topk+sampled", "cache.samples=16", "cache.proposal_temperature=1.0"]
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    """{root, overrides}: the tiny pair and a topk+sampled cache (K = 16 at Tp = 1; loss T = 2: weighted)."""
+    from pipeline.recipes.cache import build_cache
+
+    root = tmp_path_factory.mktemp("sampled")
+    teacher, student = tiny_pair(root)
+    overrides = base_overrides(root, teacher, student, str(root / "cache")) + SAMPLED
+    build_cache(load_config(None, overrides))
+    return {"root": root, "overrides": overrides}
+
+
+def _history(run_dir):
+    return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def _first_log(run_dir):
+    return next(h for h in _history(run_dir) if "loss" in h)
+
+
+def test_few_steps_from_sampled_targets(sampled, train_overrides):
+    out = sampled["root"] / "steps"
+    cfg = load_config(None, sampled["overrides"] + train_overrides(out, max_steps=3) + [
+        "loss.logits_source=sampled", "loss.gamma=0"])
+    summary = run_train(cfg)
+    logs = [h for h in _history(out) if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert torch.isfinite(torch.tensor([h["loss"], h["loss_kl"], h["loss_ce"]])).all()
+        assert h["loss_kl"] > 0.05  # a sharp teacher, a random student
+    assert summary["config"]["loss"]["logits_source"] == "sampled"
+    assert torch.isfinite(torch.tensor(summary["metrics"]["eval_loss_after"]))
+
+
+def test_sampled_cache_matches_online(sampled, train_overrides):
+    """The live teacher draws with the same (seed, sequence index) streams: same losses and the same update."""
+    runs = {}
+    for online in (False, True):
+        out = sampled["root"] / ("online" if online else "cache_run")
+        cfg = load_config(None, sampled["overrides"] + train_overrides(out, optim="sgd", learning_rate=0.5)
+                          + ["loss.logits_source=sampled"])
+        run_train(cfg, online=online)
+        runs[online] = out
+    a, b = _first_log(runs[False]), _first_log(runs[True])
+    keys = [k for k in a if k.startswith("loss")]
+    assert {"loss", "loss_ce", "loss_kl", "loss_hidden"} <= set(keys)
+    for k in keys:
+        assert abs(a[k] - b[k]) <= 1e-4 * abs(b[k]) + 1e-7, (k, a[k], b[k])
+    sa = load_file(str(runs[False] / "student" / "model.safetensors"))
+    sb = load_file(str(runs[True] / "student" / "model.safetensors"))
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_and_chunked_agree(sampled, train_overrides):
+    logs = {}
+    for chunk in (0, 7):
+        out = sampled["root"] / f"chunk_{chunk}"
+        cfg = load_config(None, sampled["overrides"] + train_overrides(out) + [
+            "loss.logits_source=sampled", f"loss.chunk_tokens={chunk}", "loss.logits=skew_kl"])
+        run_train(cfg)
+        logs[chunk] = _first_log(out)
+    for k in ("loss", "loss_kl", "loss_ce"):
+        assert abs(logs[0][k] - logs[7][k]) <= 1e-5 * abs(logs[0][k]), (k, logs[0][k], logs[7][k])
+    assert abs(logs[0]["grad_norm"] - logs[7]["grad_norm"]) <= 1e-4 * logs[0]["grad_norm"]
+
+
+def test_topk_source_unchanged_on_a_mixed_cache(sampled, tmp_path, train_overrides):
+    """On a topk+sampled cache, auto reads the top-k targets: the same first step as logits_source=topk."""
+    logs = {}
+    for source in ("auto", "topk"):
+        out = tmp_path / source
+        run_train(load_config(None, sampled["overrides"] + train_overrides(out) + [f"loss.logits_source={source}"]))
+        logs[source] = _first_log(out)
+    assert logs["auto"]["loss"] == logs["topk"]["loss"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["loss.logits_source=sampled", "loss.logits=jsd"], "loss.logits jsd has no unbiased estimate"),
+    (["loss.logits_source=sampled", "cache.logits=topk"], "loss.logits_source sampled: the cache holds cache.logits topk"),
+])
+def test_one_line_errors_before_anything_loads(sampled, tmp_path, train_overrides, extra, message, tiny):
+    # cache.logits=topk points the run at a plain top-k cache (the shared tiny one)
+    overrides = sampled["overrides"] + train_overrides(tmp_path / "out") + extra
+    if "cache.logits=topk" in extra:
+        overrides += [f"cache.dir={tiny['cache']}"]
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(")):
+        run_train(load_config(None, overrides))
+    assert not (tmp_path / "out").exists()
