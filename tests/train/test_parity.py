@@ -16,15 +16,22 @@ def _first_log(run_dir):
     return next(h for h in state["log_history"] if "loss" in h)
 
 
-def test_cache_matches_online(tiny, train_overrides):
-    """Every term on, FDD included (loss.delta > 0): hooks, projectors and teacher layers on both paths."""
+def train_cache_and_online(root, overrides: list[str], extra: list[str], train_overrides, prefix: str) -> dict:
+    """The same config (overrides, the training keys, then extra) trained from the cache and with the live
+    teacher (--online), SGD at lr 0.5 so that a difference in any term shows in the first logged losses
+    -> {online: run dir}."""
     runs = {}
     for online in (False, True):
-        out = tiny["root"] / ("parity_online" if online else "parity_cache")
-        cfg = load_config(None, tiny["overrides"] + train_overrides(out, optim="sgd", learning_rate=0.5)
-                          + ["loss.delta=0.3"])
-        run_train(cfg, online=online)
+        out = root / f"{prefix}_{'online' if online else 'cache'}"
+        run_train(load_config(None, overrides + train_overrides(out, optim="sgd", learning_rate=0.5) + extra),
+                  online=online)
         runs[online] = out
+    return runs
+
+
+def test_cache_matches_online(tiny, train_overrides):
+    """Every term on, FDD included (loss.delta > 0): hooks, projectors and teacher layers on both paths."""
+    runs = train_cache_and_online(tiny["root"], tiny["overrides"], ["loss.delta=0.3"], train_overrides, "parity")
     a, b = _first_log(runs[False]), _first_log(runs[True])
     keys = [k for k in a if k.startswith("loss")]
     assert {"loss", "loss_ce", "loss_kl", "loss_hidden", "loss_hidden_L1", "loss_hidden_L2", "loss_fdd"} <= set(keys)

@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipes.train import run_train
 
 from .conftest import base_overrides, tiny_pair
+from .test_parity import _first_log, train_cache_and_online
 
 SAMPLED = ["cache.logits=topk+sampled", "cache.samples=16", "cache.proposal_temperature=1.0"]
 
@@ -34,10 +35,6 @@ def _history(run_dir):
     return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
 
 
-def _first_log(run_dir):
-    return next(h for h in _history(run_dir) if "loss" in h)
-
-
 def test_few_steps_from_sampled_targets(sampled, train_overrides):
     out = sampled["root"] / "steps"
     cfg = load_config(None, sampled["overrides"] + train_overrides(out, max_steps=3) + [
@@ -54,13 +51,8 @@ def test_few_steps_from_sampled_targets(sampled, train_overrides):
 
 def test_sampled_cache_matches_online(sampled, train_overrides):
     """The live teacher draws with the same (seed, sequence index) streams: same losses and the same update."""
-    runs = {}
-    for online in (False, True):
-        out = sampled["root"] / ("online" if online else "cache_run")
-        cfg = load_config(None, sampled["overrides"] + train_overrides(out, optim="sgd", learning_rate=0.5)
-                          + ["loss.logits_source=sampled"])
-        run_train(cfg, online=online)
-        runs[online] = out
+    runs = train_cache_and_online(sampled["root"], sampled["overrides"], ["loss.logits_source=sampled"],
+                                  train_overrides, "parity")
     a, b = _first_log(runs[False]), _first_log(runs[True])
     keys = [k for k in a if k.startswith("loss")]
     assert {"loss", "loss_ce", "loss_kl", "loss_hidden"} <= set(keys)
