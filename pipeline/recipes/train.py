@@ -147,8 +147,6 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     # 1. training arguments and the loss (validated before anything heavy)
     args = training_arguments(cfg.training)
     loss = loss_spec(cfg.loss)
-    if args.should_save:
-        echo(f"loss: {loss.describe()}")
     out = Path(args.output_dir)
     if online and args.dataloader_num_workers:
         raise PipelineError("--online runs the teacher in the collator: set training.dataloader_num_workers=0")
@@ -183,6 +181,8 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     # which teacher targets the logits loss reads (auto: the cache's only kind, top-k when it holds both), and
     # for sampled ones their proposal temperature; the divergence is checked against the choice here
     loss = resolve_logits_source(loss, cfg.cache if online else None, None if online else manifest)
+    if args.should_save:
+        echo(f"loss: {loss.describe()}")
 
     # 4. layer map: student depth from its config, teacher depth from the manifest, kept blocks from pruning.json
     layer_map = build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)

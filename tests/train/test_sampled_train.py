@@ -39,7 +39,11 @@ def test_few_steps_from_sampled_targets(sampled, train_overrides):
     out = sampled["root"] / "steps"
     cfg = load_config(None, sampled["overrides"] + train_overrides(out, max_steps=3) + [
         "loss.logits_source=sampled", "loss.gamma=0"])
-    summary = run_train(cfg)
+    said = []
+    summary = run_train(cfg, echo=said.append)
+    # the printed loss is the resolved one: the sampled targets and their proposal temperature (from the cache)
+    lines = [m for m in said if m.startswith("loss: ")]
+    assert len(lines) == 1 and "sampled targets, proposal T=1" in lines[0], said
     logs = [h for h in _history(out) if "loss" in h]
     assert len(logs) == 3
     for h in logs:
