@@ -24,13 +24,13 @@ from pipeline.cache.codecs import (
     HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows, from_planes, unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths, validate_manifest,
+    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths,
+    validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
 from pipeline.teacher.capture import logits_from_numpy
 
-TARGET_KEYS = ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits")  # per-sequence [T, k | K]
 _STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 
 
@@ -188,7 +188,7 @@ class Cache:
         c = self.read_chunk(pos, chunk)
         s = {"input_ids": c["input_ids"][row], "hidden": {layer: h[row] for layer, h in c["hidden"].items()}}
         if self.with_logits:
-            s.update({key: c[key][row] for key in TARGET_KEYS if key in c},
+            s.update({key: c[key][row] for key in TARGET_COLUMNS if key in c},
                      lse={temp: v[row] for temp, v in c["lse"].items()})
         if "length" in c:
             s["length"] = int(c["length"][row])

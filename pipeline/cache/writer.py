@@ -33,7 +33,9 @@ from pipeline.cache.codecs import (
     zarr_compressor,
 )
 from pipeline.cache.stats import SquareSums, token_squares
-from pipeline.cache.manifest import SHARDS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths
+from pipeline.cache.manifest import (
+    SHARDS, TARGET_COLUMNS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths,
+)
 from pipeline.cache.storage import Storage, as_storage
 
 
@@ -55,10 +57,10 @@ class ShardLayout:
     hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
     id_order: bytes = b""  # the cache's id table, order[rank] = id (codecs.frequency_order), as raw bytes
     side_compressor: str = "brotli"  # cache.side_compressor: top-k ids and logits, per sequence
+    samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
 
     def order(self) -> np.ndarray:
         return np.frombuffer(self.id_order, dtype=self.id_dtype)
-    samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -193,7 +195,7 @@ class ShardWriter:
             self._tokens += int(rows["length"].sum())
         else:
             self._tokens += rows["input_ids"].size
-        for name in ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits"):
+        for name in TARGET_COLUMNS:
             if name in rows["side"]:
                 cols[name] = pa.array(rows["side"][name], type=pa.binary())
         for j in range(lay.n_temps):
