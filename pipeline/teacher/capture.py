@@ -180,7 +180,7 @@ class TeacherCapture:
         flat = normed.reshape(B * T, -1)
         # top-k and lse stay on the head's device until the one copy of what is stored
         ids = torch.empty(B * T, self.topk, dtype=torch.long, device=device)
-        vals = torch.empty(B * T, self.topk, dtype=torch.float32, device=device)
+        vals = torch.empty(B * T, self.topk, dtype=LOGIT_DTYPES[self.logit_dtype], device=device)  # as stored
         lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32, device=device)
         sampler = self._sampler(sequences, B, T, device)  # None without draws
         # the LM head in token chunks: never more than one [chunk, V] logits tensor alive
@@ -191,13 +191,11 @@ class TeacherCapture:
             if sampler is not None:
                 sampler(z, s)
             v, i = torch.topk(z, self.topk, dim=-1)
-            vals[s : s + len(z)], ids[s : s + len(z)] = v, i
-            stored = v.to(LOGIT_DTYPES[self.logit_dtype]).float()  # the top-k logits as the reader gets them
-            lse[:, s : s + len(z)] = stored_lse(z, v, i, stored, self.temperatures)
+            vals[s : s + len(z)], ids[s : s + len(z)] = v, i  # rounded once, to the stored dtype
+            lse[:, s : s + len(z)] = stored_lse(z, v, i, vals[s : s + len(z)].float(), self.temperatures)
         out = Captured(
             topk_ids=ids.reshape(B, T, self.topk).to(torch.int32).cpu().numpy().astype(self.id_dtype),
-            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk).to(LOGIT_DTYPES[self.logit_dtype]).cpu(),
-                                        self.logit_dtype),
+            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk).cpu(), self.logit_dtype),
             lse=lse.reshape(len(self.temperatures), B, T).cpu().numpy(),
             hidden={},
         )
