@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from pipeline.cache import open_cache
+from pipeline.cache.reader import Cache
 from pipeline.cache.directory import BuildLock
 from pipeline.cache.manifest import FORMAT_VERSION
 from pipeline.cli import main
@@ -31,17 +32,20 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_same_cache(a: Path, b: Path):
-    ca, cb = open_cache(a), open_cache(b)
+def assert_same_cache(a, b):
+    """Two caches (folders, or open caches of any storage) hold the same manifest (shard checksums included)
+    and the same decoded arrays."""
+    ca, cb = (c if isinstance(c, Cache) else open_cache(c) for c in (a, b))
     assert ca.manifest == cb.manifest
     for i in range(len(ca)):
         sa, sb = ca[i], cb[i]
         for key in ("input_ids", "topk_ids", "topk_logits"):
             assert np.array_equal(sa[key], sb[key]), (i, key)
         for t in sa["lse"]:
-            assert np.array_equal(sa["lse"][t], sb["lse"][t])
+            assert np.array_equal(sa["lse"][t], sb["lse"][t]), (i, t)
+        assert sa["hidden"].keys() == sb["hidden"].keys()
         for layer in sa["hidden"]:
-            assert np.array_equal(sa["hidden"][layer], sb["hidden"][layer])
+            assert np.array_equal(sa["hidden"][layer], sb["hidden"][layer]), (i, layer)
 
 
 def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):

@@ -25,6 +25,7 @@ from pipeline.cache.manifest import FORMAT_VERSION
 from pipeline.cache.storage import Storage
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from tests.cache.test_build import assert_same_cache
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "distill-cache"
@@ -77,20 +78,6 @@ def run_cli(*args):
 
 def _options_arg(options: dict) -> str:
     return "cache.storage_options=" + json.dumps(options)
-
-
-def assert_same_cache(a, b):
-    """Two open caches hold the same manifest (shard checksums included) and the same decoded arrays."""
-    assert a.manifest == b.manifest
-    for i in range(len(a)):
-        sa, sb = a[i], b[i]
-        for key in ("input_ids", "topk_ids", "topk_logits"):
-            assert np.array_equal(sa[key], sb[key]), (i, key)
-        for t in sa["lse"]:
-            assert np.array_equal(sa["lse"][t], sb["lse"][t]), (i, t)
-        assert sa["hidden"].keys() == sb["hidden"].keys()
-        for layer in sa["hidden"]:
-            assert np.array_equal(sa["hidden"][layer], sb["hidden"][layer]), (i, layer)
 
 
 @pytest.fixture
