@@ -104,13 +104,16 @@ def zarr_compressor(level: int, typesize: int, cname: str = "zstd"):
 
 
 # ----------------------------------------------------------------------------- top-k side data
-# Top-k logits arrive sorted by value (descending). Their float bit patterns are mapped to unsigned
-# keys that sort like the values, and stored as wrap-around differences of neighbours: small numbers
-# whose high bytes are mostly zero. Ids are written as their rank in the corpus's token frequency (the
-# frequent tokens the teacher predicts most get small numbers whose high byte is mostly zero). Both are
-# split into byte planes (most significant first) and each sequence's planes are compressed with brotli,
-# whose context modelling codes these bytes tighter than zstd (measured on real text in the README's
-# side-data table). Lossless for any order of the k entries.
+# A chunk's top-k (and sampled) columns are each stored as one compressed blob (cache.side_compressor).
+# Top-k logits arrive sorted by value (descending). Their float bit patterns are mapped to unsigned keys
+# that sort like the values and stored as wrap-around differences of neighbours, small numbers whose high
+# bytes are mostly zero, laid out slot by slot (every position's largest logit, then every second...):
+# neighbours in the stream then come from the same slot and have like magnitudes. Ids are written as
+# their rank in the corpus's token frequency (the frequent tokens the teacher predicts most get small
+# numbers whose high byte is mostly zero), position by position. Both are split into byte planes (most
+# significant first) before compression; brotli's context modelling codes these bytes tighter than zstd.
+# Every layout choice here was measured on real text (README, side-data table). Lossless for any order
+# of the k entries.
 
 # cache.side_compressor -> level. brotli 10: brotli 11 is ~3x slower for < 0.1 B/token, 9 ~6x faster for
 # +8 B/token; zstd 9: some 40x faster than brotli 10 for ~8 B/token more (README, side-data table)
@@ -133,24 +136,20 @@ def from_planes(p: np.ndarray, width: int) -> np.ndarray:
     return b.view(_UINT[width]).reshape(r, -1)
 
 
-def compress_rows(planes: np.ndarray, compressor: str) -> list[bytes]:
-    """[R, n] uint8 -> one compressed blob per row (compressor: a SIDE_LEVELS key)."""
+def compress_chunk(planes: np.ndarray, compressor: str) -> bytes:
+    """uint8 bytes (any shape) -> one compressed blob (compressor: a SIDE_LEVELS key)."""
     import pyarrow as pa
 
     codec = pa.Codec(compressor, compression_level=SIDE_LEVELS[compressor])
-    return [codec.compress(np.ascontiguousarray(row), asbytes=True) for row in planes]
+    return codec.compress(np.ascontiguousarray(planes).reshape(-1), asbytes=True)
 
 
-def decompress_rows(blobs, nbytes: int, compressor: str) -> np.ndarray:
-    """Inverse of compress_rows: a sequence of blobs (bytes or pyarrow binary scalars) -> [R, nbytes] uint8."""
+def decompress_chunk(blob, nbytes: int, compressor: str) -> np.ndarray:
+    """Inverse of compress_chunk: a blob (bytes, a pyarrow buffer or binary scalar) -> [nbytes] uint8."""
     import pyarrow as pa
 
-    codec = pa.Codec(compressor)
-    out = np.empty((len(blobs), nbytes), dtype=np.uint8)
-    for r, blob in enumerate(blobs):
-        buf = blob.as_buffer() if hasattr(blob, "as_buffer") else blob
-        out[r] = np.frombuffer(codec.decompress(buf, decompressed_size=nbytes), dtype=np.uint8)
-    return out
+    buf = blob.as_buffer() if hasattr(blob, "as_buffer") else blob
+    return np.frombuffer(pa.Codec(compressor).decompress(buf, decompressed_size=nbytes), dtype=np.uint8)
 
 
 def _float_keys(bits: np.ndarray) -> np.ndarray:
@@ -165,23 +164,34 @@ def _float_bits(keys: np.ndarray) -> np.ndarray:
 
 
 def encode_topk_logits(stored: np.ndarray) -> np.ndarray:
-    """[R, T, k] stored logits (float16 | bf16-as-uint16 | float32) -> [R, T*k*W] uint8."""
+    """[n, T, k] stored logits of a chunk (float16 | bf16-as-uint16 | float32) -> [n*T*k*W] uint8:
+    neighbour differences of order-preserving keys, slot-major ([k, n, T]), as byte planes."""
     width = stored.dtype.itemsize
     keys = _float_keys(np.ascontiguousarray(stored).view(_UINT[width]))
     deltas = keys.copy()
     deltas[..., 1:] = keys[..., :-1] - keys[..., 1:]  # wraps modulo 2^W: lossless whatever the order
-    return to_planes(deltas.reshape(len(stored), -1))
+    return to_planes(deltas.transpose(2, 0, 1).reshape(1, -1))[0]
 
 
-def decode_topk_logits(planes: np.ndarray, dtype: np.dtype, t: int, k: int) -> np.ndarray:
-    """Inverse of encode_topk_logits -> [R, T, k] stored logits of `dtype`."""
+def decode_topk_logits(planes: np.ndarray, dtype: np.dtype, n: int, t: int, k: int) -> np.ndarray:
+    """Inverse of encode_topk_logits -> [n, T, k] stored logits of `dtype`."""
     width = np.dtype(dtype).itemsize
-    deltas = from_planes(planes, width).reshape(len(planes), t, k)
+    deltas = np.ascontiguousarray(from_planes(planes.reshape(1, -1), width).reshape(k, n, t).transpose(1, 2, 0))
     first = deltas[..., :1]
     # key_j = key_0 - sum_{i<=j} delta_i (mod 2^W); cumsum in uint64 then truncate
     acc = np.cumsum(deltas[..., 1:].astype(np.uint64), axis=-1, dtype=np.uint64)
     keys = np.concatenate([first, (first.astype(np.uint64) - acc).astype(deltas.dtype)], axis=-1)
     return _float_bits(keys).view(dtype)
+
+
+def encode_lse(lse: np.ndarray) -> np.ndarray:
+    """[n, T] float32 -> [n, 4T] uint8: each row's byte planes (sign/exponent bytes together), which the
+    Arrow file's zstd codes ~10% tighter than the plain floats."""
+    return to_planes(np.ascontiguousarray(lse, dtype=np.float32).view(np.uint32))
+
+
+def decode_lse(planes: np.ndarray) -> np.ndarray:
+    return from_planes(np.ascontiguousarray(planes, dtype=np.uint8), 4).view(np.float32)
 
 
 def frequency_order(input_ids: np.ndarray, vocab_size: int, dtype) -> np.ndarray:
@@ -219,9 +229,9 @@ def rank_table(order: np.ndarray) -> np.ndarray:
 
 
 def encode_topk_ids(ids: np.ndarray, rank_of: np.ndarray) -> np.ndarray:
-    """[R, T, k] uint16 | uint32 ids -> their frequency ranks as [R, T*k*W] uint8 planes."""
-    return to_planes(rank_of[ids].reshape(len(ids), -1))
+    """[n, T, k] uint16 | uint32 ids of a chunk -> their frequency ranks as [n*T*k*W] uint8 planes."""
+    return to_planes(rank_of[ids].reshape(1, -1))[0]
 
 
-def decode_topk_ids(planes: np.ndarray, order: np.ndarray, t: int, k: int) -> np.ndarray:
-    return order[from_planes(planes, order.dtype.itemsize).reshape(len(planes), t, k)]
+def decode_topk_ids(planes: np.ndarray, order: np.ndarray, n: int, t: int, k: int) -> np.ndarray:
+    return order[from_planes(planes.reshape(1, -1), order.dtype.itemsize).reshape(n, t, k)]

@@ -21,11 +21,11 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, decode_topk_ids, decode_topk_logits, decompress_rows, from_planes, unpack_order,
+    HIDDEN_CODECS, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, from_planes, unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, lse_column, shard_files, shard_paths,
-    validate_manifest,
+    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, lse_column, shard_files,
+    shard_paths, validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
@@ -70,7 +70,9 @@ class Cache:
         self._chunks: OrderedDict = OrderedDict()
         self._chunk_cache = chunk_cache
         self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, zarr.Group]] = {}
-        self._orders: dict[int, np.ndarray] = {}  # shard position -> its id table (order[rank] = id)
+        # the id table of the ranks (order[rank] = id), checked against its checksum
+        self._order = unpack_order(id_table_bytes(m, self.storage.display(MANIFEST)), int(m["teacher"]["vocab_size"]),
+                                   np.dtype(m["id_dtype"]))
         present = set(self.storage.listdir(SHARDS))  # one listing, not two requests per shard
         for s in m["shards"]:
             arrow, zdir, _ = shard_paths(s["index"])
@@ -135,25 +137,22 @@ class Cache:
         out = {"input_ids": col("input_ids", np.int64)}
         if self.with_logits:
             dtype, id_type = np.dtype(_STORED_LOGIT_DTYPES[m["logit_dtype"]]), np.dtype(m["id_dtype"])
-            order = self._orders.get(pos)
-            if order is None:
-                order = self._orders[pos] = unpack_order(reader.schema.metadata[b"id_order"],
-                                                         int(m["teacher"]["vocab_size"]), id_type)
-            side = m["side_compressor"]
+            order, side = self._order, m["side_compressor"]
 
             def planes(name: str, width: int) -> np.ndarray:
-                return decompress_rows(batch.column(name), t * (k if name.startswith("topk") else self.samples) * width,
-                                       side)
+                """The chunk's blob (in its first row) -> its n * T * (k | K) * width bytes."""
+                slots = k if name.startswith("topk") else self.samples
+                return decompress_chunk(batch.column(name)[0], n * t * slots * width, side)
 
             if k:  # a cache of sampled targets only has no top-k columns
-                stored = decode_topk_logits(planes("topk_logits", dtype.itemsize), dtype, t, k)
+                stored = decode_topk_logits(planes("topk_logits", dtype.itemsize), dtype, n, t, k)
                 out.update(
-                    topk_ids=decode_topk_ids(planes("topk_ids", id_type.itemsize), order, t, k).astype(np.int64),
+                    topk_ids=decode_topk_ids(planes("topk_ids", id_type.itemsize), order, n, t, k).astype(np.int64),
                     topk_logits=logits_from_numpy(stored, m["logit_dtype"]),
                 )
-            out["lse"] = {temp: col(lse_column(j), np.float32) for j, temp in enumerate(self.temperatures)}
+            out["lse"] = {temp: decode_lse(col(lse_column(j), np.uint8)) for j, temp in enumerate(self.temperatures)}
             if self.samples:
-                out.update(self._read_samples(planes, order, dtype, id_type))
+                out.update(self._read_samples(planes, order, dtype, id_type, n))
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
@@ -171,15 +170,15 @@ class Cache:
             self._chunks.popitem(last=False)
         return out
 
-    def _read_samples(self, planes, order: np.ndarray, dtype: np.dtype, id_type: np.dtype) -> dict:
+    def _read_samples(self, planes, order: np.ndarray, dtype: np.dtype, id_type: np.dtype, n: int) -> dict:
         """sample_ids [n, T, K] int64, sample_counts [n, T, K] int64 (0 = empty slot), sample_logits [n, T, K] fp32."""
         m, t, K = self.manifest, self.seq_len, self.samples
         counts = np.dtype(self.sampling["count_dtype"])
-        stored = decode_topk_logits(planes("sample_logits", dtype.itemsize), dtype, t, K)
+        stored = decode_topk_logits(planes("sample_logits", dtype.itemsize), dtype, n, t, K)
         return {
-            "sample_ids": decode_topk_ids(planes("sample_ids", id_type.itemsize), order, t, K).astype(np.int64),
-            "sample_counts": from_planes(planes("sample_counts", counts.itemsize), counts.itemsize)
-            .reshape(-1, t, K).astype(np.int64),
+            "sample_ids": decode_topk_ids(planes("sample_ids", id_type.itemsize), order, n, t, K).astype(np.int64),
+            "sample_counts": from_planes(planes("sample_counts", counts.itemsize)[None], counts.itemsize)
+            .reshape(n, t, K).astype(np.int64),
             "sample_logits": logits_from_numpy(stored, m["logit_dtype"]),
         }
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, compress_rows, encode_topk_ids, encode_topk_logits, pack_order, rank_table, to_planes,
+    HIDDEN_CODECS, compress_chunk, encode_lse, encode_topk_ids, encode_topk_logits, rank_table, to_planes,
     zarr_compressor,
 )
 from pipeline.cache.stats import SquareSums, token_squares
@@ -56,7 +56,7 @@ class ShardLayout:
     train_sequences: int  # sequences [0, train_sequences) are the train split (for the per-split statistics)
     hidden_compressor: str = "zstd"  # Blosc compressor of the hidden arrays (cache.hidden_compressor)
     id_order: bytes = b""  # the cache's id table, order[rank] = id (codecs.frequency_order), as raw bytes
-    side_compressor: str = "brotli"  # cache.side_compressor: top-k ids and logits, per sequence
+    side_compressor: str = "brotli"  # cache.side_compressor: top-k ids and logits, one blob per chunk
     samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
 
     def order(self) -> np.ndarray:
@@ -95,7 +95,6 @@ class ShardWriter:
         self._tokens = 0
         self._squares = {"train": SquareSums(), "heldout": SquareSums()}
         self._rank_of = rank_table(layout.order())
-        self._packed_order = pack_order(layout.order())
 
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k] (topk > 0),
@@ -139,10 +138,10 @@ class ShardWriter:
         def encode(layer: int) -> None:
             encoded[layer] = codec.encode(rows["hidden"][layer])
 
-        side: dict[str, list[bytes]] = {}
+        side: dict[str, bytes] = {}
 
         def compress_side(name: str, planes) -> None:
-            side[name] = compress_rows(planes(), self.layout.side_compressor)
+            side[name] = compress_chunk(planes(), self.layout.side_compressor)
 
         encode_tasks = []
         if lay.topk:
@@ -155,7 +154,7 @@ class ShardWriter:
                 functools.partial(compress_side, "sample_ids",
                                   lambda: encode_topk_ids(rows["sample_ids"], self._rank_of)),
                 functools.partial(compress_side, "sample_counts", lambda: to_planes(
-                    rows["sample_counts"].reshape(len(rows["sample_counts"]), -1))),
+                    rows["sample_counts"].reshape(1, -1))),
                 functools.partial(compress_side, "sample_logits", lambda: encode_topk_logits(rows["sample_logits"])),
             ]
         if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
@@ -195,12 +194,12 @@ class ShardWriter:
             self._tokens += int(rows["length"].sum())
         else:
             self._tokens += rows["input_ids"].size
-        for name in TARGET_COLUMNS:
+        for name in TARGET_COLUMNS:  # the chunk's blob in its first row
             if name in rows["side"]:
-                cols[name] = pa.array(rows["side"][name], type=pa.binary())
+                cols[name] = pa.array([rows["side"][name]] + [None] * (n - 1), type=pa.binary())
         for j in range(lay.n_temps):
-            cols[lse_column(j)] = _fixed(rows["lse"][j])
-        batch = pa.RecordBatch.from_pydict(cols).replace_schema_metadata({"id_order": self._packed_order})
+            cols[lse_column(j)] = _fixed(encode_lse(rows["lse"][j]))
+        batch = pa.RecordBatch.from_pydict(cols)
         if self._ipc is None:
             self._sink, self._raw = self.store.arrow_sink(self.arrow_tmp)
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))

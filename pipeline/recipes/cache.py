@@ -17,9 +17,9 @@ import click
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_LEVELS, frequency_order
+from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_LEVELS, frequency_order, pack_order
 from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
-from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest
+from pipeline.cache.manifest import FINGERPRINT_DEFAULTS, FORMAT_VERSION, fingerprint_digest, id_table_record
 from pipeline.cache.reader import open_cache
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads
@@ -152,6 +152,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
     if samples:
         fingerprint["sampling"] = sampling_record(cc)
     n = len(seqs)
+    order = frequency_order(seqs.input_ids, vocab, id_dtype(vocab))  # the id table: a function of the corpus
     header = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -167,6 +168,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
         "hidden_codec_bound": codec.bound,
         "split": {"train": [0, seqs.n_train], "heldout": [seqs.n_train, n]},
         "shard_sequences": cc.shard_sequences, "chunk_sequences": cc.chunk_sequences,
+        "id_order": id_table_record(pack_order(order)),
     }
     if samples:
         header["sampling"] = {**sampling_record(cc), "count_dtype": count_dtype(samples).name}
@@ -209,7 +211,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
             chunk_sequences=cc.chunk_sequences, hidden_level=cc.compression_level, logits_level=LOGITS_LEVEL,
             hidden_compressor=cc.hidden_compressor,
             train_sequences=seqs.n_train,
-            id_order=frequency_order(seqs.input_ids, vocab, id_dtype(vocab)).tobytes(),
+            id_order=order.tobytes(),
             side_compressor=cc.side_compressor,
         )
 
@@ -280,7 +282,7 @@ def summarize(manifest: dict) -> dict:
     m = manifest
     tokens = sum(s["tokens"] for s in m["shards"])
     positions = m["num_sequences"] * m["seq_len"]
-    arrow = sum(s["bytes"]["arrow"] for s in m["shards"])
+    side = sum(s["bytes"]["arrow"] for s in m["shards"]) + m["id_order"]["bytes"]  # + the id table, stored once
     id_bytes = 2 if m["id_dtype"] == "uint16" else 4
     logit_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}[m["logit_dtype"]]
     sampling = m.get("sampling")  # sampled targets: K slots of id, logit and count per position
@@ -304,14 +306,14 @@ def summarize(manifest: dict) -> dict:
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
         "split": m["split"], "shards": len(m["shards"]),
-        "bytes": {"side_data": arrow, "hidden": hidden_total, "total": arrow + hidden_total},
+        "bytes": {"side_data": side, "hidden": hidden_total, "total": side + hidden_total},
         "bytes_per_token": {
-            "side_data": arrow / positions,
+            "side_data": side / positions,
             "hidden_per_layer": {k: v / positions for k, v in per_layer.items()},
             "hidden_all_layers": hidden_total / positions,
         },
         "compression_ratio": {
-            "side_data_vs_raw": arrow / positions / raw_side,
+            "side_data_vs_raw": side / positions / raw_side,
             "hidden_vs_raw_codec": hidden_total / positions / max(1, raw_codec * len(m["layers"])),
             "hidden_vs_fp32": hidden_total / positions / max(1, 4 * d * len(m["layers"])),
         },
@@ -332,7 +334,7 @@ def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | No
         f"sequences    {info['sequences']} x {info['seq_len']} ({info['tokens']} tokens) in {info['shards']} shards; "
         f"train {info['split']['train']}, held-out {info['split']['heldout']}",
         f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}; "
-        f"ids as frequency ranks, {info['side_compressor']} per sequence",
+        f"ids as frequency ranks, {info['side_compressor']} per chunk",
     ]
     if info["sampling"]:
         sp = info["sampling"]

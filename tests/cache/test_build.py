@@ -77,22 +77,33 @@ def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
     assert verify.exit_code == 0 and f"OK (format {FORMAT_VERSION}," in verify.output
     info = run_cli("cache", "info", cache_dir, "--json")
     assert json.loads(info.output)["sequences"] == 10
-    assert json.loads(info.output)["format_version"] == FORMAT_VERSION == 2
+    assert json.loads(info.output)["format_version"] == FORMAT_VERSION == 3
     assert json.loads(info.output)["hidden_compressor"] == "zstd"
-    assert "format       2; fingerprint" in run_cli("cache", "info", cache_dir).output
+    assert "format       3; fingerprint" in run_cli("cache", "info", cache_dir).output
+    # a damaged id table (stored once, in the manifest) is named before anything is decoded with it
+    good = (cache_dir / "manifest.json").read_text()
+    manifest = json.loads(good)
+    packed = manifest["id_order"]["packed"]
+    manifest["id_order"]["packed"] = ("B" if packed[7] == "A" else "A").join((packed[:7], packed[8:]))
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("cache", "verify", cache_dir)
+    assert r.exit_code == 2 and "the id table (id_order) is damaged" in r.output
+    with pytest.raises(PipelineError, match="id table"):
+        open_cache(cache_dir)
+    (cache_dir / "manifest.json").write_text(good)
     # a cache of another format version: one line naming both versions and the way out
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 1
+    manifest = json.loads(good)
+    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 2
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("cache", "verify", cache_dir)
     assert r.exit_code == 2 and r.output.count("\n") == 1
-    assert "format_version 1 is not supported (this code reads 2)" in r.output and "--overwrite" in r.output
+    assert "format_version 2 is not supported (this code reads 3)" in r.output and "--overwrite" in r.output
     # building over it says what is there; --overwrite replaces it
     r = run_cli("cache", "build", cfg_path)
-    assert r.exit_code == 2 and "holds a format-1 cache (this code writes format 2)" in r.output
-    assert "--overwrite" in r.output and json.loads((cache_dir / "manifest.json").read_text())["format_version"] == 1
+    assert r.exit_code == 2 and "holds a format-2 cache (this code writes format 3)" in r.output
+    assert "--overwrite" in r.output and json.loads((cache_dir / "manifest.json").read_text())["format_version"] == 2
     assert run_cli("cache", "build", cfg_path, "--overwrite").exit_code == 0
-    assert open_cache(cache_dir).manifest["format_version"] == 2
+    assert open_cache(cache_dir).manifest["format_version"] == 3
 
 
 @pytest.mark.parametrize("logit_dtype", ["fp16", "bf16"])
@@ -246,7 +257,7 @@ def test_zstd_side_data_reads_back_the_same(tiny_config, tmp_path):
             assert np.array_equal(a[i][key], b[i][key])
         for t in a.temperatures:
             assert np.array_equal(a[i]["lse"][t], b[i]["lse"][t])
-    assert "zstd per sequence" in run_cli("cache", "info", other).output
+    assert "zstd per chunk" in run_cli("cache", "info", other).output
 
 
 def test_speed_settings_keep_the_fingerprint(tiny_config):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, compress_rows, decode_topk_ids, decode_topk_logits, decompress_rows, encode_topk_ids,
-    encode_topk_logits, frequency_order, from_planes, pack_order, rank_table, to_planes, unpack_order,
+    HIDDEN_CODECS, compress_chunk, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, encode_lse,
+    encode_topk_ids, encode_topk_logits, frequency_order, from_planes, pack_order, rank_table, to_planes, unpack_order,
 )
 from pipeline.errors import PipelineError
 
@@ -77,9 +77,26 @@ def test_topk_logit_transform_is_lossless(dtype):
     if dtype != np.uint16:
         x[1, 0, 2] = -0.0
         x[2] = rng.normal(size=x[2].shape).astype(dtype)  # unsorted rows round-trip too
-    y = decode_topk_logits(encode_topk_logits(x), x.dtype, 6, 10)
+    planes = encode_topk_logits(x)
+    y = decode_topk_logits(planes, x.dtype, 4, 6, 10)
     assert y.dtype == x.dtype
     assert np.array_equal(y.view(np.uint8), x.view(np.uint8))
+    # slot-major: the stream opens with the most significant byte of every position's first key
+    width = x.dtype.itemsize
+    bits = x.view({2: np.uint16, 4: np.uint32}[width])[..., 0].astype(np.uint64)
+    negative = bits >> (8 * width - 1) == 1
+    keys = np.where(negative, ~bits & ((1 << 8 * width) - 1), bits | (1 << (8 * width - 1)))
+    assert np.array_equal(planes[: 4 * 6], (keys >> (8 * width - 8)).astype(np.uint8).reshape(-1))
+
+
+def test_lse_planes_lossless():
+    rng = np.random.default_rng(3)
+    lse = (rng.normal(10, 5, (3, 17)) * 10.0 ** rng.integers(-3, 3, (3, 17))).astype(np.float32)
+    lse[0, :2] = (-0.0, np.float32(1e-40))  # signed zero, a subnormal
+    planes = encode_lse(lse)
+    assert planes.dtype == np.uint8 and planes.shape == (3, 4 * 17)
+    assert np.array_equal(planes[:, :17], (lse.view(np.uint32) >> 24).astype(np.uint8))  # sign/exponent plane first
+    assert np.array_equal(decode_lse(planes).view(np.uint32), lse.view(np.uint32))
 
 
 @pytest.mark.parametrize("dtype,high", [(np.uint16, 65535), (np.uint32, 262143)])
@@ -95,11 +112,11 @@ def test_id_ranks_lossless(dtype, high):
     rank_of = rank_table(order)
     assert np.array_equal(order[rank_of], np.arange(high + 1))
     planes = encode_topk_ids(ids, rank_of)
-    assert np.array_equal(from_planes(planes, ids.itemsize), rank_of[ids].reshape(3, -1))
-    assert np.array_equal(decode_topk_ids(planes, order, 5, 7), ids)
+    assert np.array_equal(from_planes(planes[None], ids.itemsize), rank_of[ids].reshape(1, -1))
+    assert np.array_equal(decode_topk_ids(planes, order, 3, 5, 7), ids)
     for compressor in ("brotli", "zstd"):
-        blobs = compress_rows(planes, compressor)
-        assert len(blobs) == 3 and np.array_equal(decompress_rows(blobs, planes.shape[1], compressor), planes)
+        blob = compress_chunk(planes, compressor)
+        assert np.array_equal(decompress_chunk(blob, planes.size, compressor), planes)
     packed = pack_order(order)
     assert np.array_equal(unpack_order(packed, high + 1, dtype), order)
     # the unused tokens follow in id order and cost almost nothing: ~ bytes per distinct corpus token
