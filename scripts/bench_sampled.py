@@ -3,7 +3,7 @@
 The packaged SmolLM2-135M-Instruct runs once over N packed sequences of the packaged Wikipedia leads (the
 demo config's data); its final hidden states are then replayed through `TeacherCapture` (the same LM-head
 loop, top-k, lse and draws as `distill cache build`) for every layout below, and each layout's rows go
-through the cache's own `ShardWriter` (format 2: ids as frequency ranks, brotli per sequence; chunks of 8
+through the cache's own `ShardWriter` (format 3: ids as frequency ranks, brotli per chunk; chunks of 8
 sequences). Bytes/token is the Arrow file (ids, lse at T = 1 and 2, and the layout's targets) over the
 tokens, as `distill cache info` reports it. Per sampled layout also: the mean number of distinct ids per
 position, the teacher mass they cover at T = 1 and 2, and the largest relative error of p_i = exp(z_i / T - lse) from the stored logits.
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache.codecs import frequency_order  # noqa: E402
+from pipeline.cache.codecs import frequency_order, pack_order  # noqa: E402
 from pipeline.cache.writer import ShardLayout, ShardWriter  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
@@ -62,10 +62,10 @@ class _Replay(torch.nn.Module):
 def measure(replay, normed, ids, topk, samples, proposal, logit_dtype, root: Path) -> dict:
     cap = TeacherCapture(replay, [], topk, TEMPS, logit_dtype, samples=samples, proposal_temperature=proposal)
     n, t = ids.shape
+    order = frequency_order(ids, replay.config.vocab_size, np.uint16)
     layout = ShardLayout(seq_len=t, topk=topk, samples=samples, layers=(), n_temps=len(TEMPS), hidden_codec="bf16",
                          id_dtype="uint16", padded=False, chunk_sequences=BATCH, hidden_level=3,
-                         logits_level=LOGITS_LEVEL, train_sequences=n,
-                         id_order=frequency_order(ids, replay.config.vocab_size, np.uint16).tobytes())
+                         logits_level=LOGITS_LEVEL, train_sequences=n, id_order=order.tobytes())
     writer = ShardWriter(root, 0, 0, n, layout)
     distinct, mass, rel_err, seconds = [], {T: [] for T in TEMPS}, 0.0, 0.0
     for b in range(0, n, BATCH):
@@ -90,7 +90,8 @@ def measure(replay, normed, ids, topk, samples, proposal, logit_dtype, root: Pat
         writer.add(rows)
     record = writer.finish()
     cap.close()
-    out = {"bytes_per_token": record["bytes"]["arrow"] / ids.size, "capture_seconds": seconds}
+    # the Arrow file and the packed id table (stored once per cache, in the manifest), as `cache info` counts
+    out = {"bytes_per_token": (record["bytes"]["arrow"] + len(pack_order(order))) / ids.size, "capture_seconds": seconds}
     if samples:
         out.update(distinct=float(np.mean(distinct)), mass={T: float(np.mean(v)) for T, v in mass.items()},
                    p_rel_err=rel_err)
@@ -114,7 +115,7 @@ def main() -> None:
                                                 use_cache=False).last_hidden_state for b in range(0, len(ids), BATCH)])
     replay = _Replay(model)
     print(f"{len(ids)} x {ids.shape[1]} tokens of wiki-vital, teacher {cfg.teacher.model}; Arrow side data "
-          f"(input ids, lse at T = 1 and 2, targets; format 2: ids as frequency ranks, brotli per sequence), "
+          f"(input ids, lse at T = 1 and 2, targets; format 3: ids as frequency ranks, brotli per chunk, the id table), "
           f"chunks of {BATCH} sequences\n")
     print("| targets | logits | B/token | distinct ids / position | mass at T=1 | mass at T=2 | max rel err of p_i | capture s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

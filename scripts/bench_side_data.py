@@ -11,6 +11,9 @@ chunk of 8 sequences (as the Arrow shards do), and the sizes summed per token:
   the position's largest logit in fixed point), and the compressor (zstd at two levels, brotli, lzma).
   "brotli10-seq" compresses each sequence on its own at brotli level 10: format 2's layout, with the
   frequency ranks of the ids (the cache counts them over its whole corpus; here over other rows).
+- format 3 (the last row) is the writer's own codecs (codecs.encode_topk_ids / encode_topk_logits /
+  encode_lse): per chunk one brotli 10 blob of the ranks' byte planes and one of the fp16 delta keys laid
+  out slot by slot, and the lse as byte planes (zstd per chunk, as the Arrow file stores it).
 
 The loss needs only the set {(id, logit)} of each position, so any order is lossless for training.
 Faithfulness: the largest error of a stored logit against the fp32 forward, relative to |z| (as the
@@ -32,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache.codecs import _float_keys, encode_topk_logits, to_planes  # noqa: E402
+from pipeline.cache.codecs import (  # noqa: E402
+    _float_keys, encode_lse, encode_topk_ids, encode_topk_logits, to_planes,
+)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
@@ -79,10 +84,13 @@ def fp_values(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def key_planes(bits: np.ndarray, delta: bool) -> np.ndarray:
-    """uint16 bit patterns [R, T, k] -> byte planes, as order-preserving keys (and neighbour differences)."""
-    if delta:
-        return encode_topk_logits(bits)
+    """uint16 bit patterns [R, T, k] -> per-row byte planes, as order-preserving keys (and neighbour
+    differences, position by position, as format 2 stored them)."""
     keys = _float_keys(bits)
+    if delta:
+        deltas = keys.copy()
+        deltas[..., 1:] = keys[..., :-1] - keys[..., 1:]  # modulo 2^16
+        keys = deltas
     return to_planes(keys.reshape(len(keys), -1))
 
 
@@ -180,6 +188,17 @@ def main() -> None:
             side = sum(column_bytes([c[i : i + CHUNK] for i in range(0, len(c), CHUNK)], how) for c in cols)
             total = side + common(how)
             print(f"| {name} | {how} | {side / n_tok:.1f} | {total / n_tok:.1f} | {rel:.1e} | {ab:.1e} |")
+    # format 3: the writer's codecs, one blob per chunk and column; lse as byte planes
+    chunk_rows = range(0, len(ids), CHUNK)
+    fp16 = z.astype(np.float16)
+    side = sum(len(pa.Codec("brotli", compression_level=10).compress(p, asbytes=True)) for a in chunk_rows
+               for p in (encode_topk_ids(ids[a : a + CHUNK], rank_of), encode_topk_logits(fp16[a : a + CHUNK])))
+    total = side + column_bytes(chunks(ids_all[: args.sequences].astype(np.uint16)), "zstd9") + sum(
+        column_bytes([encode_lse(lse[j][a : a + CHUNK]) for a in chunk_rows], "zstd9") for j in range(lse.shape[0]))
+    back = fp16.astype(np.float32)
+    print(f"| format 3: rank planes, fp16 delta keys slot-major, one blob per chunk; lse planes | brotli10-chunk "
+          f"| {side / n_tok:.1f} | {total / n_tok:.1f} | {np.max(np.abs(back - z) / np.maximum(np.abs(z), 1e-6)):.1e} "
+          f"| {np.max(np.abs(back - z)):.1e} |")
     if not fixed_ok:
         print("\nnote: some gaps below the max exceeded the u16 fixed-point range and were clipped")
 

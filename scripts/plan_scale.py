@@ -20,9 +20,9 @@ whole corpus.
 2. Bytes/token: the captured batches replayed through the real writer (pipeline.cache.writer.CacheWriter),
    once per hidden codec (bf16, fp16, int8) and Blosc compressor (zstd, lz4), with --layers cached layers;
    bytes per layer from the shard record. The side data split into its columns with the writer's own
-   codecs: top-k ids and logits as brotli byte planes per sequence, input ids and lse zstd per chunk
-   (the Arrow file's compression); the Arrow file's remaining bytes are its schema (it holds the id
-   table) and framing, a fixed cost per shard file.
+   codecs: top-k ids and logits as one brotli blob of byte planes per chunk, input ids and lse (as byte
+   planes) zstd per chunk (the Arrow file's compression); the Arrow file's remaining bytes are its schema
+   and framing, a fixed cost per shard file. The id table is stored once per cache, in the manifest.
 3. Writer alone (no forward) at this shape, one encode thread and every core: side data only, and with
    the cached layers, hidden states handed over encoded as `cache.encode_on: device` does (the writer
    only compresses, writes and checksums), and encoded by the writer (the CPU path). Each timed write
@@ -65,10 +65,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import open_cache  # noqa: E402
 from pipeline.cache.codecs import (  # noqa: E402
-    HIDDEN_CODECS, SIDE_LEVELS, encode_topk_ids, encode_topk_logits, frequency_order, pack_order, rank_table,
+    HIDDEN_CODECS, SIDE_LEVELS, encode_lse, encode_topk_ids, encode_topk_logits, frequency_order, pack_order,
+    rank_table,
 )
 from pipeline.cache.directory import finalize  # noqa: E402
-from pipeline.cache.manifest import FORMAT_VERSION  # noqa: E402
+from pipeline.cache.manifest import FORMAT_VERSION, id_table_record  # noqa: E402
 from pipeline.cache.storage import Storage  # noqa: E402
 from pipeline.cache.stats import token_squares  # noqa: E402
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
@@ -187,33 +188,36 @@ def side_bytes(batches: list[dict], order: np.ndarray, chunk: int) -> dict[str, 
     ids, topk_ids, logits, lse = (joined(batches, k) for k in ("input_ids", "topk_ids", "topk_logits", "lse"))
     codec = pa.Codec("brotli", compression_level=SIDE_LEVELS["brotli"])  # the default cache.side_compressor
     zstd = pa.Codec("zstd", compression_level=LOGITS_LEVEL)
+    rank_of = rank_table(order)
 
-    def rows(planes: np.ndarray) -> int:
-        return sum(len(codec.compress(np.ascontiguousarray(r), asbytes=True)) for r in planes)
+    def blobs(encode, a: np.ndarray) -> int:  # one blob per chunk
+        return sum(len(codec.compress(encode(a[s : s + chunk]), asbytes=True)) for s in range(0, len(a), chunk))
 
     def chunks(a: np.ndarray) -> int:
         return sum(len(zstd.compress(np.ascontiguousarray(a[s : s + chunk]).tobytes(), asbytes=True))
                    for s in range(0, len(a), chunk))
 
     out = {
-        "top-k ids": rows(encode_topk_ids(topk_ids.astype(order.dtype), rank_table(order))),
-        "top-k logits": rows(encode_topk_logits(logits)),
-        "lse": sum(chunks(lse[j]) for j in range(len(lse))),
+        "top-k ids": blobs(lambda a: encode_topk_ids(a, rank_of), topk_ids.astype(order.dtype)),
+        "top-k logits": blobs(encode_topk_logits, logits),
+        "lse": sum(chunks(encode_lse(lse[j])) for j in range(len(lse))),
         "input ids": chunks(ids.astype(order.dtype)),
     }
     return {k: v / ids.size for k, v in out.items()}
 
 
-def side_levels(batches: list[dict], order: np.ndarray) -> list[tuple[str, float, float]]:
+def side_levels(batches: list[dict], order: np.ndarray, chunk: int) -> list[tuple[str, float, float]]:
     """(compressor, B/token of top-k ids + logits, tokens/s on one core) for a few codecs and levels."""
-    topk_ids, logits = joined(batches, "topk_ids"), joined(batches, "topk_logits")
-    planes = [encode_topk_ids(topk_ids.astype(order.dtype), rank_table(order)), encode_topk_logits(logits)]
+    topk_ids, logits = joined(batches, "topk_ids").astype(order.dtype), joined(batches, "topk_logits")
+    rank_of = rank_table(order)
+    planes = [p for s in range(0, len(logits), chunk)
+              for p in (encode_topk_ids(topk_ids[s : s + chunk], rank_of), encode_topk_logits(logits[s : s + chunk]))]
     tokens = topk_ids.shape[0] * topk_ids.shape[1]
     out = []
     for name, level in (("brotli", 5), ("brotli", 9), ("brotli", 10), ("brotli", 11), ("zstd", 9), ("zstd", 19)):
         codec = pa.Codec(name, compression_level=level)
         t0 = time.perf_counter()
-        n = sum(len(codec.compress(np.ascontiguousarray(r), asbytes=True)) for p in planes for r in p)
+        n = sum(len(codec.compress(p, asbytes=True)) for p in planes)
         out.append((f"{name} {level}", n / tokens, tokens / (time.perf_counter() - t0)))
     return out
 
@@ -273,6 +277,7 @@ def finish_cache(root: Path, layout: ShardLayout, n_rows: int, d: int, vocab: in
         "side_compressor": layout.side_compressor,
         "split": {"train": [0, n_rows], "heldout": [n_rows, n_rows]},
         "shard_sequences": n_rows, "chunk_sequences": layout.chunk_sequences,
+        "id_order": id_table_record(pack_order(layout.order())),
     }
     finalize(root, header, 1)
 
@@ -337,7 +342,7 @@ def main() -> None:
             _, rec = write(work / "trained", layout_for(t_len, k, t_layers, codec, cname, order16, n, chunk),
                            with_topk(t_batches, k), cores)
             t_hidden[codec, cname] = sum(rec["bytes"]["hidden"].values()) / len(t_layers) / tokens
-    t_levels = side_levels(with_topk(t_batches, k), order16.astype(np.uint32))
+    t_levels = side_levels(with_topk(t_batches, k), order16.astype(np.uint32), chunk)
     del t_batches
 
     # ------------------------------------------------------------------ the 1B-class teacher (random weights)
@@ -377,7 +382,7 @@ def main() -> None:
         for name, width, s in rows:
             print(f"| {name} | {width} | {kk} | " + " | ".join(f"{v:.1f}" for v in s.values())
                   + f" | {sum(s.values()):.1f} |")
-    r_levels = side_levels(b64, order32)
+    r_levels = side_levels(b64, order32, chunk)
     print(f"\ntop-k ids + logits (k={k}, uint32 ids) per compressor, one core:\n")
     print("| compressor | trained SmolLM2 B/token | tokens/s | random 1B-class B/token | tokens/s |")
     print("|---|---:|---:|---:|---:|")
@@ -404,8 +409,8 @@ def main() -> None:
                   f"| {t_hidden[codec, cname]:.0f} | {ratio_t:.3f} | {ratio_t * 2 * d:.0f} |")
     cols = sum(r_side[k].values()) * tokens
     print(f"\nArrow file of the side data: {arrow_bytes} bytes for {tokens} tokens; the columns above account for "
-          f"{cols:.0f}; the rest, {arrow_bytes - cols:.0f} bytes, is the file's schema (the packed id table, twice: "
-          f"{len(pack_order(order32))} bytes each) and framing: a fixed cost per shard file")
+          f"{cols:.0f}; the rest, {arrow_bytes - cols:.0f} bytes, is the file's schema and framing: a fixed cost per "
+          f"shard file. The packed id table, {len(pack_order(order32))} bytes, is stored once per cache (manifest)")
     blob = max((work / "w-int8-zstd" / "shards").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
     best = float("inf")
     for _ in range(3):
@@ -442,7 +447,7 @@ def main() -> None:
               f"{1 / timed_write(work / 'w-time', lay, b64, 1):.0f} | |")
     print(f"\n(each write: the {tokens} captured tokens {REPLAY} times over as one shard. The side-data-only shard "
           f"written once instead takes {1e3 * once * tokens:.0f} ms: a fixed cost of about {1e3 * fixed:.0f} ms per "
-          "shard (thread start, the schema with its id table, checksums), spread over the tokens above)")
+          "shard (thread start, the schema, checksums), spread over the tokens above)")
     del batches, b64
 
     # ------------------------------------------------------------------ reader
