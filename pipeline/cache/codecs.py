@@ -163,20 +163,23 @@ def _float_bits(keys: np.ndarray) -> np.ndarray:
     return np.where(keys & top, keys & ~top, ~keys)
 
 
-def encode_topk_logits(stored: np.ndarray) -> np.ndarray:
+def encode_topk_logits(stored: np.ndarray, slot_major: bool = True) -> np.ndarray:
     """[n, T, k] stored logits of a chunk (float16 | bf16-as-uint16 | float32) -> [n*T*k*W] uint8:
-    neighbour differences of order-preserving keys, slot-major ([k, n, T]), as byte planes."""
+    neighbour differences of order-preserving keys, slot-major ([k, n, T]) or position by position
+    ([n, T, k]: the sampled logits, whose empty slots then form runs), as byte planes."""
     width = stored.dtype.itemsize
     keys = _float_keys(np.ascontiguousarray(stored).view(_UINT[width]))
     deltas = keys.copy()
     deltas[..., 1:] = keys[..., :-1] - keys[..., 1:]  # wraps modulo 2^W: lossless whatever the order
-    return to_planes(deltas.transpose(2, 0, 1).reshape(1, -1))[0]
+    return to_planes((deltas.transpose(2, 0, 1) if slot_major else deltas).reshape(1, -1))[0]
 
 
-def decode_topk_logits(planes: np.ndarray, dtype: np.dtype, n: int, t: int, k: int) -> np.ndarray:
+def decode_topk_logits(planes: np.ndarray, dtype: np.dtype, n: int, t: int, k: int,
+                       slot_major: bool = True) -> np.ndarray:
     """Inverse of encode_topk_logits -> [n, T, k] stored logits of `dtype`."""
     width = np.dtype(dtype).itemsize
-    deltas = np.ascontiguousarray(from_planes(planes.reshape(1, -1), width).reshape(k, n, t).transpose(1, 2, 0))
+    flat = from_planes(planes.reshape(1, -1), width)
+    deltas = np.ascontiguousarray(flat.reshape(k, n, t).transpose(1, 2, 0)) if slot_major else flat.reshape(n, t, k)
     first = deltas[..., :1]
     # key_j = key_0 - sum_{i<=j} delta_i (mod 2^W); cumsum in uint64 then truncate
     acc = np.cumsum(deltas[..., 1:].astype(np.uint64), axis=-1, dtype=np.uint64)

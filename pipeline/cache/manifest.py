@@ -62,7 +62,7 @@ def shard_paths(index: int) -> tuple[str, str, str]:
     return f"{base}.arrow", f"{base}.zarr", f"{base}.json"
 
 
-# the teacher-target columns, one compressed blob per sequence each ([T, k] top-k, [T, K] draws)
+# the teacher-target columns, one compressed blob per chunk each ([n, T, k] top-k, [n, T, K] draws)
 TARGET_COLUMNS = ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits")
 
 

@@ -174,7 +174,7 @@ class Cache:
         """sample_ids [n, T, K] int64, sample_counts [n, T, K] int64 (0 = empty slot), sample_logits [n, T, K] fp32."""
         m, t, K = self.manifest, self.seq_len, self.samples
         counts = np.dtype(self.sampling["count_dtype"])
-        stored = decode_topk_logits(planes("sample_logits", dtype.itemsize), dtype, n, t, K)
+        stored = decode_topk_logits(planes("sample_logits", dtype.itemsize), dtype, n, t, K, slot_major=False)
         return {
             "sample_ids": decode_topk_ids(planes("sample_ids", id_type.itemsize), order, n, t, K).astype(np.int64),
             "sample_counts": from_planes(planes("sample_counts", counts.itemsize)[None], counts.itemsize)

@@ -149,13 +149,14 @@ class ShardWriter:
                 functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
                 functools.partial(compress_side, "topk_logits", lambda: encode_topk_logits(rows["topk_logits"])),
             ]
-        if lay.samples:  # sorted by logit like the top-k: the same ranks and delta planes
+        if lay.samples:  # sorted by logit like the top-k: the same ranks and delta keys, position by position
             encode_tasks += [
                 functools.partial(compress_side, "sample_ids",
                                   lambda: encode_topk_ids(rows["sample_ids"], self._rank_of)),
                 functools.partial(compress_side, "sample_counts", lambda: to_planes(
                     rows["sample_counts"].reshape(1, -1))),
-                functools.partial(compress_side, "sample_logits", lambda: encode_topk_logits(rows["sample_logits"])),
+                functools.partial(compress_side, "sample_logits",
+                                  lambda: encode_topk_logits(rows["sample_logits"], slot_major=False)),
             ]
         if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
             encoded.update(rows["encoded"])

@@ -77,16 +77,20 @@ def test_topk_logit_transform_is_lossless(dtype):
     if dtype != np.uint16:
         x[1, 0, 2] = -0.0
         x[2] = rng.normal(size=x[2].shape).astype(dtype)  # unsorted rows round-trip too
-    planes = encode_topk_logits(x)
-    y = decode_topk_logits(planes, x.dtype, 4, 6, 10)
-    assert y.dtype == x.dtype
-    assert np.array_equal(y.view(np.uint8), x.view(np.uint8))
-    # slot-major: the stream opens with the most significant byte of every position's first key
     width = x.dtype.itemsize
     bits = x.view({2: np.uint16, 4: np.uint32}[width])[..., 0].astype(np.uint64)
     negative = bits >> (8 * width - 1) == 1
     keys = np.where(negative, ~bits & ((1 << 8 * width) - 1), bits | (1 << (8 * width - 1)))
-    assert np.array_equal(planes[: 4 * 6], (keys >> (8 * width - 8)).astype(np.uint8).reshape(-1))
+    high = (keys >> (8 * width - 8)).astype(np.uint8)  # most significant byte of each position's first key
+    for slot_major in (True, False):
+        planes = encode_topk_logits(x, slot_major=slot_major)
+        y = decode_topk_logits(planes, x.dtype, 4, 6, 10, slot_major=slot_major)
+        assert y.dtype == x.dtype
+        assert np.array_equal(y.view(np.uint8), x.view(np.uint8))
+        if slot_major:  # the stream opens with every position's first key
+            assert np.array_equal(planes[: 4 * 6], high.reshape(-1))
+        else:  # position by position: every 10th value is a position's first key
+            assert np.array_equal(planes[: 4 * 6 * 10 : 10], high.reshape(-1))
 
 
 def test_lse_planes_lossless():
