@@ -133,6 +133,20 @@ def _wipe(store: Storage) -> None:
             store.remove(name)
 
 
+def stored_format(root: Storage | Path) -> int | None:
+    """The format version of the cache (finished or not) at `root`; None when there is none."""
+    store = as_storage(root)
+    for name in (MANIFEST, BUILD):
+        if store.isfile(name):
+            try:
+                data = store.read_json(name)
+            except PipelineError:
+                return None
+            version = data.get("format_version", (data.get("fingerprint") or {}).get("format_version"))
+            return int(version) if isinstance(version, int) else None
+    return None
+
+
 def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
     """Prepare `root` for a build of `fingerprint` (caller holds the lock).
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache.manifest import write_json_atomic
+from pipeline.cache.directory import stored_format
+from pipeline.cache.manifest import FORMAT_VERSION, write_json_atomic
+from pipeline.cache.storage import Storage
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError
@@ -104,7 +106,13 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
 
     _echo(f"[2/5] cache: teacher {cfg.teacher.model}, {cfg.data.num_sequences} x {cfg.data.seq_len} tokens "
           f"-> {cfg.cache.dir}")
-    build_cache(cfg)
+    # a cache the demo wrote with an older version of this code cannot be read: the demo rebuilds it (any
+    # other config's cache in cache.dir is still refused, as by `distill cache build`)
+    version = stored_format(Storage(cfg.cache.dir, cfg.cache.storage_options, what="cache.dir"))
+    stale = version is not None and version != FORMAT_VERSION
+    if stale:
+        _echo(f"      {cfg.cache.dir} holds a format-{version} cache (this code reads format {FORMAT_VERSION}): rebuilding it")
+    build_cache(cfg, overwrite=stale)
     verify_cache(cfg.cache.dir)
     cache_info(cfg.cache.dir)
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.cache import open_cache
+from pipeline.cache.manifest import FORMAT_VERSION
 from pipeline.errors import PipelineError
 from pipeline.recipes.demo import DEMO_CONFIG, run_demo
 from tests.conftest import make_tiny_model
@@ -80,11 +81,16 @@ def test_demo_chain_on_tiny_teacher(tmp_path, smollm_tokenizer, corpus_file):
         "training.eval_steps=1", "training.per_device_train_batch_size=2", "training.use_cpu=true",
         "eval.tasks=[arc_easy, winogrande]", "eval.limit=3",
     )
+    # cache.dir holds a cache an older version of the code wrote (only its manifest matters here): the demo
+    # rebuilds it, where `distill cache build` would refuse it without --overwrite
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps({"format_version": 2, "fingerprint": {"format_version": 2}}))
     result = run_demo(DEMO_CONFIG, overrides, remove=2, calibration_sequences=4)
 
     record = json.loads((tmp_path / "student" / "pruning.json").read_text())
     assert len(record["removed_layers"]) == 2 and len(record["kept_layers"]) == 4
     c = open_cache(tmp_path / "cache")
+    assert c.manifest["format_version"] == FORMAT_VERSION
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     # selected map, stride 2 over 4 student blocks: blocks 2 and 4 learn from the teacher blocks they were
     assert run["layer_map"] == {"2": record["kept_layers"][1], "4": record["kept_layers"][3]}
