@@ -34,7 +34,7 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.cache.manifest import MANIFEST, read_json, write_json_atomic
+from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, read_json, write_json_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
 from pipeline.errors import PipelineError
@@ -100,6 +100,9 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
         check_tasks(base.ablate.eval.tasks)
     check_limit(base.ablate.eval.limit)
     if manifest is not None:
+        if manifest.get("format_version") != FORMAT_VERSION:  # before its keys: other formats have others
+            raise PipelineError(f"the cache {base.cache.dir} is a format-{manifest.get('format_version')} cache (this code "
+                                f"reads format {FORMAT_VERSION}); delete it and rerun: the ablation rebuilds it")
         if manifest["teacher"]["model"] != base.teacher.model:
             raise PipelineError(f"the cache {base.cache.dir} holds teacher {manifest['teacher']['model']}, the config "
                                 f"names {base.teacher.model}: the baseline scores would be of another model")

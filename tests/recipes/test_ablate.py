@@ -150,6 +150,25 @@ def test_layer_the_existing_cache_lacks(models, tmp_path):
     assert not (tmp_path / "ablate").exists()
 
 
+def test_cache_of_another_format_refused(models, tmp_path):
+    """A cache an older version of the code wrote cannot be read by the variants: one line up front, nothing run."""
+    from pipeline.config import load_config
+    from pipeline.recipes.cache import build_cache
+
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"ok": {}})
+    build_cache(load_config(config))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["ablate", config])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: the cache {tmp_path / 'cache'} is a format-2 cache (this code reads format 3); delete it and rerun: "
+        "the ablation rebuilds it")
+    assert not (tmp_path / "ablate").exists()
+
+
 def test_variant_identity_tracks_base_config_eval_and_cache():
     data = {"training": {"max_steps": 2}, "mapping": {"strategy": {1: 2, 2: 4}}}
     ident = variant_identity(data, AblateEvalConfig(), "abc")
