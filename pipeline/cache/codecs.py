@@ -205,7 +205,7 @@ def frequency_order(input_ids: np.ndarray, vocab_size: int, dtype) -> np.ndarray
 
 
 def pack_order(order: np.ndarray) -> bytes:
-    """The id table as stored (in each shard's Arrow schema): wrap-around differences of neighbours, zstd.
+    """The id table as stored (once per cache, in the manifest): wrap-around differences of neighbours, zstd.
     The tokens the corpus never uses follow in ascending id order, so their differences are small and cost
     almost nothing; a table is about 2 bytes per distinct corpus token."""
     import pyarrow as pa

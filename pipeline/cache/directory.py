@@ -133,17 +133,21 @@ def _wipe(store: Storage) -> None:
             store.remove(name)
 
 
+def record_format(record: dict) -> int | None:
+    """The format version a manifest.json or build.json names (its own, else its fingerprint's); None if none."""
+    version = record.get("format_version", (record.get("fingerprint") or {}).get("format_version"))
+    return version if isinstance(version, int) else None
+
+
 def stored_format(root: Storage | Path) -> int | None:
     """The format version of the cache (finished or not) at `root`; None when there is none."""
     store = as_storage(root)
     for name in (MANIFEST, BUILD):
         if store.isfile(name):
             try:
-                data = store.read_json(name)
+                return record_format(store.read_json(name))
             except PipelineError:
                 return None
-            version = data.get("format_version", (data.get("fingerprint") or {}).get("format_version"))
-            return int(version) if isinstance(version, int) else None
     return None
 
 
@@ -161,12 +165,13 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
         if not _is_cache_dir(store):
             raise PipelineError(f"{store} is not empty and is not a cache; choose another cache.dir")
         existing = MANIFEST if store.isfile(MANIFEST) else BUILD
-        have = store.read_json(existing).get("fingerprint") if store.isfile(existing) else None
+        record = store.read_json(existing) if store.isfile(existing) else {}
+        have = record.get("fingerprint")
         if have is not None and fingerprint_digest(have) == want:
             return "complete" if existing == MANIFEST else "resume"
         if not overwrite:
-            version = (have or {}).get("format_version", FORMAT_VERSION)
-            if version != FORMAT_VERSION:
+            version = record_format(record)
+            if version not in (None, FORMAT_VERSION):
                 raise PipelineError(f"{store} holds a format-{version} cache (this code writes format {FORMAT_VERSION}); "
                                     "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
