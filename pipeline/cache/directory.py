@@ -199,7 +199,7 @@ def finished_record(root: Storage | Path, index: int, start: int, n_rows: int) -
     if names != set(record.get("files", {})):
         return None
     try:
-        if any(store.checksum(n) != record["files"][n] for n in names):
+        if any(store.checksum(n, like=record["files"][n]) != record["files"][n] for n in names):
             return None
     except FileNotFoundError:
         return None

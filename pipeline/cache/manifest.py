@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from pipeline.cache.storage import Storage
@@ -93,16 +92,6 @@ def hidden_array(layer: int, suffix: str = "") -> str:
     return f"layer_{layer}" + (f"_{suffix}" if suffix else "")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -117,12 +106,6 @@ def shard_files(store: Storage, index: int) -> list[str]:
     the cache root, in a fixed order."""
     arrow, zdir, _ = shard_paths(index)
     return ([arrow] if store.isfile(arrow) else []) + store.files(zdir)
-
-
-def checksum_files(store: Storage, files: list[str]) -> tuple[dict[str, str], str]:
-    """({relative path: checksum}, shard checksum over the sorted per-file checksums)."""
-    per_file = {name: store.checksum(name) for name in files}
-    return per_file, combine_checksums(per_file)
 
 
 def combine_checksums(per_file: dict[str, str]) -> str:

@@ -231,7 +231,7 @@ class Cache:
             for name in sorted(names - set(record["files"])):
                 bad.append(f"{name} (unexpected)")
             for name in sorted(names & set(record["files"])):
-                if self.storage.checksum(name) != record["files"][name]:
+                if self.storage.checksum(name, like=record["files"][name]) != record["files"][name]:
                     bad.append(name)
             if combine_checksums(record["files"]) != s["checksum"]:
                 bad.append(f"{record_path} (record differs from manifest)")

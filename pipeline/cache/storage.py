@@ -21,13 +21,13 @@ bucket or container that does not exist. Buckets are never created.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.checksum import hasher_like
 from pipeline.errors import PipelineError
 
 LOCAL_PROTOCOLS = ("file", "local")
@@ -186,13 +186,14 @@ class Storage:
             return (self.path / rel).stat().st_size
         return int(self.fs.size(self.full(rel)))
 
-    def checksum(self, rel: str) -> str:
-        """blake2b-128 of the file's bytes, streamed."""
-        h = hashlib.blake2b(digest_size=16)
+    def checksum(self, rel: str, like: str | None = None) -> str:
+        """The file's digest (checksum.py), streamed, in the algorithm the digest `like` names (None: the one
+        new files get)."""
+        h = hasher_like(like)
         with self.open(rel, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-        return h.hexdigest()
+        return h.digest()
 
     # ------------------------------------------------------------------ reading and writing
     def open(self, rel: str, mode: str = "rb"):
@@ -215,8 +216,6 @@ class Storage:
     def write_json(self, rel: str, data: dict) -> None:
         """Locally: *.tmp, fsync, rename (atomic). Object stores: one PUT (an object appears whole)."""
         if self.local:
-            from pipeline.cache.manifest import write_json_atomic
-
             write_json_atomic(self.path / rel, data)
             return
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -259,14 +258,25 @@ class Storage:
             raise RuntimeError("object stores have no rename; write to the final name")
         (self.path / src).rename(self.path / dst)
 
-    def arrow_sink(self, rel: str):
-        """A writable Arrow output stream at `rel` and the raw file object behind it (None locally)."""
-        import pyarrow as pa
-
+    def write_bytes(self, rel: str, data) -> None:
+        """One whole file (locally its folder is created; on an object store one PUT)."""
         if self.local:
-            return pa.OSFile(str(self.path / rel), "wb"), None
-        raw = self.fs.open(self.full(rel), "wb")
-        return pa.PythonFile(raw, mode="w"), raw
+            path = self.path / rel
+            try:
+                f = open(path, "wb")
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(path, "wb")
+            with f:
+                f.write(data)
+            return
+        self.fs.pipe_file(self.full(rel), bytes(data))
+
+    def open_write(self, rel: str):
+        """A file object to stream bytes into at `rel` (object stores: uploaded in parts, completed on close)."""
+        if self.local:
+            return open(self.path / rel, "wb")
+        return self.fs.open(self.full(rel), "wb")
 
     def arrow_source(self, rel: str):
         """A random-access Arrow input at `rel`: a memory map locally, a buffered remote file otherwise."""
@@ -283,6 +293,17 @@ class Storage:
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(self.display(rel), storage_options=self.options or None, read_only=read_only)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """A local JSON file replaced atomically: *.tmp, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def as_storage(root: "str | Path | Storage", storage_options: dict[str, Any] | None = None,

@@ -1,26 +1,39 @@
-"""Shard writing: encode + compress + write on a background thread behind a bounded queue.
+"""Shard writing: many chunks in flight on a thread pool, committed in order by one writer thread.
 
-The teacher thread only captures and enqueues; a `ShardWriter` streams each shard's chunks into
-`*.tmp` files, and on `end_shard` renames them into place and writes the shard record last. On an
-object store (no rename) the data files are written at their final names; the record, written last,
-is still what makes a shard count, so files without one are leftovers the next attempt replaces. An
-exception in the writer thread is re-raised in the main thread at its next `put`/`end_shard`/exit;
-leaving the `with` block on an exception stops the thread without committing the open shard.
+The teacher thread only captures and enqueues rows. The writer thread cuts them into chunks
+(`chunk_sequences` rows) and hands each chunk's independent pieces to the pool at once: the side data
+(top-k / sampled blobs, lse planes, input ids) and each hidden layer (encode, Blosc-compress, write the
+chunk's file, checksum its bytes). Nothing waits for a chunk to finish before the next one starts; up to
+`2 x threads` chunks are in flight. The writer thread commits finished chunks in order: it appends the
+chunk's record batch to the shard's Arrow file and adds its sums of squares. So the bytes written, the
+statistics and the records are the same for any number of threads (tested).
+
+Hidden layers are Zarr v3 arrays: the writer creates each array's metadata with zarr and writes the
+chunk files itself, each the Blosc compression of the chunk's little-endian bytes, exactly what zarr
+writes for `array[rows] = values` (tested against zarr's own writes), so that every byte is checksummed
+as it is produced. A build never reads its shards back.
+
+Crash safety: a shard's files go to `*.tmp` names and are renamed on `end_shard`, then the shard record
+is written last. On an object store (no rename) the data files are written at their final names; the
+record, written last, is still what makes a shard count, so files without one are leftovers the next
+attempt replaces. An exception in the writer thread or a pool task is re-raised in the main thread at
+its next `put`/`end_shard`/exit; leaving the `with` block on an exception stops the thread without
+committing the open shards.
 
 Crash-test hook: with DISTILL_CACHE_KILL_AFTER_SHARDS=N in the environment, the process SIGKILLs
-itself once this writer has committed N shards and written the first chunk of the next one, so a
-test can stop a build at a fixed point with finished shards and one half-written shard on disk.
-Unset (the normal case), it does nothing.
+itself once this writer has committed N shards and the first chunk of the next one, so a test can stop
+a build at a fixed point with finished shards and one half-written shard on disk. Unset (the normal
+case), it does nothing.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import os
 import queue
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +41,21 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from pipeline.cache.checksum import Hasher, digest_bytes
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, compress_chunk, encode_lse, encode_topk_ids, encode_topk_logits, rank_table, to_planes,
-    zarr_compressor,
+    HIDDEN_CODECS, blosc_codec, compress_chunk, encode_lse, encode_topk_ids, encode_topk_logits, rank_table,
+    to_planes, zarr_compressor,
 )
-from pipeline.cache.stats import SquareSums, token_squares
 from pipeline.cache.manifest import (
-    SHARDS, TARGET_COLUMNS, checksum_files, hidden_array, lse_column, shard_files, shard_name, shard_paths,
+    SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, lse_column, shard_files, shard_name, shard_paths,
 )
+from pipeline.cache.stats import SquareSums
 from pipeline.cache.storage import Storage, as_storage
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """What every shard of one cache looks like (read from the manifest header)."""
+    """What every shard of one cache looks like (pipeline/cache/spec.py makes it from the config)."""
 
     seq_len: int
     topk: int
@@ -65,8 +79,120 @@ class ShardLayout:
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
     """[R, n] -> FixedSizeList<n> column (one row per sequence)."""
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    flat = np.ascontiguousarray(values).reshape(-1)
+    flat = pa.array(flat, type=pa.from_numpy_dtype(flat.dtype))  # typed: no per-value type inference
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+class _HashingFile:
+    """The Arrow file's raw stream: every byte goes to the file and to its checksum."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.hasher, self.closed = raw, Hasher(), False
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.raw.write(data)
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.hasher.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()  # on an object store the upload completes here
+            self.closed = True
+
+
+# ----------------------------------------------------------------------------- the pool's work per chunk
+
+
+def encode_side(rows: dict, lay: ShardLayout, rank_of: np.ndarray) -> dict[str, pa.Array]:
+    """A chunk's Arrow columns: input ids, lengths (padded), the teacher-target blobs (in the chunk's first
+    row, null in the others) and the lse planes."""
+    n = len(rows["input_ids"])
+    cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
+    if lay.padded:
+        cols["length"] = pa.array(rows["length"].astype(np.int32), type=pa.int32())
+    planes = {}
+    if lay.topk:
+        planes["topk_ids"] = lambda: encode_topk_ids(rows["topk_ids"], rank_of)
+        planes["topk_logits"] = lambda: encode_topk_logits(rows["topk_logits"])
+    if lay.samples:  # sorted by logit like the top-k: the same ranks and delta keys, position by position
+        planes["sample_ids"] = lambda: encode_topk_ids(rows["sample_ids"], rank_of)
+        planes["sample_counts"] = lambda: to_planes(rows["sample_counts"].reshape(1, -1))
+        planes["sample_logits"] = lambda: encode_topk_logits(rows["sample_logits"], slot_major=False)
+    for name in TARGET_COLUMNS:
+        if name in planes:
+            blob = compress_chunk(planes[name](), lay.side_compressor)
+            cols[name] = pa.array([blob] + [None] * (n - 1), type=pa.binary())
+    for j in range(lay.n_temps):
+        cols[lse_column(j)] = _fixed(encode_lse(rows["lse"][j]))
+    return cols
+
+
+@dataclass
+class LayerChunk:
+    """One layer of one chunk, written: {file name under the Zarr folder: (bytes, digest)} and each token's
+    sum of squares [n, T] float64 (before encoding)."""
+
+    files: dict[str, tuple[int, str]]
+    squares: np.ndarray
+
+
+def write_layer(store: Storage, zdir: str, layer: int, rows: dict, lay: ShardLayout, chunk: int) -> LayerChunk:
+    """Encode (unless the teacher's device did), compress and write one layer of one chunk."""
+    if "encoded" in rows:
+        encoded, squares = rows["encoded"][layer], rows["token_squares"][layer]
+    else:
+        h = rows["hidden"][layer]
+        encoded = HIDDEN_CODECS.get(lay.hidden_codec).encode(h)
+        squares = np.einsum("rtd,rtd->rt", h, h, dtype=np.float64)
+    files = {}
+    for suffix, arr in encoded.items():
+        if len(arr) < lay.chunk_sequences:  # an edge chunk: stored at the full chunk shape, zero-filled
+            arr = np.concatenate([arr, np.zeros((lay.chunk_sequences - len(arr),) + arr.shape[1:], arr.dtype)])
+        data = blosc_codec(lay.hidden_level, arr.dtype.itemsize, lay.hidden_compressor).encode(
+            np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+        name = chunk_file(hidden_array(layer, suffix), chunk, arr.ndim)
+        store.write_bytes(f"{zdir}/{name}", data)
+        files[name] = (len(data), digest_bytes(data))
+    return LayerChunk(files, squares)
+
+
+def chunk_file(array: str, chunk: int, ndim: int) -> str:
+    """A chunk's file inside the Zarr group, by zarr v3's default chunk key encoding ("c/i/0/0")."""
+    return "/".join([array, "c", str(chunk)] + ["0"] * (ndim - 1))
+
+
+@dataclass
+class _Chunk:
+    rows: int
+    start: int  # first row in the shard
+    side: Future
+    layers: dict[int, Future]
+    valid: np.ndarray  # [n, T] bool
+
+    def done(self) -> bool:
+        return self.side.done() and all(f.done() for f in self.layers.values())
+
+
+def _now(fn, *args) -> Future:
+    f: Future = Future()
+    try:
+        f.set_result(fn(*args))
+    except BaseException as e:
+        f.set_exception(e)
+    return f
 
 
 class ShardWriter:
@@ -84,18 +210,21 @@ class ShardWriter:
             self.store.remove(p)
         self.store.makedirs(SHARDS)
         self._group = zarr.open_group(store=self.store.zarr_store(self.zdir_tmp), mode="w", zarr_format=3)
-        self._arrays: dict[str, zarr.Array] = {}
         self._layer_arrays: dict[int, list[str]] = {layer: [] for layer in layout.layers}
         self._ipc: pa.ipc.RecordBatchFileWriter | None = None
-        self._sink = None
-        self._raw = None  # object stores: the file object behind the Arrow sink
+        self._file: _HashingFile | None = None
         self._pending: list[dict] = []
         self._pending_rows = 0
-        self._written = 0
+        self._submitted = 0  # rows handed to the pool
+        self._written = 0  # rows committed
+        self._inflight: collections.deque[_Chunk] = collections.deque()
         self._tokens = 0
         self._squares = {"train": SquareSums(), "heldout": SquareSums()}
+        self._files: dict[str, tuple[int, str]] = {}  # chunk files under the Zarr folder: (bytes, digest)
         self._rank_of = rank_table(layout.order())
+        self.ended = False
 
+    # ------------------------------------------------------------------ rows in, chunks out
     def add(self, rows: dict) -> None:
         """rows: input_ids [r, T], length [r] (padded), topk_ids/topk_logits [r, T, k] (topk > 0),
         sample_ids/sample_counts/sample_logits [r, T, K] (samples > 0), lse [n_temps, r, T],
@@ -104,7 +233,13 @@ class ShardWriter:
         self._pending.append(rows)
         self._pending_rows += len(rows["input_ids"])
         while self._pending_rows >= self.layout.chunk_sequences:
-            self._flush(self.layout.chunk_sequences)
+            self._submit(self._take(self.layout.chunk_sequences))
+
+    def end(self) -> None:
+        """No more rows: the tail becomes the last (shorter) chunk."""
+        if self._pending_rows:
+            self._submit(self._take(self._pending_rows))
+        self.ended = True
 
     def _take(self, n: int) -> dict:
         """Pop exactly n rows from the pending batches."""
@@ -123,115 +258,108 @@ class ShardWriter:
         self._pending_rows -= n
         return _concat_rows(parts)
 
-    def _flush(self, n: int) -> None:
-        """Encode, compress and write one chunk of n rows. The independent parts (the Arrow record batch
-        with its top-k planes, and each hidden layer's encode + compress + write) run on the writer's thread
-        pool when it has one; numpy, torch, zstd and Blosc release the GIL, so they scale with cores.
-        The bytes written do not depend on the number of threads."""
-        rows = self._take(n)
+    def _submit(self, rows: dict) -> None:
         lay = self.layout
-        r0, r1 = self._written, self._written + n
-        codec = HIDDEN_CODECS.get(lay.hidden_codec)
-        tasks = [lambda: self._write_logits(rows, n)]
-        encoded: dict[int, dict[str, np.ndarray]] = {}
-
-        def encode(layer: int) -> None:
-            encoded[layer] = codec.encode(rows["hidden"][layer])
-
-        side: dict[str, bytes] = {}
-
-        def compress_side(name: str, planes) -> None:
-            side[name] = compress_chunk(planes(), self.layout.side_compressor)
-
-        encode_tasks = []
-        if lay.topk:
-            encode_tasks += [
-                functools.partial(compress_side, "topk_ids", lambda: encode_topk_ids(rows["topk_ids"], self._rank_of)),
-                functools.partial(compress_side, "topk_logits", lambda: encode_topk_logits(rows["topk_logits"])),
-            ]
-        if lay.samples:  # sorted by logit like the top-k: the same ranks and delta keys, position by position
-            encode_tasks += [
-                functools.partial(compress_side, "sample_ids",
-                                  lambda: encode_topk_ids(rows["sample_ids"], self._rank_of)),
-                functools.partial(compress_side, "sample_counts", lambda: to_planes(
-                    rows["sample_counts"].reshape(1, -1))),
-                functools.partial(compress_side, "sample_logits",
-                                  lambda: encode_topk_logits(rows["sample_logits"], slot_major=False)),
-            ]
-        if "encoded" in rows:  # encoded where the teacher ran (TeacherCapture(hidden_codec=...))
-            encoded.update(rows["encoded"])
-        else:
-            encode_tasks += [functools.partial(encode, layer) for layer in lay.layers]
-        run_all(self.pool, encode_tasks)
-        rows = dict(rows, side=side)
-        for layer in lay.layers:  # array creation touches the group's metadata: one thread, first chunk only
-            for suffix, arr in encoded[layer].items():
-                name = hidden_array(layer, suffix)
-                if name not in self._arrays:
-                    self._arrays[name] = self._group.create_array(
-                        name, shape=(self.n_rows,) + arr.shape[1:], chunks=(lay.chunk_sequences,) + arr.shape[1:],
-                        dtype=arr.dtype, fill_value=0, compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize,
-                                                                                      lay.hidden_compressor)],
-                    )
-                    self._layer_arrays[layer].append(name)
-                tasks.append(functools.partial(self._arrays[name].__setitem__, slice(r0, r1), arr))
-        run_all(self.pool, tasks)
-        self._written = r1
-
-    def _write_logits(self, rows: dict, n: int) -> None:
-        """The Arrow part of a chunk (ids, top-k planes, lse, lengths) and the per-split sums of squares."""
-        lay = self.layout
-        valid = np.ones(rows["input_ids"].shape, dtype=bool)  # [n, T]
+        n = len(rows["input_ids"])
+        if self._submitted == 0:
+            self._create_arrays(rows)
+        chunk = self._submitted // lay.chunk_sequences
+        run = self.pool.submit if self.pool is not None else _now
+        valid = np.ones(rows["input_ids"].shape, dtype=bool)
         if lay.padded:
             valid = np.arange(lay.seq_len)[None, :] < rows["length"][:, None]
-        cut = min(max(lay.train_sequences - (self.start + self._written), 0), n)  # rows [0, cut) are train
-        squares = rows["token_squares"] if "token_squares" in rows else token_squares(rows["hidden"])
-        for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, n))):
+        self._inflight.append(_Chunk(
+            rows=n, start=self._submitted, valid=valid,
+            side=run(encode_side, rows, lay, self._rank_of),
+            layers={layer: run(write_layer, self.store, self.zdir_tmp, layer, rows, lay, chunk) for layer in lay.layers},
+        ))
+        self._submitted += n
+
+    def _create_arrays(self, rows: dict) -> None:
+        """Each layer's Zarr arrays (metadata only; the chunk files are written by write_layer). Their dtypes
+        and shapes come from encoding one token of the first chunk."""
+        lay = self.layout
+        for layer in lay.layers:
+            if "encoded" in rows:
+                parts = {s: a[:1] for s, a in rows["encoded"][layer].items()}
+            else:
+                parts = HIDDEN_CODECS.get(lay.hidden_codec).encode(rows["hidden"][layer][:1])
+            for suffix, arr in parts.items():
+                name = hidden_array(layer, suffix)
+                self._group.create_array(
+                    name, shape=(self.n_rows,) + arr.shape[1:], chunks=(lay.chunk_sequences,) + arr.shape[1:],
+                    dtype=arr.dtype, fill_value=0,
+                    compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize, lay.hidden_compressor)])
+                self._layer_arrays[layer].append(name)
+
+    # ------------------------------------------------------------------ committing, in order
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def commit(self, block: bool) -> int:
+        """Commit finished chunks in order (with `block`, at least the oldest one); returns how many."""
+        done = 0
+        while self._inflight and (self._inflight[0].done() or (block and done == 0)):
+            self._commit(self._inflight.popleft())
+            done += 1
+        return done
+
+    def _commit(self, c: _Chunk) -> None:
+        lay = self.layout
+        cols = c.side.result()
+        layers = {layer: f.result() for layer, f in c.layers.items()}
+        cut = min(max(lay.train_sequences - (self.start + c.start), 0), c.rows)  # rows [0, cut) are train
+        for split, (a, b) in (("train", (0, cut)), ("heldout", (cut, c.rows))):
             if b > a:
-                self._squares[split].add_token_squares({layer: t[a:b] for layer, t in squares.items()}, valid[a:b])
-        cols = {"input_ids": _fixed(rows["input_ids"].astype(lay.id_dtype))}
-        if lay.padded:
-            cols["length"] = pa.array(rows["length"].astype(np.int32))
-            self._tokens += int(rows["length"].sum())
-        else:
-            self._tokens += rows["input_ids"].size
-        for name in TARGET_COLUMNS:  # the chunk's blob in its first row
-            if name in rows["side"]:
-                cols[name] = pa.array([rows["side"][name]] + [None] * (n - 1), type=pa.binary())
-        for j in range(lay.n_temps):
-            cols[lse_column(j)] = _fixed(encode_lse(rows["lse"][j]))
+                self._squares[split].add_token_squares({layer: r.squares[a:b] for layer, r in layers.items()},
+                                                       c.valid[a:b])
+        for r in layers.values():
+            self._files.update(r.files)
+        self._tokens += int(c.valid.sum()) if lay.padded else c.valid.size
         batch = pa.RecordBatch.from_pydict(cols)
         if self._ipc is None:
-            self._sink, self._raw = self.store.arrow_sink(self.arrow_tmp)
+            self._file = _HashingFile(self.store.open_write(self.arrow_tmp))
             opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=lay.logits_level))
-            self._ipc = pa.ipc.new_file(self._sink, batch.schema, options=opts)
+            self._ipc = pa.ipc.new_file(pa.PythonFile(self._file, mode="w"), batch.schema, options=opts)
         self._ipc.write_batch(batch)
+        self._written += c.rows
+
+    @property
+    def complete(self) -> bool:
+        return self.ended and not self._inflight
 
     def finish(self) -> dict:
-        """Commit: flush the tail, close, rename into place, write the shard record (last)."""
-        if self._pending_rows:
-            self._flush(self._pending_rows)
+        """Commit: close, rename into place, write the shard record (last)."""
+        self.end()
+        while self._inflight:
+            self.commit(block=True)
         if self._written != self.n_rows:
             raise RuntimeError(f"{shard_name(self.index)}: got {self._written} rows, expected {self.n_rows}")
         self._ipc.close()
-        self._sink.close()
-        if self._raw is not None:
-            self._raw.close()  # the upload completes here
+        self._file.close()
         if self.store.atomic_rename:
             self.store.rename(self.arrow_tmp, self.arrow)
             self.store.rename(self.zdir_tmp, self.zdir)
-        files = shard_files(self.store, self.index)
-        per_file, checksum = checksum_files(self.store, files)
+        per_file = {self.arrow: self._file.hasher.digest()}
+        sizes = {self.arrow: self._file.hasher.size}
+        for name, (size, digest) in self._files.items():
+            per_file[f"{self.zdir}/{name}"] = digest
+            sizes[f"{self.zdir}/{name}"] = size
+        for name in shard_files(self.store, self.index):  # what zarr wrote: the group's and arrays' metadata
+            if name not in per_file:
+                per_file[name] = self.store.checksum(name)
+                sizes[name] = self.store.size(name)
         depth = self.zdir.count("/") + 1  # shards/shard-00000.zarr/<array>/...
         array_bytes: dict[str, int] = {}
-        for f in files:
-            if not f.startswith(self.zdir + "/"):
-                continue
-            array = f.split("/")[depth]
-            array_bytes[array] = array_bytes.get(array, 0) + self.store.size(f)
+        for f, size in sizes.items():
+            if f.startswith(self.zdir + "/"):
+                array = f.split("/")[depth]
+                array_bytes[array] = array_bytes.get(array, 0) + size
         hidden_bytes = {
             str(layer): sum(array_bytes.get(name, 0) for name in names) for layer, names in self._layer_arrays.items()
         }
+        per_file = dict(sorted(per_file.items()))
         record = {
             "name": shard_name(self.index),
             "index": self.index,
@@ -242,45 +370,37 @@ class ShardWriter:
                 split: {"tokens": acc.tokens, "layers": {str(k): v for k, v in acc.sums.items()}}
                 for split, acc in self._squares.items()
             },
-            "bytes": {"arrow": self.store.size(self.arrow), "hidden": hidden_bytes},
+            "bytes": {"arrow": sizes[self.arrow], "hidden": hidden_bytes},
             "files": per_file,
-            "checksum": checksum,
+            "checksum": combine_checksums(per_file),
         }
         self.store.write_json(self.record, record)
         return record
 
     def abort(self) -> None:
-        """Close handles without committing; the .tmp files (on an object store: the files without a
-        record) are removed by the next attempt."""
+        """Stop without committing: pending work is cancelled, handles are closed; the .tmp files (on an
+        object store: the files without a record) are removed by the next attempt."""
+        for c in self._inflight:
+            for f in [c.side, *c.layers.values()]:
+                f.cancel()
+        self._inflight.clear()
         try:
-            if self._raw is not None:  # object store: closing would upload what is there; drop it instead
-                if hasattr(self._raw, "discard"):
-                    self._raw.discard()
+            raw = self._file.raw if self._file is not None else None
+            if raw is not None and not self.store.local:  # closing would upload what is there; drop it instead
+                if hasattr(raw, "discard"):
+                    raw.discard()
                 try:
-                    self._raw.closed = True  # the buffered file's close (and __del__) must not commit now
+                    raw.closed = True  # the buffered file's close (and __del__) must not commit now
                 except AttributeError:
                     pass
-                self._raw = self._sink = self._ipc = None
+                self._file = self._ipc = None
                 return
             if self._ipc is not None:
                 self._ipc.close()
-            if self._sink is not None:
-                self._sink.close()
+            if self._file is not None:
+                self._file.close()
         except Exception:
             pass
-
-
-def run_all(pool: ThreadPoolExecutor | None, tasks: list) -> None:
-    """Run the callables, on `pool` when given; the first exception is raised after all have finished."""
-    if pool is None or len(tasks) < 2:
-        for task in tasks:
-            task()
-        return
-    futures = [pool.submit(task) for task in tasks]
-    errors = [f.exception() for f in futures]
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
 
 
 def writer_threads(requested: int) -> int:
@@ -313,16 +433,19 @@ _STOP = object()
 
 
 class CacheWriter:
-    """Background writer. Use as a context manager: put rows, end shards; errors surface here."""
+    """Background writer. Use as a context manager: open shards, put rows, end shards; errors surface here.
+
+    `threads` pool workers encode, compress and write; the writer thread cuts chunks, dispatches them and
+    commits them in order. Shards finish in index order; a shard's end does not stop the next one's chunks."""
 
     def __init__(self, root: Storage | Path, layout: ShardLayout, queue_size: int = 2, threads: int = 1):
         self.root, self.layout = as_storage(root), layout
-        # encode/compress workers (threads > 1); the writer thread itself only dispatches and commits
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-encode") if threads > 1 else None
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache-encode")
+        self._max_inflight = 2 * max(1, threads)
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._abort = threading.Event()
-        self._shards: dict[int, ShardWriter] = {}
+        self._shards: dict[int, ShardWriter] = {}  # open shards, in index order
         self.records: list[dict] = []
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         kill_after = os.environ.get("DISTILL_CACHE_KILL_AFTER_SHARDS")  # crash-test hook, see the docstring
@@ -335,24 +458,48 @@ class CacheWriter:
     def _run(self) -> None:
         try:
             while True:
-                item = self._q.get()
-                if item is _STOP or self._abort.is_set():
+                try:
+                    item = self._q.get(timeout=0.01 if self._busy() else None)
+                except queue.Empty:
+                    self._progress(block=False)
+                    continue
+                if item is _STOP:
+                    while self._shards:
+                        self._progress(block=True)
+                    return
+                if self._abort.is_set():
                     return
                 op, index, payload = item
                 if op == "open":
                     start, n_rows = payload
                     self._shards[index] = ShardWriter(self.root, index, start, n_rows, self.layout, self._pool)
                 elif op == "rows":
-                    shard = self._shards[index]
-                    shard.add(payload)
-                    if self._kill_after == len(self.records) and shard._written:
-                        os.kill(os.getpid(), signal.SIGKILL)  # crash-test hook, see the docstring
+                    self._shards[index].add(payload)
                 else:  # "end"
-                    self.records.append(self._shards.pop(index).finish())
+                    self._shards[index].end()
+                self._progress(block=False)
+                while sum(s.inflight for s in self._shards.values()) > self._max_inflight:
+                    self._progress(block=True)
         except BaseException as e:  # surfaced in the main thread
             self._error = e
             for w in self._shards.values():
                 w.abort()
+
+    def _busy(self) -> bool:
+        return any(s.inflight or s.ended for s in self._shards.values())
+
+    def _progress(self, block: bool) -> None:
+        """Commit finished chunks of the open shards in order (with `block`: at least the oldest one) and
+        finish the shards that are complete, in index order."""
+        for index in list(self._shards):
+            shard = self._shards[index]
+            if shard.commit(block=block and shard.inflight > 0):
+                block = False
+                if self._kill_after == len(self.records):
+                    os.kill(os.getpid(), signal.SIGKILL)  # crash-test hook, see the docstring
+            if shard.complete and index == next(iter(self._shards)):
+                self.records.append(self._shards.pop(index).finish())
+                block = False
 
     def _put(self, item) -> None:
         while True:
@@ -394,5 +541,4 @@ class CacheWriter:
             self._thread.join()
             self._raise_if_failed()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)

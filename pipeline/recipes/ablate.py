@@ -34,7 +34,8 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, read_json, write_json_atomic
+from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, read_json
+from pipeline.cache.storage import write_json_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
 from pipeline.errors import PipelineError

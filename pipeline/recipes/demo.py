@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 
 from pipeline.cache.directory import stored_format
-from pipeline.cache.manifest import FORMAT_VERSION, write_json_atomic
+from pipeline.cache.manifest import FORMAT_VERSION
+from pipeline.cache.storage import write_json_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import click
 import numpy as np
 
-from pipeline.cache.manifest import write_json_atomic
+from pipeline.cache.storage import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.corpus import LOCAL_SUFFIXES

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.cache.manifest import write_json_atomic
+from pipeline.cache.storage import write_json_atomic
 from pipeline.cache.storage import redact
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
