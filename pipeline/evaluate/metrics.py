@@ -1,6 +1,6 @@
 """Recovery metrics from the eval JSONs of a teacher, its pruned student and a recovered student.
 
-The book's definitions (DESIGN.md section 8), plus the uncertainty a few hundred benchmark items carry:
+The book's definitions (docs/architecture.md, section 14), plus the uncertainty a few hundred benchmark items carry:
 
     PPL retention        = ppl_teacher / ppl_model                                   (1 = teacher's)
     PPL recovery         = (ppl_pruned - ppl_model) / (ppl_pruned - ppl_teacher)     (1 = gap closed)

@@ -4,9 +4,9 @@ Two sources of the teacher side:
 - a live reference model (`heldout_scores`): KL over the full vocabulary; used to score pruning
   candidates, and by `distill eval --text FILE --reference SRC`;
 - a cache's held-out split (`cache_heldout_scores`): no teacher weights; KL(teacher || model) at T = 1 from
-  the cached top-k logits and the full-vocabulary lse, on the (k+1)-bucket coarsening (the top-k ids plus
-  one exact tail bucket; DESIGN.md section 3). By the data-processing inequality that is <= the full KL,
-  and equal to it at k = vocabulary size.
+  the cached top-k logits and their stored lse (which keeps the exact tail), on the (k+1)-bucket
+  coarsening (the top-k ids plus one exact tail bucket; docs/architecture.md, sections 6 and 12). By the
+  data-processing inequality that is <= the full KL, and equal to it at k = vocabulary size.
 
 Both average over valid next-token positions: t < T-1 in packed rows, t < length-1 in padded ones.
 """

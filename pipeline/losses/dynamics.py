@@ -1,4 +1,4 @@
-"""Feature-dynamics losses over consecutive mapped layers (DESIGN.md section 3, "Feature dynamics").
+"""Feature-dynamics losses over consecutive mapped layers (docs/architecture.md, section 12, "Feature dynamics").
 
 A hidden loss matches each mapped block to its teacher layer on its own; a dynamics loss matches how the
 representation *changes* from one mapped block to the next (chapter 6.4.2), so a student that reaches

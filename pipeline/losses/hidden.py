@@ -1,4 +1,4 @@
-"""Hidden-state losses for one mapped layer pair (DESIGN.md section 3, "Hidden losses").
+"""Hidden-state losses for one mapped layer pair (docs/architecture.md, section 12, "Hidden losses").
 
 Each registered loss takes the valid rows only, student [M, d] (already projected to the teacher width)
 and teacher [M, d], both fp32, plus the layer's normaliser `norm` (None unless the loss needs one), and

@@ -1,7 +1,9 @@
-"""Logit-distillation losses against a top-k teacher cache (DESIGN.md section 3).
+"""Logit-distillation losses against a top-k teacher cache (docs/architecture.md, section 12).
 
-The teacher side of every position is (ids I [k], raw logits z_I [k], lse = logsumexp(z / T) over the
-full teacher vocab), so p_i = exp(z_i / T - lse) is exact for i in I and p_tail = 1 - sum_I p_i.
+The teacher side of every position is (ids I [k], raw logits z_I [k] as stored, lse at T: the normaliser
+of those stored logits that leaves the true full-vocabulary tail, logsumexp(z / T) over the full vocab when
+nothing is rounded; docs/architecture.md, section 6), so p_i = exp(z_i / T - lse) for i in I and
+p_tail = 1 - sum_I p_i is the teacher's full-vocabulary tail.
 
 Tail modes build a pair of discrete distributions over the same support, each as (weights, logs):
 - `bucket`: the (k+1)-bucket coarsening, I plus one tail bucket; equals the full-vocab divergence at k = V.

@@ -3,7 +3,7 @@
 One pass over the calibration rows (the base model only: no LM head, no [B, T, V] logits) records:
 
 - the mean cosine between the residual stream at every pair of block boundaries (0 = embedding output,
-  i = output of block i, before the final norm; DESIGN.md section 3), so the importance of one block
+  i = output of block i, before the final norm; docs/architecture.md, section 2), so the importance of one block
   (1 - cos(in, out), "block influence") and of any run of adjacent blocks come from one matrix;
 - per block, the mean square of every MLP neuron's activation (the input of down_proj) and of every
   query head's contribution to o_proj's output;
@@ -39,7 +39,7 @@ class CalibrationStats:
 
 @dataclass
 class BlockScores:
-    """Block influence from the boundary cosines; blocks are 1-based as everywhere (DESIGN.md section 3)."""
+    """Block influence from the boundary cosines; blocks are 1-based as everywhere (docs/architecture.md, section 2)."""
 
     boundary_cos: np.ndarray  # [L+1, L+1]
 

@@ -1,4 +1,4 @@
-"""Learnable projectors from the student's hidden width to the teacher's (DESIGN.md section 3).
+"""Learnable projectors from the student's hidden width to the teacher's (docs/architecture.md, section 11).
 
 One module per mapped pair, keyed by str(student_layer): nn.Linear(d_student, d_teacher, bias=False), or
 nn.Identity when the widths match. They train with the student and are saved beside it as

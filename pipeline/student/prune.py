@@ -5,7 +5,7 @@ heads stay). `build_pruned` applies it by rewriting the state dict by name and l
 model built from a standard config, so layer indices (self_attn.layer_idx, ...), `layer_types` and every
 size are those of an ordinary model of the new shape: the result is a plain HF model.
 
-Blocks are 1-based original indices (DESIGN.md section 3); neurons, heads and channels are 0-based
+Blocks are 1-based original indices (docs/architecture.md, section 2); neurons, heads and channels are 0-based
 tensor indices into the original model.
 """
 

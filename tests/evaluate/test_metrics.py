@@ -1,4 +1,4 @@
-"""Recovery metrics against numbers worked out by hand from the definitions (DESIGN.md section 8)."""
+"""Recovery metrics against numbers worked out by hand from the definitions (docs/architecture.md, section 14)."""
 
 from __future__ import annotations
 

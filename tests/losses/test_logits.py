@@ -45,7 +45,7 @@ def make_case(seed: int, n: int = 12, v: int = 40, k: int = 8, temperature: floa
 
 
 def dense_divergence(name: str, teacher: torch.Tensor, student: torch.Tensor, temperature: float, lam: float):
-    """Per-row full-vocab divergence [N] in float64 from the definitions (DESIGN.md section 3)."""
+    """Per-row full-vocab divergence [N] in float64 from the definitions (docs/architecture.md, section 12)."""
     log_p = F.log_softmax(teacher.double() / temperature, dim=-1)
     log_q = F.log_softmax(student.double() / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()

@@ -34,7 +34,7 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
 
 def _kl_to_cache(path, cache) -> tuple[torch.Tensor, torch.Tensor]:
     """Per held-out next-token position, in float64 from our own forward on the unpadded rows: the bucket
-    KL(cached teacher || model) at T = 1 (DESIGN.md section 3: the k cached ids plus one tail bucket of
+    KL(cached teacher || model) at T = 1 (docs/architecture.md, section 12: the k cached ids plus one tail bucket of
     mass 1 - sum of the cached top-k probabilities), and a bound on the fp32 rounding of the same value.
 
     The bound: the pipeline forms every log in fp32 from fp32 inputs. To first order the errors of the k

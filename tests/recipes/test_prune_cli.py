@@ -126,7 +126,7 @@ def test_unsupported_architecture(tokenizer, corpus, tmp_path):
 
 
 def test_packaged_smollm2_importance_beats_last(tmp_path):
-    """The real claim, on the packaged teacher with a few calibration sequences (DESIGN.md section 6)."""
+    """The real claim, on the packaged teacher with a few calibration sequences (docs/pruning.md, "Measured")."""
     out = tmp_path / "student"
     r = _run("--model", PACKAGED, "--out", str(out), "--candidates", "importance:6,last:6",
              "--calibration-sequences", "8", "--heldout-sequences", "4", "--seq-len", "128")

@@ -1,4 +1,4 @@
-"""Layer maps: student block j -> teacher block t(j), both 1-based (DESIGN.md, layer numbering).
+"""Layer maps: student block j -> teacher block t(j), both 1-based (docs/architecture.md, section 2, layer numbering).
 
 Every expected map below is worked out by hand from the documented formulas:
   uniform  t(j) = round(j * N_t / N_s), halves rounded up, and never below block 1

@@ -13,7 +13,7 @@ from pipeline.recipes.cache import build_cache
 from pipeline.recipes.train import run_train
 from pipeline.sources import models
 
-REMOVED = range(12, 18)  # 1-based blocks 12..17, the least important ones (DESIGN.md section 6)
+REMOVED = range(12, 18)  # 1-based blocks 12..17: low importance (docs/pruning.md: 13..18 are the six least important)
 
 
 def _pruned_student(path):
