@@ -1,9 +1,9 @@
-"""The output head and the vocabulary losses, chunk by chunk: the full [tokens, vocab] logits never exist.
+"""The vocabulary losses through the output head, chunk by chunk: the full [tokens, vocab] logits never exist.
 
 The student's forward stops at the final (normed) hidden states h [M, d] of the valid next-token
 positions; `chunked_head_loss` walks them `chunk` rows at a time. Per chunk it computes the logits from
-the output embedding (`HeadSpec`: the weight [V, d], tied or not, and any final-logit scaling or
-soft-capping), then
+the output embedding (`HeadSpec` from pipeline/head.py: the weight [V, d], tied or not, and any final-logit
+scaling or soft-capping), then
 
     alpha * sum CE(next token) + beta * T^2 * sum divergence(teacher top-k + tail || student at T)
 
@@ -20,36 +20,16 @@ The result is divided by M (the number of valid next-token positions), as the de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.head import HeadSpec, final_hidden, head_spec, verify_head
 from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, gathered_pair
 from pipeline.losses.sampled import sampled_pair
 
 DEFAULT_CHUNK_TOKENS = 512
-# final-logit transforms we reproduce, by config attribute (text config)
-SOFTCAP_KEYS = ("final_logit_softcapping",)  # Gemma 2/3: z = cap * tanh(z / cap)
-SCALE_KEYS = ("logit_scale",)  # Cohere: z = z * scale
-DIVIDE_KEYS = ("logits_scaling",)  # Granite: z = z / scaling
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """logits = transform(h @ weight.T): weight [V, d]; scale multiplies, softcap applies cap * tanh(z / cap)."""
-
-    weight: torch.Tensor
-    scale: float | None = None
-    softcap: float | None = None
-
-    def logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        z = F.linear(h, self.weight if weight is None else weight)  # [c, V]
-        if self.scale is not None:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
 
 
 @dataclass(frozen=True)
@@ -217,30 +197,6 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
     return loss, named
 
 
-def head_spec(model) -> tuple[HeadSpec | None, str]:
-    """(HeadSpec, "") for a causal LM whose logits we can reproduce from its final hidden states, else
-    (None, why). The caller also checks the result numerically on a few tokens (`verify_head`)."""
-    from pipeline.sources.models import text_config
-
-    emb = model.get_output_embeddings()
-    if not isinstance(emb, torch.nn.Linear):
-        return None, f"the output head is a {type(emb).__name__}, not a Linear"
-    if emb.bias is not None:
-        return None, "the output head has a bias"
-    cfg = text_config(model.config)
-    scale = softcap = None
-    for key in SCALE_KEYS:
-        if getattr(cfg, key, None) not in (None, 1, 1.0):
-            scale = float(getattr(cfg, key))
-    for key in DIVIDE_KEYS:
-        if getattr(cfg, key, None) not in (None, 1, 1.0):
-            scale = (scale or 1.0) / float(getattr(cfg, key))
-    for key in SOFTCAP_KEYS:
-        if getattr(cfg, key, None):
-            softcap = float(getattr(cfg, key))
-    return HeadSpec(emb.weight, scale, softcap), ""
-
-
 def chunk_support(model) -> str:
     """"" when the chunked path reproduces `model`'s logits (checked on a few tokens), else why not."""
     import inspect
@@ -257,33 +213,3 @@ def chunk_support(model) -> str:
         return verify_head(model, head, lambda: captured["h"])
     finally:
         hook.remove()
-
-
-def final_hidden(decoder_output) -> torch.Tensor:
-    """The final (normed) hidden states [B, T, d] from a decoder module's output."""
-    if hasattr(decoder_output, "last_hidden_state"):
-        return decoder_output.last_hidden_state
-    return decoder_output[0] if isinstance(decoder_output, (tuple, list)) else decoder_output
-
-
-def verify_head(model, head: HeadSpec, decoder_output: Callable[[], torch.Tensor], tokens: int = 8) -> str:
-    """"" when head.logits(final hidden states) equals the model's own logits on a few tokens (fp32 rounding
-    of the head's matmul), else why not. `decoder_output()` returns the last captured final hidden states."""
-    device = head.weight.device
-    ids = (torch.arange(tokens, device=device) * 7919 % head.weight.shape[0])[None, :]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(input_ids=ids, use_cache=False).logits.float()  # [1, tokens, V]
-            got = head.logits(decoder_output()).float()
-    finally:
-        model.train(was_training)
-    if got.shape != ref.shape:
-        return f"head logits {tuple(got.shape)} differ in shape from the model's {tuple(ref.shape)}"
-    tol = 1e-4 if head.weight.dtype == torch.float32 else 1e-2  # a few roundings of the matmul, not a transform
-    err = (got - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    if not err <= tol * max(scale, 1.0):
-        return f"head logits differ from the model's by {err:.3g} (max |logit| {scale:.3g})"
-    return ""

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from pipeline.errors import PipelineError
-from pipeline.losses.chunked import VocabTerms, chunked_head_loss, final_hidden, head_spec
+from pipeline.head import final_hidden, head_spec
+from pipeline.losses.chunked import VocabTerms, chunked_head_loss
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.logits import cross_entropy, logits_loss

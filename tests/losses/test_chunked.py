@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.losses.chunked import HeadSpec, VocabTerms, chunked_head_loss
+from pipeline.head import HeadSpec
+from pipeline.losses.chunked import VocabTerms, chunked_head_loss
 from pipeline.losses.logits import LOGIT_LOSSES
 
 M, D, V, K, T = 11, 16, 300, 8, 2.0

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.losses.chunked import HeadSpec, VocabTerms, chunked_head_loss
+from pipeline.head import HeadSpec
+from pipeline.losses.chunked import VocabTerms, chunked_head_loss
 from pipeline.losses.logits import logits_loss
 from pipeline.losses.sampled import check_sampled_divergence, sampled_logits_loss
 from pipeline.teacher.sampling import draw
