@@ -28,9 +28,10 @@ from pipeline.cache.codecs import frequency_order, pack_order  # noqa: E402
 from pipeline.cache.writer import ShardLayout, ShardWriter  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.recipes.cache import LOGITS_LEVEL  # noqa: E402
+from pipeline.cache.spec import LOGITS_LEVEL  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
-from pipeline.teacher.capture import TeacherCapture, logits_from_numpy  # noqa: E402
+from pipeline.cache.codecs import logits_from_numpy  # noqa: E402
+from pipeline.teacher.capture import TeacherCapture  # noqa: E402
 
 BATCH = 8
 TEMPS = [1.0, 2.0]

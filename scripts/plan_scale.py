@@ -75,7 +75,7 @@ from pipeline.cache.stats import token_squares  # noqa: E402
 from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.recipes.cache import LOGITS_LEVEL  # noqa: E402
+from pipeline.cache.spec import LOGITS_LEVEL  # noqa: E402
 from pipeline.sources.models import load_model, load_tokenizer  # noqa: E402
 from pipeline.teacher.capture import TeacherCapture, stored_lse  # noqa: E402
 

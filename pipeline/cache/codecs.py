@@ -24,6 +24,44 @@ from pipeline.registry import Registry
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
+# ----------------------------------------------------------------------------- storage dtypes
+# cache.logit_dtype -> the torch dtype logits are rounded to, and the numpy dtype they are stored as (bf16
+# as its bit patterns, uint16: numpy has no bfloat16)
+LOGIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STORED_LOGIT_DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16), "fp32": np.dtype(np.float32)}
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Token ids are stored as uint16 up to 65,536 ids, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def count_dtype(samples: int) -> np.dtype:
+    """Draw counts (sampled targets, K draws per position) are stored as uint8 up to K = 255, else uint16."""
+    return np.dtype(np.uint8) if samples <= 255 else np.dtype(np.uint16)
+
+
+def logits_to_numpy(logits: torch.Tensor, logit_dtype: str) -> np.ndarray:
+    """[..., k] float (on the CPU) -> storage array of STORED_LOGIT_DTYPES[logit_dtype]."""
+    t = logits.to(LOGIT_DTYPES[logit_dtype])
+    if logit_dtype == "bf16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def host_array(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
+    """A CPU tensor as the numpy array stored (bfloat16 as its uint16 bit patterns), optionally cast."""
+    a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
+    """Inverse of logits_to_numpy, as float32."""
+    if logit_dtype == "bf16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float().numpy()
+    return arr.astype(np.float32)
+
+
 
 @dataclass(frozen=True)
 class HiddenCodec:
@@ -33,9 +71,10 @@ class HiddenCodec:
     # {suffix: array} -> float32 [n, T, d]
     decode: Callable[[dict[str, np.ndarray]], np.ndarray]
     bound: str  # human-readable round-trip bound, shown by `cache info`
-    # the same encoding on a torch tensor where it lives (a GPU: only the encoded bytes cross to the host);
-    # returns host arrays bit-identical to `encode` of the tensor's float32 values (tested)
-    encode_torch: Callable[[torch.Tensor], dict[str, np.ndarray]] | None = None
+    # the same encoding on a torch tensor where it lives (a GPU: only the encoded bytes cross to the host):
+    # {suffix: tensor on that device} whose host values (bf16 as its bit patterns) are bit-identical to
+    # `encode` of the tensor's float32 values (tested)
+    encode_torch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
 
 
 HIDDEN_CODECS: Registry[HiddenCodec] = Registry("hidden codec")
@@ -65,7 +104,7 @@ def _int8_decode(a: dict[str, np.ndarray]) -> np.ndarray:
     return a[""].astype(np.float32) * a["scale"].astype(np.float32)[..., None]
 
 
-def _int8_encode_torch(x: torch.Tensor) -> dict[str, np.ndarray]:
+def _int8_encode_torch(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """_int8_encode on the tensor's device: the same fp32 arithmetic, half-to-even rounding and scale
     rounded up to fp16 (next fp16 above = its bit pattern + 1, the scale being >= 0)."""
     x = x.float()
@@ -75,20 +114,19 @@ def _int8_encode_torch(x: torch.Tensor) -> dict[str, np.ndarray]:
     s16 = (s16.view(torch.int16) + low).view(torch.float16)
     s = s16.float().unsqueeze(-1)
     q = torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x)).round()
-    return {"": q.clamp_(-127, 127).to(torch.int8).cpu().numpy(), "scale": s16.cpu().numpy()}
+    return {"": q.clamp_(-127, 127).to(torch.int8), "scale": s16}
 
 
 for _codec in (
     HiddenCodec("fp32", lambda x: {"": np.asarray(x, dtype=np.float32)}, lambda a: a[""].astype(np.float32), "lossless",
-                lambda x: {"": x.float().cpu().numpy()}),
-    HiddenCodec("bf16", _bf16_encode, _bf16_decode, "|err| <= 2^-8 |x|",
-                lambda x: {"": x.float().to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}),
+                lambda x: {"": x.float()}),
+    HiddenCodec("bf16", _bf16_encode, _bf16_decode, "|err| <= 2^-8 |x|", lambda x: {"": x.float().to(torch.bfloat16)}),
     HiddenCodec(
         "fp16",
         lambda x: {"": np.clip(x, -FP16_MAX, FP16_MAX).astype(np.float16)},
         lambda a: a[""].astype(np.float32),
         "|err| <= 2^-11 |x| (normal range)",
-        lambda x: {"": x.float().clamp(-FP16_MAX, FP16_MAX).half().cpu().numpy()},
+        lambda x: {"": x.float().clamp(-FP16_MAX, FP16_MAX).half()},
     ),
     HiddenCodec("int8", _int8_encode, _int8_decode, "|err| <= absmax/254 per vector", _int8_encode_torch),
 ):

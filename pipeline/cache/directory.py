@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.cache.manifest import (
-    BUILD, FORMAT_VERSION, LOCK, MANIFEST, SHARDS, combine_checksums, fingerprint_digest, shard_files, shard_paths,
+    BUILD, LOCK, MANIFEST, SHARDS, check_format, combine_checksums, fingerprint_digest, shard_files, shard_paths,
     validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
@@ -133,22 +133,17 @@ def _wipe(store: Storage) -> None:
             store.remove(name)
 
 
-def record_format(record: dict) -> int | None:
-    """The format version a manifest.json or build.json names (its own, else its fingerprint's); None if none."""
-    version = record.get("format_version", (record.get("fingerprint") or {}).get("format_version"))
-    return version if isinstance(version, int) else None
-
-
-def stored_format(root: Storage | Path) -> int | None:
-    """The format version of the cache (finished or not) at `root`; None when there is none."""
+def stored_record(root: Storage | Path) -> dict:
+    """The manifest (else build.json) of the cache, finished or not, at `root`; {} when there is none or it
+    cannot be read."""
     store = as_storage(root)
     for name in (MANIFEST, BUILD):
         if store.isfile(name):
             try:
-                return record_format(store.read_json(name))
+                return store.read_json(name)
             except PipelineError:
-                return None
-    return None
+                return {}
+    return {}
 
 
 def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
@@ -170,10 +165,7 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
         if have is not None and fingerprint_digest(have) == want:
             return "complete" if existing == MANIFEST else "resume"
         if not overwrite:
-            version = record_format(record)
-            if version not in (None, FORMAT_VERSION):
-                raise PipelineError(f"{store} holds a format-{version} cache (this code writes format {FORMAT_VERSION}); "
-                                    "pass --overwrite to rebuild it")
+            check_format(record, store, "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
             raise PipelineError(f"{store} holds a cache built with {what}; pass --overwrite to replace it")
         _wipe(store)

@@ -142,12 +142,23 @@ REQUIRED_KEYS = (
 )
 
 
+def record_format(record: dict) -> int | None:
+    """The format version a manifest.json or build.json names (its own, else its fingerprint's); None if none."""
+    version = record.get("format_version", (record.get("fingerprint") or {}).get("format_version"))
+    return version if isinstance(version, int) else None
+
+
+def check_format(record: dict, where: str | Path, remedy: str) -> None:
+    """The one format check: a record naming another format than this code's is refused in one line that ends
+    with `remedy` (what the caller's user should do). A record naming none passes (its keys are checked next)."""
+    version = record_format(record)
+    if version is not None and version != FORMAT_VERSION:
+        raise PipelineError(f"{where} holds a format-{version} cache (this code reads and writes format "
+                            f"{FORMAT_VERSION}); {remedy}")
+
+
 def validate_manifest(m: dict, where: str | Path) -> None:
-    if "format_version" in m and m["format_version"] != FORMAT_VERSION:  # before the keys: other versions have others
-        raise PipelineError(
-            f"{where}: cache format_version {m['format_version']} is not supported (this code reads {FORMAT_VERSION}); "
-            "rebuild it with `distill cache build CONFIG --overwrite`"
-        )
+    check_format(m, where, "rebuild it with `distill cache build CONFIG --overwrite`")  # other formats have other keys
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
         raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")

@@ -21,7 +21,8 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, from_planes, unpack_order,
+    HIDDEN_CODECS, STORED_LOGIT_DTYPES, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, from_planes,
+    logits_from_numpy, unpack_order,
 )
 from pipeline.cache.manifest import (
     BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, lse_column, shard_files,
@@ -29,9 +30,6 @@ from pipeline.cache.manifest import (
 )
 from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
-from pipeline.teacher.capture import logits_from_numpy
-
-_STORED_LOGIT_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 
 
 class Cache:
@@ -136,7 +134,7 @@ class Cache:
 
         out = {"input_ids": col("input_ids", np.int64)}
         if self.with_logits:
-            dtype, id_type = np.dtype(_STORED_LOGIT_DTYPES[m["logit_dtype"]]), np.dtype(m["id_dtype"])
+            dtype, id_type = STORED_LOGIT_DTYPES[m["logit_dtype"]], np.dtype(m["id_dtype"])
             order, side = self._order, m["side_compressor"]
 
             def planes(name: str, width: int) -> np.ndarray:

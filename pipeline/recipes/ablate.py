@@ -34,7 +34,7 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, read_json
+from pipeline.cache.manifest import MANIFEST, check_format, read_json
 from pipeline.cache.storage import write_json_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
@@ -88,7 +88,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
     hold for all of them."""
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
-    from pipeline.recipes.cache import resolve_layers
+    from pipeline.cache.build import resolve_layers
     from pipeline.recipes.train import check_dynamics_map, has_tokenizer, loss_spec, training_arguments
     from pipeline.sources.digest import tokenizer_digest
     from pipeline.student.projectors import PROJECTOR_INITS, PROJECTOR_KINDS
@@ -101,9 +101,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
         check_tasks(base.ablate.eval.tasks)
     check_limit(base.ablate.eval.limit)
     if manifest is not None:
-        if manifest.get("format_version") != FORMAT_VERSION:  # before its keys: other formats have others
-            raise PipelineError(f"the cache {base.cache.dir} is a format-{manifest.get('format_version')} cache (this code "
-                                f"reads format {FORMAT_VERSION}); delete it and rerun: the ablation rebuilds it")
+        check_format(manifest, f"the cache {base.cache.dir}", "delete it and rerun: the ablation rebuilds it")
         if manifest["teacher"]["model"] != base.teacher.model:
             raise PipelineError(f"the cache {base.cache.dir} holds teacher {manifest['teacher']['model']}, the config "
                                 f"names {base.teacher.model}: the baseline scores would be of another model")

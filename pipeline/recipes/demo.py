@@ -19,10 +19,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache.directory import stored_format
-from pipeline.cache.manifest import FORMAT_VERSION
-from pipeline.cache.storage import write_json_atomic
-from pipeline.cache.storage import Storage
+from pipeline.cache.directory import stored_record
+from pipeline.cache.manifest import check_format
+from pipeline.cache.storage import Storage, write_json_atomic
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError
@@ -109,10 +108,13 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
           f"-> {cfg.cache.dir}")
     # a cache the demo wrote with an older version of this code cannot be read: the demo rebuilds it (any
     # other config's cache in cache.dir is still refused, as by `distill cache build`)
-    version = stored_format(Storage(cfg.cache.dir, cfg.cache.storage_options, what="cache.dir"))
-    stale = version is not None and version != FORMAT_VERSION
-    if stale:
-        _echo(f"      {cfg.cache.dir} holds a format-{version} cache (this code reads format {FORMAT_VERSION}): rebuilding it")
+    try:
+        check_format(stored_record(Storage(cfg.cache.dir, cfg.cache.storage_options, what="cache.dir")), cfg.cache.dir,
+                     "rebuilding it")
+        stale = False
+    except PipelineError as e:
+        _echo(f"      {e}")
+        stale = True
     build_cache(cfg, overwrite=stale)
     verify_cache(cfg.cache.dir)
     cache_info(cfg.cache.dir)

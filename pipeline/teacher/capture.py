@@ -1,8 +1,14 @@
 """One teacher forward -> numpy arrays: top-k logits and ids, lse per temperature, block outputs.
 
-No file I/O here. Block outputs follow DESIGN.md section 3: layer 0 is the input of the first decoder
-block (the embedding output, scaled where the architecture scales it), layer i >= 1 is the residual
-stream after block i and before the final norm.
+No file I/O here. Block outputs follow docs/architecture.md, section 2: layer 0 is the input of the first
+decoder block (the embedding output, scaled where the architecture scales it), layer i >= 1 is the
+residual stream after block i and before the final norm.
+
+`submit` launches a batch and returns at once; `result()` of what it returns waits for that batch. On a
+GPU the batch's outputs are copied to pinned host memory on a side stream, so a caller that submits batch
+i+1 before asking for batch i's result overlaps the copies (and the host's share of the work) with the
+next forward. On a CPU the same calls run in order. Either way the values are the same: the device does
+fp32 work only, and the few float64 steps (the stored lse over the top-k) run on the host.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.cache.codecs import HIDDEN_CODECS, LOGIT_DTYPES, count_dtype, host_array, id_dtype, logits_from_numpy
 from pipeline.errors import PipelineError
+from pipeline.head import check_capture, head_spec
 
-LOGIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CPU_HEAD_CHUNK = 1024  # LM-head tokens per chunk on a CPU (on a GPU: sized by free memory, _head_chunk)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -25,23 +33,29 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+def tail_sums(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """The device's part of `stored_lse`: S_out,T = sum over ids outside the top-k of exp(z / T - m_T), with
+    m_T = max z / T, per temperature -> [n_temps, N] fp32. z [N, V] fp32 is overwritten (the top-k entries
+    become -inf); top / top_ids [N, k] are its top-k values (descending) and ids."""
+    out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
+    z.scatter_(-1, top_ids, float("-inf"))
+    for ti, temp in enumerate(temperatures):
+        out[ti] = torch.exp(z / temp - top[:, :1] / temp).sum(-1)  # 0 when k = V
+    return out
 
 
-def logits_to_numpy(logits: torch.Tensor, logit_dtype: str) -> np.ndarray:
-    """[..., k] float -> storage array: float16 / float32, or bf16 bit patterns as uint16."""
-    t = logits.to(LOGIT_DTYPES[logit_dtype])
-    if logit_dtype == "bf16":
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
-    """Inverse of logits_to_numpy, as float32."""
-    if logit_dtype == "bf16":
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float().numpy()
-    return arr.astype(np.float32)
+def finish_lse(top: torch.Tensor, stored: torch.Tensor, s_out: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """The host's part of `stored_lse`, in float64 on [N, k]: top [N, k] fp32, stored [N, k] the stored values
+    as fp32, s_out [n_temps, N] from tail_sums -> [n_temps, N] fp32."""
+    top, stored, s_out = top.cpu(), stored.cpu(), s_out.cpu()
+    out = torch.empty(len(temperatures), top.shape[0], dtype=torch.float32)
+    top64, stored64 = top.double(), stored.double()
+    for ti, temp in enumerate(temperatures):
+        m64 = (top[:, :1] / temp).double()  # [N, 1]: every exponent below is <= 0
+        s_in = torch.exp(top64 / temp - m64).sum(-1)
+        lse = torch.logsumexp(stored64 / temp - m64, dim=-1) + m64.squeeze(-1) + torch.log1p(s_out[ti].double() / s_in)
+        out[ti] = lse.float()
+    return out
 
 
 def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored: torch.Tensor,
@@ -60,29 +74,18 @@ def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored
     each term relative to m), log(1 - tau_T) = -log1p(S_out / S_in): no cancellation for confident tokens
     (never 1 - sum_I p_i) and no lse-sized absolute rounding (never a difference of two logsumexps). The
     error left is the float32 rounding of the result, 0.5 ulp(lse'_T), plus a few 2^-24 times tau_T.
+    S_out is the device's work (tail_sums, fp32 over the vocabulary); the rest runs on the host
+    (finish_lse, float64 over the top-k).
     """
-    out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
     if top.shape[-1] == 0:  # no top-k stored (sampled targets only): the full-vocabulary lse
-        for ti, temp in enumerate(temperatures):
-            out[ti] = torch.logsumexp(z / temp if temp != 1.0 else z, dim=-1)
-        return out
-    z.scatter_(-1, top_ids, float("-inf"))
-    wide = "cpu" if z.device.type == "mps" else z.device  # [N, k] float64 work (MPS has no float64)
-    top64, stored64 = top.to(wide, torch.float64), stored.to(wide, torch.float64)
-    for ti, temp in enumerate(temperatures):
-        m = top[:, :1] / temp  # [N, 1] fp32: every exponent below is <= 0
-        s_out = torch.exp(z / temp - m).sum(-1).to(wide, torch.float64)  # 0 when k = V
-        m64 = m.to(wide, torch.float64)
-        s_in = torch.exp(top64 / temp - m64).sum(-1)
-        lse = torch.logsumexp(stored64 / temp - m64, dim=-1) + m64.squeeze(-1) + torch.log1p(s_out / s_in)
-        out[ti] = lse.to(out)
-    return out
+        return torch.stack([torch.logsumexp(z / t if t != 1.0 else z, dim=-1) for t in temperatures]).float()
+    return finish_lse(top, stored, tail_sums(z, top, top_ids, temperatures), temperatures)
 
 
 @dataclass
 class Captured:
-    topk_ids: np.ndarray  # [B, T, k] uint16 | uint32
-    topk_logits: np.ndarray  # [B, T, k] storage dtype (see logits_to_numpy)
+    topk_ids: np.ndarray | None  # [B, T, k] uint16 | uint32 (None without top-k targets)
+    topk_logits: np.ndarray | None  # [B, T, k] storage dtype (codecs.logits_to_numpy)
     lse: np.ndarray  # [n_temps, B, T] float32: the normaliser of the stored top-k logits (see stored_lse)
     hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
     # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,
@@ -93,11 +96,23 @@ class Captured:
     # how often each was drawn (0 = an empty slot; the counts sum to K) and the raw logits there
     sample_ids: np.ndarray | None = None  # [B, T, K] uint16 | uint32
     sample_counts: np.ndarray | None = None  # [B, T, K] uint8 (K <= 255) | uint16
-    sample_logits: np.ndarray | None = None  # [B, T, K] storage dtype (see logits_to_numpy)
+    sample_logits: np.ndarray | None = None  # [B, T, K] storage dtype
+
+
+class Launched:
+    """A submitted batch: its outputs on their way to the host. `result()` waits for them and finishes."""
+
+    def __init__(self, capture: "TeacherCapture", host: dict, event, shape: tuple[int, int]):
+        self._capture, self._host, self._event, self._shape = capture, host, event, shape
+
+    def result(self) -> Captured:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._capture._finish(self._host, self._shape)
 
 
 class TeacherCapture:
-    """Hooks the chosen layers once; each call runs one forward and returns a `Captured`."""
+    """Hooks the chosen layers once; `submit` runs one forward (`__call__` = submit + result)."""
 
     def __init__(
         self,
@@ -106,7 +121,7 @@ class TeacherCapture:
         topk: int,
         temperatures: list[float],
         logit_dtype: str = "fp16",
-        head_chunk_tokens: int = 1024,
+        head_chunk_tokens: int | None = None,
         hidden_codec: str | None = None,
         samples: int = 0,
         proposal_temperature: float = 1.0,
@@ -120,13 +135,12 @@ class TeacherCapture:
         self.temperatures = [float(t) for t in temperatures]
         self.logit_dtype = logit_dtype
         self.id_dtype = id_dtype(self.vocab_size)
-        self.head_chunk_tokens = head_chunk_tokens
-        self.codec = None
-        if hidden_codec is not None:  # encode block outputs on the teacher's device, copy only the encoding
-            from pipeline.cache.codecs import HIDDEN_CODECS
-
-            self.codec = HIDDEN_CODECS.get(hidden_codec)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.head_chunk_tokens = head_chunk_tokens  # None: by device (_head_chunk)
+        # encode block outputs on the teacher's device, copy only the encoding
+        self.codec = HIDDEN_CODECS.get(hidden_codec) if hidden_codec is not None else None
+        self.head_spec, why = head_spec(model)  # the final-logit transform, applied to each chunk of head logits
+        if self.head_spec is None:
+            raise PipelineError(f"teacher: cannot reproduce its logits: {why}")
         n = len(self.blocks)
         bad = [i for i in self.layers if not 0 <= i <= n]
         if bad:
@@ -146,7 +160,7 @@ class TeacherCapture:
                 self._handles.append(self.blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             else:
                 self._handles.append(self.blocks[i - 1].register_forward_hook(self._make_hook(i)))
-        self._final_hidden: torch.Tensor | None = None
+        self._copy_stream = None  # CUDA: the side stream of the device-to-host copies
 
     def _pre_hook(self, module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
@@ -164,52 +178,127 @@ class TeacherCapture:
             h.remove()
         self._handles = []
 
-    @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  sequences: list[int] | None = None) -> Captured:
-        """`sequences`: the global index of every row, which seeds its draws (needed when samples > 0)."""
+        return self.submit(input_ids, attention_mask, sequences).result()
+
+    def _head_chunk(self, tokens: int, device: torch.device) -> int:
+        """LM-head tokens per chunk: as given, else 1,024 on a CPU and, on a GPU, what a quarter of the free
+        memory holds as three [chunk, V] fp32 buffers (the logits and the temporaries of top-k and lse)."""
+        if self.head_chunk_tokens:
+            return self.head_chunk_tokens
+        if device.type != "cuda":
+            return CPU_HEAD_CHUNK
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(CPU_HEAD_CHUNK, min(tokens, int(free // 4 // (3 * 4 * self.vocab_size))))
+
+    @torch.inference_mode()
+    def submit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               sequences: list[int] | None = None) -> Launched:
+        """Launch one batch. `sequences`: the global index of every row, which seeds its draws (needed when
+        samples > 0)."""
         self._store = {}
-        base = self.model.get_decoder()
         device = self.model.get_output_embeddings().weight.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        out = base(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
+        out = self.model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
         normed = out.last_hidden_state  # [B, T, d] after the final norm
         B, T, _ = normed.shape
-        head = self.model.get_output_embeddings()
-        flat = normed.reshape(B * T, -1)
-        # top-k and lse stay on the head's device until the one copy of what is stored
-        ids = torch.empty(B * T, self.topk, dtype=torch.long, device=device)
-        vals = torch.empty(B * T, self.topk, dtype=LOGIT_DTYPES[self.logit_dtype], device=device)  # as stored
-        lse = torch.empty(len(self.temperatures), B * T, dtype=torch.float32, device=device)
-        sampler = self._sampler(sequences, B, T, device)  # None without draws
-        # the LM head in token chunks: never more than one [chunk, V] logits tensor alive
-        for s in range(0, B * T, self.head_chunk_tokens):
-            z = head(flat[s : s + self.head_chunk_tokens]).float()  # [c, V]
-            if self.softcap:
-                z = torch.tanh(z / self.softcap) * self.softcap
-            if sampler is not None:
-                sampler(z, s)
-            v, i = torch.topk(z, self.topk, dim=-1)
-            vals[s : s + len(z)], ids[s : s + len(z)] = v, i  # rounded once, to the stored dtype
-            lse[:, s : s + len(z)] = stored_lse(z, v, i, vals[s : s + len(z)].float(), self.temperatures)
-        out = Captured(
-            topk_ids=ids.reshape(B, T, self.topk).to(torch.int32).cpu().numpy().astype(self.id_dtype),
-            topk_logits=logits_to_numpy(vals.reshape(B, T, self.topk).cpu(), self.logit_dtype),
-            lse=lse.reshape(len(self.temperatures), B, T).cpu().numpy(),
-            hidden={},
-        )
-        if sampler is not None:
-            self._store_samples(out, sampler, B, T)
+        dev = self._head_outputs(normed.reshape(B * T, -1), sequences, B, T, device)
         if self.codec is None:
-            out.hidden = {i: self._store[i].float().cpu().numpy() for i in self.layers}
+            dev.update({("hidden", i): self._store[i].float() for i in self.layers})
         else:
-            out.encoded, out.token_squares = {}, {}
             for i in self.layers:
                 h = self._store[i].float()
-                out.encoded[i] = self.codec.encode_torch(h)
-                out.token_squares[i] = h.double().square().sum(-1).cpu().numpy()  # [B, T]
+                for suffix, arr in self.codec.encode_torch(h).items():
+                    dev[("encoded", i, suffix)] = arr
+                # float64 (datacenter GPUs run it at half rate; this reads d values per token): the same sums
+                # the writer computes from float32 block outputs, to the bit
+                dev[("squares", i)] = h.double().square().sum(-1)
+        self._store = {}
+        return self._to_host(dev, device, (B, T))
+
+    def _head_outputs(self, flat: torch.Tensor, sequences, B: int, T: int, device) -> dict:
+        """The LM head in token chunks (never more than one [chunk, V] logits tensor alive): top-k ids, the
+        stored values, the fp32 top-k and the tail sums (what finish_lse needs), and the draws."""
+        N, k, n_temps = B * T, self.topk, len(self.temperatures)
+        ids = torch.empty(N, k, dtype=torch.int32, device=device)
+        stored = torch.empty(N, k, dtype=LOGIT_DTYPES[self.logit_dtype], device=device)  # rounded once
+        top = torch.empty(N, k, dtype=torch.float32, device=device)
+        sums = torch.empty(n_temps, N, dtype=torch.float32, device=device)  # tail sums, or the lse without top-k
+        sampler = self._sampler(sequences, B, T, device)  # None without draws
+        head = self.model.get_output_embeddings()
+        step = self._head_chunk(N, torch.device(device))
+        for s in range(0, N, step):
+            z = self.head_spec.transform(head(flat[s : s + step]).float())  # [c, V]
+            e = s + len(z)
+            if sampler is not None:
+                sampler(z, s)
+            if k == 0:
+                sums[:, s:e] = stored_lse(z, top[s:e], None, None, self.temperatures)
+                continue
+            v, i = torch.topk(z, k, dim=-1)
+            ids[s:e], stored[s:e], top[s:e] = i, v, v
+            sums[:, s:e] = tail_sums(z, v, i, self.temperatures)
+        dev = {"ids": ids, "stored": stored, "top": top, "sums": sums}
+        if sampler is not None:
+            dev.update(sample_ids=sampler.ids.to(torch.int32), sample_counts=sampler.counts, sample_logits=sampler.logits.to(
+                LOGIT_DTYPES[self.logit_dtype]))
+        return dev
+
+    def _to_host(self, dev: dict, device, shape: tuple[int, int]) -> Launched:
+        """Copy the device outputs to the host: on a GPU into pinned memory on the side stream (the caller's
+        next forward runs meanwhile), elsewhere as they are."""
+        if torch.device(device).type != "cuda":
+            return Launched(self, {key: t.cpu() for key, t in dev.items()}, None, shape)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(device))
+        host = {}
+        with torch.cuda.stream(self._copy_stream):
+            for key, t in dev.items():
+                t.record_stream(self._copy_stream)  # not reused by the next forward before the copy is done
+                host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host[key].copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(self._copy_stream)
+        return Launched(self, host, event, shape)
+
+    def _finish(self, host: dict, shape: tuple[int, int]) -> Captured:
+        """Host tensors of one batch -> Captured (the lse finished in float64 here)."""
+        B, T = shape
+        k, n_temps = self.topk, len(self.temperatures)
+        if k:
+            lse = finish_lse(host["top"], host["stored"].float(), host["sums"], self.temperatures)
+        else:
+            lse = host["sums"]
+        out = Captured(
+            topk_ids=host_array(host["ids"].reshape(B, T, k), self.id_dtype) if k else None,
+            topk_logits=host_array(host["stored"].reshape(B, T, k)) if k else None,
+            lse=lse.reshape(n_temps, B, T).numpy(),
+            hidden={i: host_array(host[("hidden", i)]) for i in self.layers} if self.codec is None else {},
+        )
+        if self.codec is not None:
+            out.encoded = {i: {} for i in self.layers}
+            for key, t in host.items():
+                if key[0] == "encoded":
+                    out.encoded[key[1]][key[2]] = host_array(t)
+            out.token_squares = {i: host_array(host[("squares", i)]) for i in self.layers}
+        if self.samples:
+            kk = (B, T, self.samples)
+            out.sample_ids = host_array(host["sample_ids"].reshape(kk), self.id_dtype)
+            out.sample_counts = host_array(host["sample_counts"].reshape(kk), count_dtype(self.samples))
+            out.sample_logits = host_array(host["sample_logits"].reshape(kk))
         return out
+
+    def check(self, captured: Captured, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """One line (PipelineError) unless the captured top-k equals the model's own forward on the first rows
+        of this batch (head.check_capture): the build runs it on its first batch, before anything is written.
+        A cache of sampled targets only has no top-k to compare; its logits come from the same head code."""
+        if captured.topk_ids is None:
+            return
+        check_capture(self.model, captured.topk_ids, logits_from_numpy(captured.topk_logits, self.logit_dtype),
+                      input_ids, attention_mask, self.logit_dtype)
 
     def _sampler(self, sequences: list[int] | None, B: int, T: int, device):
         if not self.samples:
@@ -220,11 +309,3 @@ class TeacherCapture:
             raise ValueError(f"drawing samples needs the global index of each of the {B} rows, got {sequences!r}")
         uniforms = torch.from_numpy(sequence_uniforms(self.sample_seed, list(sequences), T, self.samples))
         return SampleBuffers(uniforms.reshape(B * T, self.samples).to(device), self.proposal_temperature)
-
-    def _store_samples(self, out: Captured, sampler, B: int, T: int) -> None:
-        from pipeline.teacher.sampling import count_dtype
-
-        shape = (B, T, self.samples)
-        out.sample_ids = sampler.ids.reshape(shape).to(torch.int32).cpu().numpy().astype(self.id_dtype)
-        out.sample_counts = sampler.counts.reshape(shape).cpu().numpy().astype(count_dtype(self.samples))
-        out.sample_logits = logits_to_numpy(sampler.logits.reshape(shape).cpu(), self.logit_dtype)

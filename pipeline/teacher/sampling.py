@@ -81,7 +81,3 @@ class SampleBuffers:
         end = start + len(z)
         self.ids[start:end], self.counts[start:end], self.logits[start:end] = draw(
             z, self.uniforms[start:end], self.temperature)
-
-
-def count_dtype(samples: int) -> np.dtype:
-    return np.dtype(np.uint8) if samples <= 255 else np.dtype(np.uint16)

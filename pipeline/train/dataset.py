@@ -206,7 +206,7 @@ class OnlineTeacherCollator:
             mask = (torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]).long()
         sequences = batch.pop("sequence").tolist()
         cap = self.capture(ids, mask, sequences=sequences)
-        from pipeline.teacher.capture import logits_from_numpy
+        from pipeline.cache.codecs import logits_from_numpy
 
         if self.proposal_index is not None:
             batch["sample_ids"] = torch.from_numpy(cap.sample_ids.astype(np.int64))

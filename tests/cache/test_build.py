@@ -97,10 +97,10 @@ def test_build_read_matches_dense_teacher(tiny_config, tiny_teacher):
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("cache", "verify", cache_dir)
     assert r.exit_code == 2 and r.output.count("\n") == 1
-    assert "format_version 2 is not supported (this code reads 3)" in r.output and "--overwrite" in r.output
+    assert "holds a format-2 cache (this code reads and writes format 3)" in r.output and "--overwrite" in r.output
     # building over it says what is there; --overwrite replaces it
     r = run_cli("cache", "build", cfg_path)
-    assert r.exit_code == 2 and "holds a format-2 cache (this code writes format 3)" in r.output
+    assert r.exit_code == 2 and "holds a format-2 cache (this code reads and writes format 3)" in r.output
     assert "--overwrite" in r.output and json.loads((cache_dir / "manifest.json").read_text())["format_version"] == 2
     assert run_cli("cache", "build", cfg_path, "--overwrite").exit_code == 0
     assert open_cache(cache_dir).manifest["format_version"] == 3

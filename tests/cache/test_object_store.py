@@ -243,12 +243,12 @@ def test_train_from_an_s3_cache_equals_training_from_a_local_one(tmp_path, s3):
 def test_bad_urls_one_line_nothing_written(tiny_config, s3, monkeypatch, endpoint_from_fsspec_config):
     import importlib.util
 
-    from pipeline.recipes import cache as cache_recipe
+    from pipeline.cache import build
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded before the URL was checked")
 
-    monkeypatch.setattr(cache_recipe.models, "load_model", no_teacher)
+    monkeypatch.setattr(build.models, "load_model", no_teacher)
     cfg_path, _ = tiny_config(data__num_sequences=8, cache__storage_options=s3.options())
     buckets = sorted(b["Name"] for b in s3.client.list_buckets()["Buckets"])
     cases = [("s3://no-such-bucket/cache", "cache.dir: bucket no-such-bucket does not exist"),

@@ -164,8 +164,8 @@ def test_cache_of_another_format_refused(models, tmp_path):
     result = CliRunner().invoke(main, ["ablate", config])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == (
-        f"error: the cache {tmp_path / 'cache'} is a format-2 cache (this code reads format 3); delete it and rerun: "
-        "the ablation rebuilds it")
+        f"error: the cache {tmp_path / 'cache'} holds a format-2 cache (this code reads and writes format 3); "
+        "delete it and rerun: the ablation rebuilds it")
     assert not (tmp_path / "ablate").exists()
 
 

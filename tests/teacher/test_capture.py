@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.errors import PipelineError
-from pipeline.teacher.capture import TeacherCapture, logits_from_numpy
+from pipeline.cache.codecs import logits_from_numpy
+from pipeline.teacher.capture import TeacherCapture
 from tests.conftest import make_tiny_model
 
 

@@ -1,0 +1,254 @@
+"""Phase one: run the teacher once over the corpus and write the cache.
+
+Reads as its steps: check what can be checked before anything loads (where the cache goes, the
+teacher's config against data and layers), build the sequences, load the teacher, resolve the spec,
+claim the directory, then the capture loop feeding the background writer, then the manifest.
+
+The capture loop keeps the teacher busy: batch i+1 is launched before batch i's results are handed to
+the writer, so on a GPU the copies of batch i to the host overlap batch i+1's forward
+(teacher/capture.py), and the writer's threads encode, compress and write behind both (writer.py).
+
+Under `torchrun`/`accelerate launch` each rank takes shards s with s % world == rank; rank 0 owns the
+lock, the claim and the manifest, so the result equals a single-process build.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+from pipeline.cache.codecs import frequency_order, id_dtype
+from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CacheSpec, TeacherInfo
+from pipeline.cache.storage import Storage
+from pipeline.cache.writer import CacheWriter, writer_threads
+from pipeline.data.sequences import sequences_from_config
+from pipeline.errors import PipelineError
+from pipeline.sources import models
+from pipeline.sources.digest import model_digest, tokenizer_digest
+from pipeline.student.layer_map import build_layer_map, read_kept_layers
+
+
+def build_cache(cfg, overwrite: bool = False) -> dict | None:
+    """Build (or resume, or find complete) the cache cfg.cache describes; returns its manifest on rank 0."""
+    rank, world = _dist()
+    root = checked_root(cfg.cache, rank)
+    tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
+    check_teacher_config(cfg, tcfg)
+    layers = resolve_layers(cfg.cache.layers, cfg.mapping, cfg.student.model, tcfg.num_hidden_layers)
+
+    tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
+    seqs = sequences_from_config(cfg.data, tokenizer)
+
+    teacher, _ = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+    device = models.pick_device(cfg.teacher.device)
+    teacher.to(device)
+    capture = make_capture(cfg.cache, teacher, layers, device)
+    try:
+        spec = CacheSpec.from_config(
+            cfg, TeacherInfo(cfg.teacher.model, tcfg.model_type, tcfg.num_hidden_layers, tcfg.hidden_size,
+                             capture.vocab_size, cfg.teacher.dtype),
+            layers, seqs, model_digest(teacher), tokenizer_digest(tokenizer),
+            frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)))
+        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world)
+    finally:
+        capture.close()
+
+
+# ----------------------------------------------------------------------------- checks before anything loads
+
+
+def checked_root(cc, rank: int) -> Storage:
+    """cache.dir as a Storage: a known protocol with its backend installed, an existing bucket, and not an
+    existing file (nothing loaded or written yet)."""
+    root = Storage(cc.dir, cc.storage_options, what="cache.dir")
+    if root.local and root.path.exists() and not root.path.is_dir():
+        raise PipelineError(f"cache.dir: {root.path} is a file, not a folder; choose another cache.dir")
+    if rank == 0:
+        root.check_bucket("cache.dir")
+    return root
+
+
+def check_teacher_config(cfg, tcfg) -> None:
+    """What the teacher's config alone refuses: sequences longer than its positions, a top-k beyond its
+    vocabulary."""
+    max_positions = getattr(tcfg, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and cfg.data.seq_len > max_positions:
+        raise PipelineError(f"data.seq_len: {cfg.data.seq_len} is beyond the teacher's max_position_embeddings "
+                            f"({max_positions})")
+    vocab = getattr(tcfg, "vocab_size", None)
+    if "topk" in cfg.cache.logits and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
+        raise PipelineError(f"cache.topk: {cfg.cache.topk} must be between 1 and the vocabulary size {vocab}")
+
+
+def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -> list[int]:
+    """cache.layers -> sorted teacher layer indices to store."""
+    if layers == "all":
+        return list(range(0, n_teacher + 1))
+    if isinstance(layers, list):
+        bad = [i for i in layers if not 0 <= i <= n_teacher]
+        if bad:
+            raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n_teacher})")
+        return sorted(set(layers))
+    # auto: what mapping.strategy needs for the configured student's depth
+    if student_model is None:
+        raise PipelineError("cache.layers=auto needs student.model (or set cache.layers to a list or all)")
+    n_student = models.text_config(models.load_config(student_model)).num_hidden_layers
+    kept = read_kept_layers(student_model) if Path(student_model).is_dir() else None
+    layer_map = build_layer_map(mapping.strategy, n_student, n_teacher, mapping.stride, kept)
+    return sorted(set(layer_map.values()))
+
+
+def make_capture(cc, teacher, layers: list[int], device):
+    """The teacher's capture hooks. Hidden states are encoded where the teacher runs when that is a GPU
+    (only the encoded bytes cross to the host) or by the writer's threads; the same bytes either way."""
+    from pipeline.teacher.capture import TeacherCapture
+
+    on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
+    return TeacherCapture(teacher, layers, cc.topk if "topk" in cc.logits else 0, cc.temperatures, cc.logit_dtype,
+                          hidden_codec=cc.hidden_codec if on_device else None,
+                          samples=cc.samples if "sampled" in cc.logits else 0,
+                          proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed)
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, rank: int, world: int):
+    lock = build_lock(root)
+    state = _claim(root, lock, spec, overwrite, rank, world)
+    try:
+        if state == "complete":
+            if rank == 0:
+                click.echo(f"{root}: already complete with this config; nothing to do", err=True)
+            return open_cache(root).manifest
+        shards = spec.shards()
+        mine = [s for s in shards if s[0] % world == rank]
+        todo = [s for s in mine if finished_record(root, *s) is None]
+        if rank == 0 and state == "resume":
+            click.echo(f"{root}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already written", err=True)
+        ok = True
+        try:
+            write_shards(root, spec, seqs, capture, todo, cfg.cache, rank)
+        except BaseException:
+            ok = False
+            if world > 1:
+                _all_ok(world, ok)
+            raise
+        if not _all_ok(world, ok):
+            raise PipelineError("another process of this build failed; rerun to resume")
+        manifest = None
+        if rank == 0:
+            manifest = finalize(root, spec.header(), len(shards))
+            click.echo(f"{root}: {spec.num_sequences} sequences, {len(shards)} shards, manifest written", err=True)
+        if world > 1:
+            torch.distributed.barrier()
+        return manifest
+    finally:
+        if rank == 0:
+            lock.release()
+
+
+def _claim(root: Storage, lock, spec: CacheSpec, overwrite: bool, rank: int, world: int) -> str:
+    """Rank 0 takes the lock (held for the whole build) and claims the directory; every rank gets the state."""
+    created = not root.exists()
+    state: object = None
+    if rank == 0:
+        try:
+            lock.acquire()
+            state = claim(root, spec.fingerprint(), overwrite)
+        except PipelineError as e:
+            if lock.held:
+                lock.release()
+                remove_if_empty_claim(root, created)
+            state = e
+    return _agree(rank, world, state)
+
+
+def write_shards(root: Storage, spec: CacheSpec, seqs, capture, todo: list[tuple[int, int, int]], cc,
+                 rank: int = 0) -> None:
+    """The capture loop: every batch of the shards in `todo` through the teacher and into the writer. Batch
+    i+1 is launched before batch i is handed over, so the host side of one overlaps the next's forward."""
+    batches = [(s, start, rows, b, min(b + cc.batch_size, start + rows))
+               for s, start, rows in todo for b in range(start, start + rows, cc.batch_size)]
+    bar = tqdm(total=sum(r for _, _, r in todo) * spec.seq_len, unit="tok", unit_scale=True,
+               desc=f"cache {root.name}", disable=rank != 0)
+    with CacheWriter(root, spec.layout(), threads=writer_threads(cc.writer_threads)) as writer:
+        pending = None
+        for s, start, rows, b, e in batches + [(None,) * 5]:
+            launched = None
+            if b is not None:
+                ids, mask = batch_inputs(seqs, b, e)
+                launched = (s, start, rows, b, e, ids, mask, capture.submit(ids, mask, sequences=list(range(b, e))))
+            if pending is not None:
+                _hand_over(writer, seqs, capture, pending, check=pending[3] == batches[0][3])
+                bar.update(pending[5].numel())
+            pending = launched
+    bar.close()
+
+
+def batch_inputs(seqs, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequences [b, e) as the teacher's input ids and attention mask (None when packed)."""
+    ids = torch.from_numpy(seqs.input_ids[b:e]).long()
+    if seqs.lengths is None:
+        return ids, None
+    lengths = torch.from_numpy(seqs.lengths[b:e]).long()
+    return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+
+
+def _hand_over(writer: CacheWriter, seqs, capture, launched: tuple, check: bool) -> None:
+    """A launched batch's results to the writer; with `check`, first against the model's own forward."""
+    s, start, rows, b, e, ids, mask, handle = launched
+    cap = handle.result()
+    if check:
+        capture.check(cap, ids, mask)
+    if b == start:
+        writer.open_shard(s, start, rows)
+    batch = {"input_ids": seqs.input_ids[b:e], "lse": cap.lse}
+    if seqs.lengths is not None:
+        batch["length"] = seqs.lengths[b:e]
+    if cap.topk_ids is not None:
+        batch.update(topk_ids=cap.topk_ids, topk_logits=cap.topk_logits)
+    if cap.sample_ids is not None:
+        batch.update(sample_ids=cap.sample_ids, sample_counts=cap.sample_counts, sample_logits=cap.sample_logits)
+    if cap.encoded is not None:
+        batch.update(encoded=cap.encoded, token_squares=cap.token_squares)
+    else:
+        batch["hidden"] = cap.hidden
+    writer.put_rows(s, batch)
+    if e == start + rows:
+        writer.end_shard(s)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _agree(rank: int, world: int, value):
+    """Rank 0's value on every rank (an exception object is re-raised everywhere)."""
+    if world > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _all_ok(world: int, ok: bool) -> bool:
+    if world == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    torch.distributed.all_reduce(flag)
+    return int(flag) == 0
