@@ -99,9 +99,10 @@ class CacheConfig:
     batch_size: int = field(default=8, metadata=_range(1, None))
     shard_sequences: int = field(default=64, metadata=_range(1, None))
     chunk_sequences: int = field(default=8, metadata=_range(1, None))
-    compression_level: int = field(default=3, metadata=_range(1, 22))
+    compression_level: int = field(default=1, metadata=_range(1, 22))  # of the hidden states (Blosc caps it at 9)
     hidden_compressor: str = field(default="zstd", metadata=_choice("zstd", "lz4"))
-    side_compressor: str = field(default="brotli", metadata=_choice("brotli", "zstd"))  # top-k ids and logits
+    # top-k ids and logits; auto: brotli without hidden layers, zstd with them (pipeline/cache/spec.py)
+    side_compressor: str = field(default="auto", metadata=_choice("auto", "brotli", "zstd"))
     writer_threads: int = field(default=0, metadata=_range(0, None))  # encode/compress threads; 0 = every core
     encode_on: str = field(default="auto", metadata=_choice("auto", "device", "writer"))  # where hidden states are encoded
 

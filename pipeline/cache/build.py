@@ -15,6 +15,7 @@ lock, the claim and the manifest, so the result equals a single-process build.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import click
@@ -34,8 +35,13 @@ from pipeline.sources.digest import model_digest, tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
 
 
-def build_cache(cfg, overwrite: bool = False) -> dict | None:
-    """Build (or resume, or find complete) the cache cfg.cache describes; returns its manifest on rank 0."""
+def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: dict | None = None) -> dict | None:
+    """Build (or resume, or find complete) the cache cfg.cache describes; returns its manifest on rank 0.
+    `timings`, when given, receives the seconds of each step: setup (checks, corpus, teacher, spec, claim),
+    loop (the capture loop), writer_wait (of it, the teacher blocked on a full writer queue), drain (the
+    writer finishing after the last batch) and manifest."""
+    timings = {} if timings is None else timings
+    timings["start"] = time.perf_counter()
     rank, world = _dist()
     root = checked_root(cfg.cache, rank)
     tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
@@ -55,7 +61,7 @@ def build_cache(cfg, overwrite: bool = False) -> dict | None:
                              capture.vocab_size, cfg.teacher.dtype),
             layers, seqs, model_digest(teacher), tokenizer_digest(tokenizer),
             frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)))
-        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world)
+        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world, progress, timings)
     finally:
         capture.close()
 
@@ -119,7 +125,8 @@ def make_capture(cc, teacher, layers: list[int], device):
 # ----------------------------------------------------------------------------- the build
 
 
-def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, rank: int, world: int):
+def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, rank: int, world: int,
+           progress: bool, timings: dict):
     lock = build_lock(root)
     state = _claim(root, lock, spec, overwrite, rank, world)
     try:
@@ -134,7 +141,8 @@ def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, 
             click.echo(f"{root}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already written", err=True)
         ok = True
         try:
-            write_shards(root, spec, seqs, capture, todo, cfg.cache, rank)
+            timings["setup"] = time.perf_counter() - timings.pop("start")
+            timings.update(write_shards(root, spec, seqs, capture, todo, cfg.cache, progress and rank == 0))
         except BaseException:
             ok = False
             if world > 1:
@@ -142,9 +150,10 @@ def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, 
             raise
         if not _all_ok(world, ok):
             raise PipelineError("another process of this build failed; rerun to resume")
-        manifest = None
+        manifest, t0 = None, time.perf_counter()
         if rank == 0:
             manifest = finalize(root, spec.header(), len(shards))
+            timings["manifest"] = time.perf_counter() - t0
             click.echo(f"{root}: {spec.num_sequences} sequences, {len(shards)} shards, manifest written", err=True)
         if world > 1:
             torch.distributed.barrier()
@@ -171,14 +180,17 @@ def _claim(root: Storage, lock, spec: CacheSpec, overwrite: bool, rank: int, wor
 
 
 def write_shards(root: Storage, spec: CacheSpec, seqs, capture, todo: list[tuple[int, int, int]], cc,
-                 rank: int = 0) -> None:
+                 progress: bool = True) -> dict[str, float]:
     """The capture loop: every batch of the shards in `todo` through the teacher and into the writer. Batch
-    i+1 is launched before batch i is handed over, so the host side of one overlaps the next's forward."""
+    i+1 is launched before batch i is handed over, so the host side of one overlaps the next's forward.
+    Returns the seconds of the loop, of the teacher waiting on the writer in it, and of the writer's drain."""
     batches = [(s, start, rows, b, min(b + cc.batch_size, start + rows))
                for s, start, rows in todo for b in range(start, start + rows, cc.batch_size)]
     bar = tqdm(total=sum(r for _, _, r in todo) * spec.seq_len, unit="tok", unit_scale=True,
-               desc=f"cache {root.name}", disable=rank != 0)
-    with CacheWriter(root, spec.layout(), threads=writer_threads(cc.writer_threads)) as writer:
+               desc=f"cache {root.name}", disable=not progress)
+    t0 = time.perf_counter()
+    writer = CacheWriter(root, spec.layout(), threads=writer_threads(cc.writer_threads))
+    with writer:
         pending = None
         for s, start, rows, b, e in batches + [(None,) * 5]:
             launched = None
@@ -189,7 +201,9 @@ def write_shards(root: Storage, spec: CacheSpec, seqs, capture, todo: list[tuple
                 _hand_over(writer, seqs, capture, pending, check=pending[3] == batches[0][3])
                 bar.update(pending[5].numel())
             pending = launched
+        t1 = time.perf_counter()
     bar.close()
+    return {"loop": t1 - t0, "writer_wait": writer.waited, "drain": time.perf_counter() - t1}
 
 
 def batch_inputs(seqs, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:

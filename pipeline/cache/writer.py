@@ -33,6 +33,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,14 @@ def write_layer(store: Storage, zdir: str, layer: int, rows: dict, lay: ShardLay
     return LayerChunk(files, squares)
 
 
+# zarr v3's default chunk keys with "." separators: one flat folder of chunk files per array ("c.i.0.0"), no
+# folder to create per chunk (the arrays' metadata names the encoding; readers follow it)
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+
 def chunk_file(array: str, chunk: int, ndim: int) -> str:
-    """A chunk's file inside the Zarr group, by zarr v3's default chunk key encoding ("c/i/0/0")."""
-    return "/".join([array, "c", str(chunk)] + ["0"] * (ndim - 1))
+    """A chunk's file inside the Zarr group ("layer_4/c.i.0.0", CHUNK_KEY_ENCODING)."""
+    return array + "/" + ".".join(["c", str(chunk)] + ["0"] * (ndim - 1))
 
 
 @dataclass
@@ -288,7 +294,7 @@ class ShardWriter:
                 name = hidden_array(layer, suffix)
                 self._group.create_array(
                     name, shape=(self.n_rows,) + arr.shape[1:], chunks=(lay.chunk_sequences,) + arr.shape[1:],
-                    dtype=arr.dtype, fill_value=0,
+                    dtype=arr.dtype, fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
                     compressors=[zarr_compressor(lay.hidden_level, arr.dtype.itemsize, lay.hidden_compressor)])
                 self._layer_arrays[layer].append(name)
 
@@ -447,6 +453,7 @@ class CacheWriter:
         self._abort = threading.Event()
         self._shards: dict[int, ShardWriter] = {}  # open shards, in index order
         self.records: list[dict] = []
+        self.waited = 0.0  # seconds the caller spent blocked on a full queue
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         kill_after = os.environ.get("DISTILL_CACHE_KILL_AFTER_SHARDS")  # crash-test hook, see the docstring
         self._kill_after = int(kill_after) if kill_after else None
@@ -502,15 +509,19 @@ class CacheWriter:
                 block = False
 
     def _put(self, item) -> None:
-        while True:
-            self._raise_if_failed()
-            if not self._thread.is_alive():
-                raise RuntimeError("cache writer thread stopped unexpectedly")
-            try:
-                self._q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._raise_if_failed()
+                if not self._thread.is_alive():
+                    raise RuntimeError("cache writer thread stopped unexpectedly")
+                try:
+                    self._q.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.waited += time.perf_counter() - t0
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -243,14 +243,16 @@ def test_lz4_hidden_states_read_back_the_same(tiny_config, tmp_path):
 
 def test_zstd_side_data_reads_back_the_same(tiny_config, tmp_path):
     """cache.side_compressor zstd changes the top-k blobs, never the decoded ids, logits or lse; it is part
-    of the fingerprint and the manifest, and `cache info` names it."""
+    of the fingerprint and the manifest, and `cache info` names it. auto is zstd when hidden layers are
+    cached, brotli when the side data is the whole cache."""
     cfg_path, cache_dir = tiny_config(data__num_sequences=8, cache__logit_dtype="fp16")
-    other = tmp_path / "zstd"
-    assert run_cli("cache", "build", cfg_path).exit_code == 0
-    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={other}", "--set",
-                   "cache.side_compressor=zstd").exit_code == 0
+    other, bare = tmp_path / "zstd", tmp_path / "no-layers"
+    assert run_cli("cache", "build", cfg_path, "--set", "cache.side_compressor=brotli").exit_code == 0
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={other}").exit_code == 0  # auto, layers cached
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={bare}", "--set", "cache.layers=[]").exit_code == 0
     a, b = open_cache(cache_dir), open_cache(other)
-    assert (a.manifest["side_compressor"], b.manifest["side_compressor"]) == ("brotli", "zstd")
+    assert a.layers and (a.manifest["side_compressor"], b.manifest["side_compressor"]) == ("brotli", "zstd")
+    assert open_cache(bare).manifest["side_compressor"] == "brotli"
     assert a.manifest["fingerprint_digest"] != b.manifest["fingerprint_digest"]
     for i in range(len(a)):
         for key in ("topk_ids", "topk_logits", "input_ids"):
