@@ -1,13 +1,13 @@
 """Phase-one benchmark, measured side by side in one run on the packaged SmolLM2 teacher.
 
 1. Time: a plain teacher forward over N sequences (the physical limit) vs the whole cache build of
-   the same sequences (capture hooks, top-k, lse, encoding, compression, writing, manifest); then the
-   writer alone (the same captured batches replayed through CacheWriter, no forward) on one encode thread
-   and on every core, with Blosc zstd and lz4: the ceiling a faster (GPU) forward would meet.
+   the same sequences (loading the teacher, digests, capture hooks, top-k, lse, encoding, compression,
+   writing, manifest), with the build's own step times. The writer alone against its raw codecs is
+   scripts/bench_writer.py; a GPU's run of both is scripts/bench_gpu.py.
 2. Size: bytes/token of the logit side data, and of one hidden layer under each codec (the same
    captured block outputs written through each codec's real Zarr path).
 
-    python scripts/bench_cache.py [--sequences 32] [--layers 10] [--batch-size 8]
+    python scripts/bench_cache.py [--sequences 32] [--layers 8] [--batch-size 8] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import open_cache  # noqa: E402
-from pipeline.cache.codecs import HIDDEN_CODECS, frequency_order, zarr_compressor  # noqa: E402
-from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
+from pipeline.cache.codecs import HIDDEN_CODECS, zarr_compressor  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.recipes.cache import LOGITS_LEVEL, build_cache, summarize  # noqa: E402
+from pipeline.recipes.cache import build_cache, summarize  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
 from pipeline.teacher.capture import TeacherCapture  # noqa: E402
 
@@ -40,7 +39,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=10, help="hidden layers cached (evenly spaced up to 30)")
+    ap.add_argument("--layers", type=int, default=8, help="hidden layers cached (evenly spaced up to 30)")
+    ap.add_argument("--repeats", type=int, default=2, help="forward and build each timed this often (the best counts)")
     args = ap.parse_args()
     import transformers
 
@@ -67,76 +67,32 @@ def main() -> None:
                 model(input_ids=ids[b : b + args.batch_size], use_cache=False)
         return time.perf_counter() - t0
 
-    def full_build() -> float:
+    def full_build() -> tuple[float, dict]:
         shutil.rmtree(work / "cache", ignore_errors=True)
+        steps: dict = {}
         t0 = time.perf_counter()
-        build_cache(cfg)
-        return time.perf_counter() - t0
+        build_cache(cfg, progress=False, timings=steps)
+        return time.perf_counter() - t0, steps
 
     forward_only()  # warm-up: allocator, kernels
     # alternate to spread drift over both
     t_fwd, t_build = [], []
-    for _ in range(2):
+    for _ in range(args.repeats):
         t_fwd.append(forward_only())
         t_build.append(full_build())
-    f, b = min(t_fwd), min(t_build)
-    print("\n| pass | seconds | tokens/s | ratio |\n|---|---:|---:|---:|")
+    f = min(t_fwd)
+    b, steps = min(t_build, key=lambda x: x[0])
+    print("\n| pass | seconds | tokens/s | ratio |\n|---|---:|---:|---:|", flush=True)
     print(f"| teacher forward only | {f:.1f} | {n_tok / f:.0f} | 1.00 |")
-    print(f"| full cache build ({len(layers)} layers, bf16) | {b:.1f} | {n_tok / b:.0f} | {b / f:.2f} |")
+    print(f"| whole cache build ({len(layers)} layers, {cfg.cache.hidden_codec}; hidden {cfg.cache.hidden_compressor} "
+          f"{cfg.cache.compression_level}) | {b:.1f} | {n_tok / b:.0f} | {b / f:.2f} |")
+    print(f"| of it: setup (teacher, digest, corpus, spec, claim) | {steps['setup']:.1f} | | {steps['setup'] / f:.2f} |")
+    print(f"| of it: capture loop (teacher waiting on the writer {steps['writer_wait']:.2f} s) | {steps['loop']:.1f} "
+          f"| {n_tok / steps['loop']:.0f} | {steps['loop'] / f:.2f} |")
+    print(f"| of it: writer drain + manifest | {steps['drain'] + steps['manifest']:.1f} | | "
+          f"{(steps['drain'] + steps['manifest']) / f:.2f} |", flush=True)
 
-    # 1b. the writer alone (no forward): the same captured batches replayed through CacheWriter, on one
-    # encode thread and on every core. On a GPU the forward gets faster while the writer stays on the CPU:
-    # its ceiling must stay above the forward rate (goal: >= 2x) for the build to keep up.
     manifest = open_cache(work / "cache").manifest
-    layouts = {
-        cname: ShardLayout(
-            seq_len=args.seq_len, topk=cfg.cache.topk, layers=tuple(layers), n_temps=len(cfg.cache.temperatures),
-            hidden_codec=cfg.cache.hidden_codec, id_dtype=manifest["id_dtype"], padded=False,
-            chunk_sequences=cfg.cache.chunk_sequences, hidden_level=cfg.cache.compression_level,
-            logits_level=LOGITS_LEVEL, train_sequences=len(ids), hidden_compressor=cname,
-            id_order=frequency_order(seqs.input_ids, model.config.vocab_size, manifest["id_dtype"]).tobytes())
-        for cname in ("zstd", "lz4")
-    }
-    cap = TeacherCapture(model, layers, cfg.cache.topk, cfg.cache.temperatures, cfg.cache.logit_dtype)
-    batches = []
-    for b in range(0, len(ids), args.batch_size):
-        c = cap(ids[b : b + args.batch_size])
-        batches.append({"input_ids": seqs.input_ids[b : b + args.batch_size], "topk_ids": c.topk_ids,
-                        "topk_logits": c.topk_logits, "lse": c.lse, "hidden": c.hidden})
-    cap.close()
-    shard = cfg.cache.shard_sequences
-
-    def writer_only(threads: int, cname: str) -> tuple[float, int]:
-        out = work / f"writer-{threads}-{cname}"
-        shutil.rmtree(out, ignore_errors=True)
-        (out / "shards").mkdir(parents=True)
-        t0 = time.perf_counter()
-        with CacheWriter(out, layouts[cname], threads=threads) as w:
-            row = 0
-            for s in range(0, len(ids), shard):
-                n = min(shard, len(ids) - s)
-                w.open_shard(s // shard, s, n)
-                while row < s + n:
-                    batch = batches[row // args.batch_size]
-                    w.put_rows(s // shard, batch)
-                    row += len(batch["input_ids"])
-                w.end_shard(s // shard)
-        seconds = time.perf_counter() - t0
-        hidden = sum(p.stat().st_size for p in (out / "shards").rglob("*") if p.is_file() and ".zarr" in str(p))
-        return seconds, hidden
-
-    cores = writer_threads(0)
-    print(f"\n| writer alone (no forward; {len(layers)} {cfg.cache.hidden_codec} layers) | hidden B/token "
-          "| tokens/s | vs forward |")
-    print("|---|---:|---:|---:|")
-    for cname in layouts:
-        for threads in sorted({1, cores}):
-            writer_only(threads, cname)  # warm-up
-            runs = [writer_only(threads, cname) for _ in range(2)]
-            rate = n_tok / min(s for s, _ in runs)
-            print(f"| Blosc {cname}, {threads} encode thread{'s' if threads > 1 else ''} | {runs[0][1] / n_tok:.0f} "
-                  f"| {rate:.0f} | {rate / (n_tok / f):.2f}x |")
-
     info = summarize(manifest)
     side = info["bytes_per_token"]["side_data"]
     print(f"\nlogit side data (k={cfg.cache.topk}, {cfg.cache.logit_dtype}, {len(cfg.cache.temperatures)} "

@@ -51,7 +51,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
     tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
     seqs = sequences_from_config(cfg.data, tokenizer)
 
-    teacher, _ = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+    teacher = models.load_weights(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
     device = models.pick_device(cfg.teacher.device)
     teacher.to(device)
     capture = make_capture(cfg.cache, teacher, layers, device)

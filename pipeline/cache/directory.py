@@ -168,6 +168,9 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
             check_format(record, store, "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
             raise PipelineError(f"{store} holds a cache built with {what}; pass --overwrite to replace it")
+        import click
+
+        click.echo(f"{store}: replacing the cache built with another config (--overwrite)", err=True)
         _wipe(store)
     store.makedirs()
     store.write_json(BUILD, {"fingerprint": fingerprint})

@@ -40,10 +40,8 @@ from pathlib import Path
 from pipeline.cache.storage import Storage
 from pipeline.errors import PipelineError
 
-# 2: the lse stored with the top-k logits carries the true tail (capture.stored_lse); ids as corpus
-# frequency ranks and top-k byte planes brotli-compressed per sequence (codecs.py)
-# 3: one side-data blob per chunk, logit keys slot-major, lse as byte planes, the id table once in the
-# manifest instead of in every shard's schema (format 2's values, ~5 B/token fewer)
+# what this code reads and writes: the exact-tail lse, ids as frequency ranks, one side-data blob per chunk, the
+# id table in the manifest (docs/architecture.md, sections 4-7); a cache of another format is refused
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 BUILD = "build.json"
@@ -115,24 +113,9 @@ def combine_checksums(per_file: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-# Settings that change speed, never what a cache holds: never part of the digest (caches fingerprinted
-# with them before they were dropped still match). cache.batch_size can move the fp32 forward's low-order
-# bits (other matmul blocking), within the rounding the stored formats already carry; writer_threads changes
-# nothing written.
-SPEED_KEYS = (("capture", "batch_size"),)
-# Keys added to the fingerprint later, with the value every cache fingerprinted before them has
-FINGERPRINT_DEFAULTS = {("codecs", "hidden_compressor"): "zstd", ("capture", "logits"): "topk"}
-
-
 def fingerprint_digest(fingerprint: dict) -> str:
-    content = json.loads(json.dumps(fingerprint))
-    for section, key in SPEED_KEYS:
-        if isinstance(content.get(section), dict):
-            content[section].pop(key, None)
-    for (section, key), value in FINGERPRINT_DEFAULTS.items():
-        if isinstance(content.get(section), dict):
-            content[section].setdefault(key, value)
-    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
+    """The digest two builds compare: equal means the same cache (spec.CacheSpec.fingerprint says what it covers)."""
+    return hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 REQUIRED_KEYS = (

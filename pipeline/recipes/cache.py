@@ -7,7 +7,6 @@ import json
 import click
 
 from pipeline.cache.build import build_cache
-from pipeline.cache.manifest import FINGERPRINT_DEFAULTS
 from pipeline.cache.reader import open_cache
 from pipeline.errors import PipelineError
 
@@ -43,12 +42,11 @@ def summarize(manifest: dict) -> dict:
         str(layer): sum(s["bytes"]["hidden"][str(layer)] for s in m["shards"]) for layer in m["layers"]
     }
     hidden_total = sum(per_layer.values())
-    codecs = m.get("fingerprint", {}).get("codecs", {})  # a key added later reads as its old value
     return {
         "format_version": m["format_version"],
         "teacher": m["teacher"],
         "fingerprint_digest": m.get("fingerprint_digest"),
-        "hidden_compressor": codecs.get("hidden_compressor", FINGERPRINT_DEFAULTS["codecs", "hidden_compressor"]),
+        "hidden_compressor": m["fingerprint"]["codecs"]["hidden_compressor"],
         "side_compressor": m["side_compressor"],
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
         "logits": m.get("logits", "topk"), "sampling": sampling,

@@ -106,16 +106,14 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
 
     _echo(f"[2/5] cache: teacher {cfg.teacher.model}, {cfg.data.num_sequences} x {cfg.data.seq_len} tokens "
           f"-> {cfg.cache.dir}")
-    # a cache the demo wrote with an older version of this code cannot be read: the demo rebuilds it (any
-    # other config's cache in cache.dir is still refused, as by `distill cache build`)
+    # the demo's cache folder is its own: a cache there of another format or config (an older version of this
+    # code, other defaults) is rebuilt, the same config's is kept; a folder that is not a cache is never touched
     try:
         check_format(stored_record(Storage(cfg.cache.dir, cfg.cache.storage_options, what="cache.dir")), cfg.cache.dir,
                      "rebuilding it")
-        stale = False
     except PipelineError as e:
         _echo(f"      {e}")
-        stale = True
-    build_cache(cfg, overwrite=stale)
+    build_cache(cfg, overwrite=True)
     verify_cache(cfg.cache.dir)
     cache_info(cfg.cache.dir)
 

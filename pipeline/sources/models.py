@@ -7,6 +7,7 @@ under `models_dir()/<file digest>/`; later loads read that folder (<1 s instead 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 from contextlib import contextmanager
@@ -79,12 +80,19 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _gguf_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The file's digest, once per process for an unchanged file (a build resolves its teacher several times)."""
+    return file_digest(path)
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize `gguf_path` once into a float32 HF folder; returns the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = models_dir()
-    out = root / file_digest(gguf_path)
+    st = gguf_path.stat()
+    out = root / _gguf_digest(str(gguf_path.resolve()), st.st_size, st.st_mtime_ns)
     if (out / "config.json").is_file():
         return out
     with _file_lock(root / f".{out.name}.lock"):
@@ -165,8 +173,8 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
-    """(model in eval mode, tokenizer) from any supported source."""
+def load_weights(spec: str, dtype: str = "float32", revision: str | None = None):
+    """The model alone (eval mode) from any supported source."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in TORCH_DTYPES:
@@ -176,5 +184,9 @@ def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision)
     except (OSError, ValueError) as e:
         raise _hub_error(spec, e) from None
-    model.eval()
-    return model, load_tokenizer(spec, revision)
+    return model.eval()
+
+
+def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
+    """(model in eval mode, tokenizer) from any supported source."""
+    return load_weights(spec, dtype, revision), load_tokenizer(spec, revision)

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.head import check_capture, head_spec
 
 CPU_HEAD_CHUNK = 1024  # LM-head tokens per chunk on a CPU (on a GPU: sized by free memory, _head_chunk)
+CHECK_TOKENS = 128  # tokens the build's first-batch check runs through the model's own forward (~1% of a batch)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -33,14 +34,24 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def tail_sums(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+def tail_sums(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, temperatures: list[float],
+              buffer: torch.Tensor | None = None) -> torch.Tensor:
     """The device's part of `stored_lse`: S_out,T = sum over ids outside the top-k of exp(z / T - m_T), with
     m_T = max z / T, per temperature -> [n_temps, N] fp32. z [N, V] fp32 is overwritten (the top-k entries
-    become -inf); top / top_ids [N, k] are its top-k values (descending) and ids."""
+    become -inf, the rest z - max z); top / top_ids [N, k] are its top-k values (descending) and ids;
+    `buffer` (at least z's size) is reused for the exponentials instead of a new [N, V] tensor per
+    temperature. Each exponent is computed as (z - max z) / T, which equals z / T - max z / T to the bit
+    for a power-of-two T (halving is exact) and within one rounding of it otherwise."""
     out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
     z.scatter_(-1, top_ids, float("-inf"))
+    z.sub_(top[:, :1])  # <= 0 everywhere: no exponential overflows
+    e = torch.empty_like(z) if buffer is None else buffer.view(-1)[: z.numel()].view(z.shape)
     for ti, temp in enumerate(temperatures):
-        out[ti] = torch.exp(z / temp - top[:, :1] / temp).sum(-1)  # 0 when k = V
+        if temp == 1.0:
+            torch.exp(z, out=e)
+        else:
+            torch.div(z, temp, out=e).exp_()
+        out[ti] = e.sum(-1)  # 0 when k = V
     return out
 
 
@@ -161,6 +172,7 @@ class TeacherCapture:
             else:
                 self._handles.append(self.blocks[i - 1].register_forward_hook(self._make_hook(i)))
         self._copy_stream = None  # CUDA: the side stream of the device-to-host copies
+        self._work: torch.Tensor | None = None  # the tail sums' work buffer (_buffer)
 
     def _pre_hook(self, module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
@@ -177,6 +189,7 @@ class TeacherCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._work = None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  sequences: list[int] | None = None) -> Captured:
@@ -229,6 +242,7 @@ class TeacherCapture:
         sampler = self._sampler(sequences, B, T, device)  # None without draws
         head = self.model.get_output_embeddings()
         step = self._head_chunk(N, torch.device(device))
+        buffer = self._buffer(min(step, N) * self.vocab_size, device) if k else None
         for s in range(0, N, step):
             z = self.head_spec.transform(head(flat[s : s + step]).float())  # [c, V]
             e = s + len(z)
@@ -239,12 +253,19 @@ class TeacherCapture:
                 continue
             v, i = torch.topk(z, k, dim=-1)
             ids[s:e], stored[s:e], top[s:e] = i, v, v
-            sums[:, s:e] = tail_sums(z, v, i, self.temperatures)
+            sums[:, s:e] = tail_sums(z, v, i, self.temperatures, buffer)
         dev = {"ids": ids, "stored": stored, "top": top, "sums": sums}
         if sampler is not None:
             dev.update(sample_ids=sampler.ids.to(torch.int32), sample_counts=sampler.counts, sample_logits=sampler.logits.to(
                 LOGIT_DTYPES[self.logit_dtype]))
         return dev
+
+    def _buffer(self, numel: int, device) -> torch.Tensor:
+        """The tail sums' [chunk, V] work buffer, kept across batches (a fresh one per batch costs its page
+        faults on a CPU)."""
+        if self._work is None or self._work.numel() < numel or self._work.device != torch.device(device):
+            self._work = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._work
 
     def _to_host(self, dev: dict, device, shape: tuple[int, int]) -> Launched:
         """Copy the device outputs to the host: on a GPU into pinned memory on the side stream (the caller's
@@ -292,13 +313,16 @@ class TeacherCapture:
         return out
 
     def check(self, captured: Captured, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """One line (PipelineError) unless the captured top-k equals the model's own forward on the first rows
-        of this batch (head.check_capture): the build runs it on its first batch, before anything is written.
+        """One line (PipelineError) unless the captured top-k equals the model's own forward on the first
+        CHECK_TOKENS tokens of this batch (head.check_capture): the build runs it on its first batch, before
+        anything is written.
         A cache of sampled targets only has no top-k to compare; its logits come from the same head code."""
         if captured.topk_ids is None:
             return
-        check_capture(self.model, captured.topk_ids, logits_from_numpy(captured.topk_logits, self.logit_dtype),
-                      input_ids, attention_mask, self.logit_dtype)
+        n = CHECK_TOKENS  # a prefix of the first row: a causal model's logits there are the whole row's
+        mask = None if attention_mask is None else attention_mask[:1, :n]
+        check_capture(self.model, captured.topk_ids[:1, :n], logits_from_numpy(captured.topk_logits[:1, :n],
+                      self.logit_dtype), input_ids[:1, :n], mask, self.logit_dtype, rows=1)
 
     def _sampler(self, sequences: list[int] | None, B: int, T: int, device):
         if not self.samples:

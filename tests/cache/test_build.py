@@ -271,17 +271,10 @@ def test_speed_settings_keep_the_fingerprint(tiny_config):
         r = run_cli("cache", "build", cfg_path, "--set", key)
         assert r.exit_code == 0 and "already complete" in r.output, (key, r.output)
     assert (cache_dir / "manifest.json").read_text() == before
-    # a fingerprint recorded with the batch size (caches built before it was dropped) still matches
     from pipeline.cache.manifest import fingerprint_digest
 
     fp = json.loads(before)["fingerprint"]
-    old = json.loads(json.dumps(fp))
-    old["capture"]["batch_size"] = 16
-    assert fingerprint_digest(old) == fingerprint_digest(fp)
-    # and one fingerprinted before the hidden compressor was a key (it was always zstd)
-    older = json.loads(json.dumps(fp))
-    del older["codecs"]["hidden_compressor"]
-    assert fingerprint_digest(older) == fingerprint_digest(fp)
+    assert "batch_size" not in json.dumps(fp) and "writer_threads" not in json.dumps(fp)
     changed = json.loads(json.dumps(fp))
     changed["topk"] += 1
     assert fingerprint_digest(changed) != fingerprint_digest(fp)
@@ -392,3 +385,25 @@ def test_bad_input_one_line_no_cache(tiny_config, tmp_path, overrides, message):
     assert message in r.output and r.output.startswith("error: ") and r.output.count("\n") == 1
     assert "Traceback" not in r.output
     assert not cache_dir.exists()
+
+
+def test_seq_len_beyond_positions_refused_before_the_teacher_loads(tiny_config, monkeypatch):
+    from pipeline.cache import build
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded before data.seq_len was checked")
+
+    monkeypatch.setattr(build.models, "load_weights", no_teacher)
+    cfg_path, cache_dir = tiny_config(data__seq_len=100000)
+    r = run_cli("cache", "build", cfg_path)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "max_position_embeddings" in r.output, r.output
+    assert not cache_dir.exists()
+
+
+def test_cache_dir_that_is_a_file_refused_in_one_line(tiny_config):
+    cfg_path, cache_dir = tiny_config(data__num_sequences=8)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache_dir.write_text("not a folder\n")
+    r = run_cli("cache", "build", cfg_path)
+    assert r.exit_code == 2 and r.output == f"error: cache.dir: {cache_dir} is a file, not a folder; choose another cache.dir\n"
+    assert cache_dir.read_text() == "not a folder\n"  # untouched

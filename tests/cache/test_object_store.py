@@ -117,7 +117,7 @@ def test_build_verify_info_read_match_a_local_build(tiny_config, tmp_path, s3, w
     assert f"cache        {url}" in run_cli("cache", "info", url).output
 
     # a flipped byte in one stored object: verify names it
-    victim = next(n for n in names if "/layer_2/c/" in n)
+    victim = next(n for n in names if "/layer_2/c." in n)
     data = bytearray(store.open(victim).read())
     data[len(data) // 2] ^= 0x01
     with store.open(victim, "wb") as f:
@@ -147,7 +147,7 @@ def test_killed_build_is_invisible_and_resumes_to_the_uninterrupted_result(tiny_
 
     keys = s3.keys(url)
     assert "shards/shard-00000.json" in keys and "shards/shard-00001.json" not in keys
-    half = [k for k in keys if k.startswith("shards/shard-00001.zarr/") and "/c/" in k]
+    half = [k for k in keys if k.startswith("shards/shard-00001.zarr/") and "/c." in k]
     assert half  # the half-written shard's chunks are there, at their final names...
     assert "shards/shard-00001.arrow" not in keys  # (its Arrow upload never completed: no object)
     assert "manifest.json" not in keys and "build.json" in keys and ".lock" in keys
@@ -248,7 +248,7 @@ def test_bad_urls_one_line_nothing_written(tiny_config, s3, monkeypatch, endpoin
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded before the URL was checked")
 
-    monkeypatch.setattr(build.models, "load_model", no_teacher)
+    monkeypatch.setattr(build.models, "load_weights", no_teacher)
     cfg_path, _ = tiny_config(data__num_sequences=8, cache__storage_options=s3.options())
     buckets = sorted(b["Name"] for b in s3.client.list_buckets()["Buckets"])
     cases = [("s3://no-such-bucket/cache", "cache.dir: bucket no-such-bucket does not exist"),

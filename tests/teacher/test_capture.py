@@ -194,3 +194,26 @@ def test_stored_lse_keeps_confident_tails_synthetic():
         _assert_within(f"tail at T={t}", implied(lse), true, ulp(lse.numpy()) + 2.0 ** -21)
         with pytest.raises(AssertionError):
             check_tail_criteria("full-vocabulary lse", implied(torch.logsumexp(z / t, -1).double()), true)
+
+
+def test_launched_batches_equal_one_at_a_time(tiny_teacher):
+    """Batches launched before any result is taken (as the build overlaps them) give what one call at a time
+    gives, every array to the bit, with draws and with the hidden states encoded where the teacher runs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 49152, (2, 16), generator=g) for _ in range(3)]
+    for codec in (None, "int8"):
+        cap = TeacherCapture(model, [0, 2], 8, [1.0, 2.0], "fp16", hidden_codec=codec, samples=6)
+        one = [cap(b, sequences=[2 * i, 2 * i + 1]) for i, b in enumerate(batches)]
+        launched = [cap.submit(b, sequences=[2 * i, 2 * i + 1]) for i, b in enumerate(batches)]
+        for a, b in zip(one, (x.result() for x in launched)):
+            for key in ("topk_ids", "topk_logits", "lse", "sample_ids", "sample_counts", "sample_logits"):
+                assert getattr(a, key).tobytes() == getattr(b, key).tobytes(), key
+            for layer in (0, 2):
+                if codec is None:
+                    assert a.hidden[layer].tobytes() == b.hidden[layer].tobytes()
+                else:
+                    assert a.token_squares[layer].tobytes() == b.token_squares[layer].tobytes()
+                    assert {s: v.tobytes() for s, v in a.encoded[layer].items()} == \
+                           {s: v.tobytes() for s, v in b.encoded[layer].items()}
+        cap.close()
