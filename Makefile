@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_cache.py
+	$(BIN)/python scripts/bench_writer.py
 	$(BIN)/python scripts/bench_side_data.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_eval.py

@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURES = [1.0, 2.0]
 TOPK = 64
 CHUNK = 8
-# (hidden compressor, level, side compressor): the defaults first
-SETTINGS = [("zstd", 3, "zstd"), ("zstd", 1, "zstd"), ("lz4", 3, "zstd"), ("zstd", 3, "brotli")]
+# (hidden compressor, level, side compressor): the defaults first (side_compressor auto = zstd with layers cached)
+SETTINGS = [("zstd", 1, "zstd"), ("zstd", 3, "zstd"), ("lz4", 1, "zstd"), ("zstd", 1, "brotli")]
 
 
 def shapes(smoke: bool) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -179,28 +180,44 @@ def _claim(root: Storage, lock, spec: CacheSpec, overwrite: bool, rank: int, wor
     return _agree(rank, world, state)
 
 
+@dataclass
+class _Launched:
+    """One batch in flight: where it goes (shard s holds rows [start, start + rows); this batch is [b, e)),
+    its inputs and the capture's handle."""
+
+    shard: int
+    start: int
+    rows: int
+    b: int
+    e: int
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    handle: object
+
+
 def write_shards(root: Storage, spec: CacheSpec, seqs, capture, todo: list[tuple[int, int, int]], cc,
                  progress: bool = True) -> dict[str, float]:
     """The capture loop: every batch of the shards in `todo` through the teacher and into the writer. Batch
     i+1 is launched before batch i is handed over, so the host side of one overlaps the next's forward.
     Returns the seconds of the loop, of the teacher waiting on the writer in it, and of the writer's drain."""
-    batches = [(s, start, rows, b, min(b + cc.batch_size, start + rows))
-               for s, start, rows in todo for b in range(start, start + rows, cc.batch_size)]
+    plan = [(s, start, rows, b, min(b + cc.batch_size, start + rows))
+            for s, start, rows in todo for b in range(start, start + rows, cc.batch_size)]
     bar = tqdm(total=sum(r for _, _, r in todo) * spec.seq_len, unit="tok", unit_scale=True,
                desc=f"cache {root.name}", disable=not progress)
     t0 = time.perf_counter()
     writer = CacheWriter(root, spec.layout(), threads=writer_threads(cc.writer_threads))
     with writer:
-        pending = None
-        for s, start, rows, b, e in batches + [(None,) * 5]:
-            launched = None
-            if b is not None:
-                ids, mask = batch_inputs(seqs, b, e)
-                launched = (s, start, rows, b, e, ids, mask, capture.submit(ids, mask, sequences=list(range(b, e))))
+        pending: _Launched | None = None
+        for s, start, rows, b, e in plan:
+            ids, mask = batch_inputs(seqs, b, e)
+            launched = _Launched(s, start, rows, b, e, ids, mask, capture.submit(ids, mask, sequences=list(range(b, e))))
             if pending is not None:
-                _hand_over(writer, seqs, capture, pending, check=pending[3] == batches[0][3])
-                bar.update(pending[5].numel())
+                _hand_over(writer, seqs, capture, pending, check=pending.b == plan[0][3])
+                bar.update(pending.ids.numel())
             pending = launched
+        if pending is not None:
+            _hand_over(writer, seqs, capture, pending, check=pending.b == plan[0][3])
+            bar.update(pending.ids.numel())
         t1 = time.perf_counter()
     bar.close()
     return {"loop": t1 - t0, "writer_wait": writer.waited, "drain": time.perf_counter() - t1}
@@ -215,12 +232,12 @@ def batch_inputs(seqs, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
 
 
-def _hand_over(writer: CacheWriter, seqs, capture, launched: tuple, check: bool) -> None:
+def _hand_over(writer: CacheWriter, seqs, capture, x: _Launched, check: bool) -> None:
     """A launched batch's results to the writer; with `check`, first against the model's own forward."""
-    s, start, rows, b, e, ids, mask, handle = launched
-    cap = handle.result()
+    s, start, rows, b, e = x.shard, x.start, x.rows, x.b, x.e
+    cap = x.handle.result()
     if check:
-        capture.check(cap, ids, mask)
+        capture.check(cap, x.ids, x.mask)
     if b == start:
         writer.open_shard(s, start, rows)
     batch = {"input_ids": seqs.input_ids[b:e], "lse": cap.lse}
