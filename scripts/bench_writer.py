@@ -102,7 +102,7 @@ def encoded_upstream(rows: list[dict], codec: str) -> list[dict]:
         h = {i: torch.from_numpy(x) for i, x in r["hidden"].items()}
         out.append({k: v for k, v in r.items() if k != "hidden"}
                    | {"encoded": {i: {s: host_array(t) for s, t in c.encode_torch(x).items()} for i, x in h.items()},
-                      "token_squares": {i: x.double().square().sum(-1).numpy() for i, x in h.items()}})
+                      "token_squares": {i: x.square().sum(-1).double().numpy() for i, x in h.items()}})
     return out
 
 

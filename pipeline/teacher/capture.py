@@ -100,7 +100,7 @@ class Captured:
     lse: np.ndarray  # [n_temps, B, T] float32: the normaliser of the stored top-k logits (see stored_lse)
     hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
     # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,
-    # and each token's float64 sum of squares per layer [B, T] (what the manifest's mean square needs)
+    # and each token's sum of squares per layer [B, T] as float64 (what the manifest's mean square needs)
     encoded: dict[int, dict[str, np.ndarray]] | None = None
     token_squares: dict[int, np.ndarray] | None = None
     # with samples > 0 (pipeline/teacher/sampling.py): per position the distinct drawn ids sorted by logit,
@@ -225,9 +225,9 @@ class TeacherCapture:
                 h = self._store[i].float()
                 for suffix, arr in self.codec.encode_torch(h).items():
                     dev[("encoded", i, suffix)] = arr
-                # float64 (datacenter GPUs run it at half rate; this reads d values per token): the same sums
-                # the writer computes from float32 block outputs, to the bit
-                dev[("squares", i)] = h.double().square().sum(-1)
+                # fp32 on the device (no float64 there); each token's sum over d features is off the writer's
+                # float64 sum by at most ~log2(d) float32 roundings, and the host adds tokens up in float64
+                dev[("squares", i)] = h.square().sum(-1)
         self._store = {}
         return self._to_host(dev, device, (B, T))
 
@@ -304,7 +304,7 @@ class TeacherCapture:
             for key, t in host.items():
                 if key[0] == "encoded":
                     out.encoded[key[1]][key[2]] = host_array(t)
-            out.token_squares = {i: host_array(host[("squares", i)]) for i in self.layers}
+            out.token_squares = {i: host_array(host[("squares", i)], np.dtype(np.float64)) for i in self.layers}
         if self.samples:
             kk = (B, T, self.samples)
             out.sample_ids = host_array(host["sample_ids"].reshape(kk), self.id_dtype)

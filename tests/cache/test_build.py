@@ -209,7 +209,9 @@ def test_writer_threads_write_the_same_bytes(tiny_config, tmp_path, codec):
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
 def test_encoding_on_the_device_writes_the_same_bytes(tiny_config, tmp_path, codec):
     """cache.encode_on device (the teacher's device, here the CPU) vs the writer threads: identical shard
-    files and values; the train-split mean squares agree to float64 summation order."""
+    files and values; the train-split mean squares agree to the device's float32 sums of squares: d = 32
+    positive terms, each squared with one rounding and summed in any order with d - 1 more, so at most
+    d * 2^-24 relative to the sum (the writer's are float64)."""
     cfg_path, _ = tiny_config(data__num_sequences=24, cache__hidden_codec=codec, data__heldout_fraction=0.25)
     dev, host = tmp_path / "dev", tmp_path / "host"
     assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={dev}", "--set", "cache.encode_on=device").exit_code == 0
@@ -218,7 +220,7 @@ def test_encoding_on_the_device_writes_the_same_bytes(tiny_config, tmp_path, cod
     assert [s["checksum"] for s in md["shards"]] == [s["checksum"] for s in mh["shards"]]
     assert md["hidden_mean_square"].keys() == mh["hidden_mean_square"].keys()
     for layer, v in mh["hidden_mean_square"].items():
-        assert abs(md["hidden_mean_square"][layer] - v) <= 1e-12 * v
+        assert abs(md["hidden_mean_square"][layer] - v) <= 32 * 2.0**-24 * v
     md.pop("hidden_mean_square"), mh.pop("hidden_mean_square")
     assert md == mh
 
