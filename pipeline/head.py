@@ -89,6 +89,8 @@ def head_spec(model) -> tuple[HeadSpec | None, str]:
             return None, f"the config's {key} = {value!r} is not a number"
         if op == "softcap":
             softcap = value or None  # 0 = no cap
+        elif op != "scale" and value == 0:
+            return None, f"the config's {key} = 0 divides the logits by zero"
         elif value != 1.0:
             scale = (scale or 1.0) * (value if op == "scale" else 1.0 / value)
     return HeadSpec(emb.weight, scale, softcap), ""

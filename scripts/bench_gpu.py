@@ -204,7 +204,11 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            try:  # by UUID: CUDA's device index is not NVML's under CUDA_VISIBLE_DEVICES
+                uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+                self.handle = pynvml.nvmlDeviceGetHandleByUUID(("GPU-" + uuid).encode())
+            except Exception:
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
         except Exception:  # no pynvml, no driver library: n/a
             self.handle = None
 
@@ -375,6 +379,7 @@ def run_shape(shape: str, args, size: dict, device: torch.device, work: Path, re
             pending.result()
             sync(device)
             t_cap = time.perf_counter() - t0
+            del pending, launched  # they hold the capture, hence the model
         finally:
             cap.close()
             cap = None  # (it holds the model and the last batch's block outputs)

@@ -44,7 +44,7 @@ from pipeline.cache.codecs import (  # noqa: E402
     rank_table,
 )
 from pipeline.cache.spec import LOGITS_LEVEL  # noqa: E402
-from pipeline.cache.writer import CacheWriter, ShardLayout, writer_threads  # noqa: E402
+from pipeline.cache.writer import CacheWriter, ShardLayout, slice_rows, writer_threads  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
 from pipeline.sources.models import load_model, load_tokenizer  # noqa: E402
@@ -149,13 +149,18 @@ def timed_write(root: Path, lay: ShardLayout, rows: list[dict], replay: int, sha
         (root / "shards").mkdir(parents=True)
         w0, c0 = time.perf_counter(), time.process_time()
         with CacheWriter(root, lay, threads=threads) as w:
-            row = 0
+            queue = list(rows)
             for s in range(0, n, shard):
                 m = min(shard, n - s)
                 w.open_shard(s // shard, s, m)
-                while row < s + m:
-                    w.put_rows(s // shard, rows[row // len(rows[0]["input_ids"])])
-                    row += len(rows[0]["input_ids"])
+                while m:  # whole captured batches, split where a shard ends
+                    r = queue.pop(0)
+                    take = min(m, len(r["input_ids"]))
+                    if take < len(r["input_ids"]):
+                        queue.insert(0, slice_rows(r, take, len(r["input_ids"])))
+                        r = slice_rows(r, 0, take)
+                    w.put_rows(s // shard, r)
+                    m -= take
                 w.end_shard(s // shard)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if best is None or wall < best[0]:

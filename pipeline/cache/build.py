@@ -53,6 +53,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
     seqs = sequences_from_config(cfg.data, tokenizer)
 
     teacher = models.load_weights(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+    weights_digest = model_digest(teacher)  # before the weights move to a GPU: no copy back to hash them
     device = models.pick_device(cfg.teacher.device)
     teacher.to(device)
     capture = make_capture(cfg.cache, teacher, layers, device)
@@ -60,7 +61,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
         spec = CacheSpec.from_config(
             cfg, TeacherInfo(cfg.teacher.model, tcfg.model_type, tcfg.num_hidden_layers, tcfg.hidden_size,
                              capture.vocab_size, cfg.teacher.dtype),
-            layers, seqs, model_digest(teacher), tokenizer_digest(tokenizer),
+            layers, seqs, weights_digest, tokenizer_digest(tokenizer),
             frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)))
         return _build(cfg, root, spec, seqs, capture, overwrite, rank, world, progress, timings)
     finally:
@@ -113,7 +114,8 @@ def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -
 
 def make_capture(cc, teacher, layers: list[int], device):
     """The teacher's capture hooks. Hidden states are encoded where the teacher runs when that is a GPU
-    (only the encoded bytes cross to the host) or by the writer's threads; the same bytes either way."""
+    (only the encoded bytes cross to the host) or by the writer's threads: the same shard data files either
+    way (the records' sums of squares agree to float32 rounding)."""
     from pipeline.teacher.capture import TeacherCapture
 
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
@@ -218,9 +220,9 @@ def write_shards(root: Storage, spec: CacheSpec, seqs, capture, todo: list[tuple
         if pending is not None:
             _hand_over(writer, seqs, capture, pending, check=pending.b == plan[0][3])
             bar.update(pending.ids.numel())
-        t1 = time.perf_counter()
+        t1, waited = time.perf_counter(), writer.waited
     bar.close()
-    return {"loop": t1 - t0, "writer_wait": writer.waited, "drain": time.perf_counter() - t1}
+    return {"loop": t1 - t0, "writer_wait": waited, "drain": time.perf_counter() - t1}
 
 
 def batch_inputs(seqs, b: int, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:

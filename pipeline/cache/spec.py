@@ -3,8 +3,9 @@
 - `fingerprint()`: what "the same config" means. A rerun with an equal fingerprint resumes or finds the
   cache complete; any other is refused unless --overwrite. It covers the teacher's weights and tokenizer
   (digests), the corpus and its preprocessing, the logit targets, temperatures, layers, codecs and
-  compressors, the teacher's dtype and the shard layout. Speed settings (cache.batch_size,
-  writer_threads, encode_on) are not in it: they never change what is written.
+  compressors, the teacher's dtype and the shard layout. Speed settings are not in it, so changing them
+  never invalidates a cache: writer_threads changes no byte, encode_on no data file, and cache.batch_size
+  only the fp32 forward's low-order bits (other matmul shapes), within the rounding the stored formats carry.
 - `header()`: the manifest's fields other than the shard list (directory.finalize adds that).
 - `layout()`: what every shard writer needs (writer.ShardLayout).
 

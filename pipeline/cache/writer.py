@@ -3,8 +3,8 @@
 The teacher thread only captures and enqueues rows. The writer thread cuts them into chunks
 (`chunk_sequences` rows) and hands each chunk's independent pieces to the pool at once: the side data
 (top-k / sampled blobs, lse planes, input ids) and each hidden layer (encode, Blosc-compress, write the
-chunk's file, checksum its bytes). Nothing waits for a chunk to finish before the next one starts; up to
-`2 x threads` chunks are in flight. The writer thread commits finished chunks in order: it appends the
+chunk's file, checksum its bytes). Nothing waits for a chunk to finish before the next one starts; the
+writer thread takes no more rows while over `2 x threads` chunks are in flight. The writer thread commits finished chunks in order: it appends the
 chunk's record batch to the shard's Arrow file and adds its sums of squares. So the bytes written, the
 statistics and the records are the same for any number of threads (tested).
 
@@ -202,7 +202,8 @@ def _now(fn, *args) -> Future:
 
 
 class ShardWriter:
-    """Writes one shard of `n_rows` sequences, chunk by chunk, into temporary files."""
+    """Writes one shard of `n_rows` sequences, chunk by chunk (locally into `*.tmp` names, renamed by
+    `finish`; on an object store at the final names)."""
 
     def __init__(self, root: Storage | Path, index: int, start: int, n_rows: int, layout: ShardLayout,
                  pool: ThreadPoolExecutor | None = None):
@@ -258,8 +259,8 @@ class ShardWriter:
                 parts.append(self._pending.pop(0))
                 need -= r
             else:
-                parts.append(_slice_rows(head, 0, need))
-                self._pending[0] = _slice_rows(head, need, r)
+                parts.append(slice_rows(head, 0, need))
+                self._pending[0] = slice_rows(head, need, r)
                 need = 0
         self._pending_rows -= n
         return _concat_rows(parts)
@@ -419,11 +420,11 @@ def writer_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _slice_rows(rows, a: int, b: int, key: str = ""):
+def slice_rows(rows, a: int, b: int, key: str = ""):
     """Rows [a, b) of a batch: arrays along axis 0 (lse, [n_temps, r, T], along axis 1), nested dicts
     (hidden, encoded, token_squares) recursively."""
     if isinstance(rows, dict):
-        return {k: _slice_rows(v, a, b, k) for k, v in rows.items()}
+        return {k: slice_rows(v, a, b, k) for k, v in rows.items()}
     return rows[:, a:b] if key == "lse" else rows[a:b]
 
 
@@ -442,7 +443,8 @@ class CacheWriter:
     """Background writer. Use as a context manager: open shards, put rows, end shards; errors surface here.
 
     `threads` pool workers encode, compress and write; the writer thread cuts chunks, dispatches them and
-    commits them in order. Shards finish in index order; a shard's end does not stop the next one's chunks."""
+    commits them in order. Shards finish in the order they were opened; a shard's end does not stop the next
+    one's chunks from being encoded meanwhile."""
 
     def __init__(self, root: Storage | Path, layout: ShardLayout, queue_size: int = 2, threads: int = 1):
         self.root, self.layout = as_storage(root), layout
@@ -470,11 +472,14 @@ class CacheWriter:
                 except queue.Empty:
                     self._progress(block=False)
                     continue
+                if self._abort.is_set():  # the caller failed: stop here, its __exit__ aborts the open shards
+                    return
                 if item is _STOP:
+                    open_ = [shard_name(i) for i, s in self._shards.items() if not s.ended]
+                    if open_:
+                        raise RuntimeError(f"{open_[0]} was opened but never ended")
                     while self._shards:
                         self._progress(block=True)
-                    return
-                if self._abort.is_set():
                     return
                 op, index, payload = item
                 if op == "open":
@@ -489,24 +494,28 @@ class CacheWriter:
                     self._progress(block=True)
         except BaseException as e:  # surfaced in the main thread
             self._error = e
-            for w in self._shards.values():
+            for w in list(self._shards.values()):
                 w.abort()
 
     def _busy(self) -> bool:
         return any(s.inflight or s.ended for s in self._shards.values())
 
     def _progress(self, block: bool) -> None:
-        """Commit finished chunks of the open shards in order (with `block`: at least the oldest one) and
-        finish the shards that are complete, in index order."""
-        for index in list(self._shards):
+        """Commit finished chunks in order, shard after shard (with `block`: wait for at least one), and
+        finish each shard once complete. Rows arrive shard after shard, so only the first open shard can
+        have chunks in flight until it is ended; committing strictly in order keeps the crash-test hook's
+        point exact."""
+        while self._shards:
+            index = next(iter(self._shards))
             shard = self._shards[index]
             if shard.commit(block=block and shard.inflight > 0):
                 block = False
                 if self._kill_after == len(self.records):
                     os.kill(os.getpid(), signal.SIGKILL)  # crash-test hook, see the docstring
-            if shard.complete and index == next(iter(self._shards)):
-                self.records.append(self._shards.pop(index).finish())
-                block = False
+            if not shard.complete:
+                return
+            self.records.append(self._shards.pop(index).finish())
+            block = False
 
     def _put(self, item) -> None:
         t0 = time.perf_counter()
@@ -545,11 +554,12 @@ class CacheWriter:
                 except queue.Full:
                     pass
                 self._thread.join(timeout=30)
-                for w in self._shards.values():
-                    w.abort()
+                if not self._thread.is_alive():  # else it is still using them (it stops at its next item)
+                    for w in list(self._shards.values()):
+                        w.abort()
                 return
             self._put(_STOP)
             self._thread.join()
             self._raise_if_failed()
         finally:
-            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)  # no task writes after this returns

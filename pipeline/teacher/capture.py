@@ -62,7 +62,7 @@ def finish_lse(top: torch.Tensor, stored: torch.Tensor, s_out: torch.Tensor, tem
     out = torch.empty(len(temperatures), top.shape[0], dtype=torch.float32)
     top64, stored64 = top.double(), stored.double()
     for ti, temp in enumerate(temperatures):
-        m64 = (top[:, :1] / temp).double()  # [N, 1]: every exponent below is <= 0
+        m64 = top64[:, :1] / temp  # [N, 1]: every exponent below is <= 0 (= tail_sums' max for a power-of-two T)
         s_in = torch.exp(top64 / temp - m64).sum(-1)
         lse = torch.logsumexp(stored64 / temp - m64, dim=-1) + m64.squeeze(-1) + torch.log1p(s_out[ti].double() / s_in)
         out[ti] = lse.float()
@@ -108,6 +108,14 @@ class Captured:
     sample_ids: np.ndarray | None = None  # [B, T, K] uint16 | uint32
     sample_counts: np.ndarray | None = None  # [B, T, K] uint8 (K <= 255) | uint16
     sample_logits: np.ndarray | None = None  # [B, T, K] storage dtype
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the teacher's device; to a GPU through pinned memory, so the copy does not wait for
+    the work already queued there (the previous batch)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Launched:
@@ -196,14 +204,16 @@ class TeacherCapture:
         return self.submit(input_ids, attention_mask, sequences).result()
 
     def _head_chunk(self, tokens: int, device: torch.device) -> int:
-        """LM-head tokens per chunk: as given, else 1,024 on a CPU and, on a GPU, what a quarter of the free
-        memory holds as three [chunk, V] fp32 buffers (the logits and the temporaries of top-k and lse)."""
+        """LM-head tokens per chunk: as given, else 1,024 on a CPU and, on a GPU, what a sixteenth of the
+        device's total memory holds as three [chunk, V] fp32 buffers (the logits and the temporaries of top-k
+        and lse). From the total, not the free memory: the chunk sets the head matmul's shape, whose kernels
+        decide the logits' low bits, so it must not change from batch to batch or run to run."""
         if self.head_chunk_tokens:
             return self.head_chunk_tokens
         if device.type != "cuda":
             return CPU_HEAD_CHUNK
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(CPU_HEAD_CHUNK, min(tokens, int(free // 4 // (3 * 4 * self.vocab_size))))
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(1, min(tokens, total // 16 // (3 * 4 * self.vocab_size)))
 
     @torch.inference_mode()
     def submit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -213,8 +223,9 @@ class TeacherCapture:
         self._store = {}
         device = self.model.get_output_embeddings().weight.device
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
-        out = self.model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
+            attention_mask = _to_device(attention_mask, device)
+        out = self.model.get_decoder()(input_ids=_to_device(input_ids, device), attention_mask=attention_mask,
+                                       use_cache=False)
         normed = out.last_hidden_state  # [B, T, d] after the final norm
         B, T, _ = normed.shape
         dev = self._head_outputs(normed.reshape(B * T, -1), sequences, B, T, device)
@@ -332,4 +343,4 @@ class TeacherCapture:
         if sequences is None or len(sequences) != B:
             raise ValueError(f"drawing samples needs the global index of each of the {B} rows, got {sequences!r}")
         uniforms = torch.from_numpy(sequence_uniforms(self.sample_seed, list(sequences), T, self.samples))
-        return SampleBuffers(uniforms.reshape(B * T, self.samples).to(device), self.proposal_temperature)
+        return SampleBuffers(_to_device(uniforms.reshape(B * T, self.samples), device), self.proposal_temperature)

@@ -94,3 +94,39 @@ def test_blake2b_records_still_verify_and_resume(tiny_config):
     assert r.exit_code != 0 and "shard-00001.arrow" in r.output
     assert finished_record(cache_dir, 1, 4, 4) is None
     assert len(open_cache(cache_dir)) == 8
+
+
+def _small_layout(rows: dict, n: int) -> ShardLayout:
+    order = frequency_order(rows["input_ids"], 500, np.uint16)
+    return ShardLayout(seq_len=rows["input_ids"].shape[1], topk=rows["topk_ids"].shape[-1], layers=tuple(rows["hidden"]),
+                       n_temps=2, hidden_codec="bf16", id_dtype="uint16", padded=False, chunk_sequences=2,
+                       hidden_level=1, logits_level=9, train_sequences=n, id_order=order.tobytes(), side_compressor="zstd")
+
+
+def test_a_failure_mid_shard_stops_the_writer_at_once_and_commits_nothing(tmp_path):
+    """The caller fails with a shard open and chunks in flight: the writer stops without waiting out its
+    join timeout, the open shard gets no record, and the caller's exception is the one raised."""
+    import time
+
+    rows = _rows(6, 8, 16, 4, [1, 2])
+    root = tmp_path / "cache"
+    (root / "shards").mkdir(parents=True)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyError, match="the teacher failed"):
+        with CacheWriter(root, _small_layout(rows, 6), threads=2) as w:
+            w.open_shard(0, 0, 6)
+            w.put_rows(0, rows)
+            raise KeyError("the teacher failed")
+    assert time.perf_counter() - t0 < 10
+    assert not (root / shard_paths(0)[2]).exists() and not (root / shard_paths(0)[0]).exists()
+
+
+def test_a_shard_never_ended_is_an_error_not_a_hang(tmp_path):
+    rows = _rows(4, 8, 16, 4, [1])
+    root = tmp_path / "cache"
+    (root / "shards").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="shard-00000 was opened but never ended"):
+        with CacheWriter(root, _small_layout(rows, 4), threads=2) as w:
+            w.open_shard(0, 0, 4)
+            w.put_rows(0, rows)
+    assert not (root / shard_paths(0)[2]).exists()
