@@ -136,7 +136,6 @@ def has_tokenizer(spec: str) -> bool:
 
 def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=None, echo=None) -> dict:
     """Train; returns the run summary written to run.json (only rank 0 writes files)."""
-    from transformers import AutoModelForCausalLM
     from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.train.dataset import CacheDataset, OnlineTeacherCollator, SequenceDataset, collate
@@ -247,10 +246,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
             hidden_norms = cache.hidden_mean_square(needed, progress=args.should_save)
 
     # 7. the student and one projector per mapped pair (seeded: same run, same projectors)
-    try:
-        student = AutoModelForCausalLM.from_pretrained(models.resolve_model(spec), dtype=models.TORCH_DTYPES[cfg.student.dtype])
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"cannot load student {spec!r}: {str(e).strip().splitlines()[0]}") from None
+    student = models.load_weights(spec, cfg.student.dtype, what="student")
     if loss.chunk_tokens:
         from pipeline.losses.chunked import chunk_support
 

@@ -100,7 +100,7 @@ def convert_gguf(gguf_path: Path) -> Path:
             return out
         kw = dict(gguf_file=gguf_path.name)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw, **NO_HUB_KERNELS)
         # save_pretrained refuses a GGUF-loaded model: rebuild a plain one and copy the dense weights
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -130,9 +130,9 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def _hub_error(spec: str, e: Exception) -> PipelineError:
+def _hub_error(spec: str, e: Exception, what: str = "model") -> PipelineError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return PipelineError(f"cannot load model {spec!r}: {first}")
+    return PipelineError(f"cannot load {what} {spec!r}: {first}")
 
 
 def load_tokenizer(spec: str, revision: str | None = None):
@@ -173,17 +173,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_weights(spec: str, dtype: str = "float32", revision: str | None = None):
-    """The model alone (eval mode) from any supported source."""
+# transformers' hub kernels (`use_kernels`, on by default) are never used: on a GPU, model.train() would fetch
+# them from the hub, which fails offline, and the losses' exactness is tested against torch's own kernels
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
+def load_weights(spec: str, dtype: str = "float32", revision: str | None = None, what: str = "model"):
+    """The model alone (eval mode) from any supported source, without hub kernels (NO_HUB_KERNELS); every
+    model the pipeline trains or runs is loaded here."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in TORCH_DTYPES:
         raise PipelineError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     where = resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision,
+                                                     **NO_HUB_KERNELS)
     except (OSError, ValueError) as e:
-        raise _hub_error(spec, e) from None
+        raise _hub_error(spec, e, what) from None
     return model.eval()
 
 
