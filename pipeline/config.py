@@ -212,6 +212,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _json_key(k: Any, kt: Any) -> Any:
+    """A mapping key as JSON writes it: object keys are strings, so "2" is the int key 2 (lossless)."""
+    if kt is int and isinstance(k, str) and re.fullmatch(r"[+-]?[0-9]+", k.strip()):
+        return int(k)
+    return k
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against type `tp`, converting only where it is lossless (int -> float)."""
     origin = typing.get_origin(tp)
@@ -237,7 +244,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         kt, vt = typing.get_args(tp)
-        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(_json_key(k, kt), kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

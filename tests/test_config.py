@@ -125,3 +125,11 @@ def test_loss_errors(overrides, message):
     with pytest.raises(PipelineError) as e:
         load_config(None, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_integer_keys_as_json_writes_them():
+    """An explicit layer map written as JSON has string keys; they are the integers they spell."""
+    cfg = load_config(None, ['mapping.strategy={"2": 2, "4": 6}'])
+    assert cfg.mapping.strategy == {2: 2, 4: 6}
+    with pytest.raises(PipelineError, match=r"mapping.strategy: expected str \| mapping int -> int, got \{'a': 2\}"):
+        load_config(None, ['mapping.strategy={"a": 2}'])
