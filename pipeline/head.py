@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.codecs import LOGIT_DTYPES
 from pipeline.errors import PipelineError
 
 # final-logit transforms we reproduce, by attribute of the text config; applied as z * scale, then the cap
@@ -35,7 +36,7 @@ KEY_OVERRIDES = {
 }
 # half the spacing of floats at 1 (the largest relative rounding error), per stored format and torch dtype
 HALF_ULP = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = {dtype: name for name, dtype in LOGIT_DTYPES.items()}  # torch dtype -> format name
 
 
 @dataclass(frozen=True)

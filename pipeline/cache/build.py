@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.cache.codecs import frequency_order, id_dtype
 from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.reader import open_cache
-from pipeline.cache.spec import CacheSpec, TeacherInfo
+from pipeline.cache.spec import CacheSpec, TeacherInfo, stored_targets
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, writer_threads
 from pipeline.data.sequences import sequences_from_config
@@ -90,7 +90,7 @@ def check_teacher_config(cfg, tcfg) -> None:
         raise PipelineError(f"data.seq_len: {cfg.data.seq_len} is beyond the teacher's max_position_embeddings "
                             f"({max_positions})")
     vocab = getattr(tcfg, "vocab_size", None)
-    if "topk" in cfg.cache.logits and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
+    if stored_targets(cfg.cache)[0] and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
         raise PipelineError(f"cache.topk: {cfg.cache.topk} must be between 1 and the vocabulary size {vocab}")
 
 
@@ -119,9 +119,9 @@ def make_capture(cc, teacher, layers: list[int], device):
     from pipeline.teacher.capture import TeacherCapture
 
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
-    return TeacherCapture(teacher, layers, cc.topk if "topk" in cc.logits else 0, cc.temperatures, cc.logit_dtype,
-                          hidden_codec=cc.hidden_codec if on_device else None,
-                          samples=cc.samples if "sampled" in cc.logits else 0,
+    topk, samples = stored_targets(cc)
+    return TeacherCapture(teacher, layers, topk, cc.temperatures, cc.logit_dtype,
+                          hidden_codec=cc.hidden_codec if on_device else None, samples=samples,
                           proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed)
 
 

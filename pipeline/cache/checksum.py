@@ -16,10 +16,12 @@ PREFIX = "xxh3:"
 
 
 class Hasher:
-    """Streaming digest of the bytes given to `update`, in the algorithm new files use."""
+    """Streaming digest of the bytes given to `update` (counted in `size`): by default in the algorithm new
+    files use; `hasher_like` makes one in the algorithm an existing digest names."""
 
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_128()
+    def __init__(self, h=None, prefix: str = PREFIX) -> None:
+        self._h = xxhash.xxh3_128() if h is None else h
+        self._prefix = prefix
         self.size = 0
 
     def update(self, data) -> None:
@@ -27,27 +29,18 @@ class Hasher:
         self.size += memoryview(data).nbytes
 
     def digest(self) -> str:
-        return PREFIX + self._h.hexdigest()
+        return self._prefix + self._h.hexdigest()
 
 
 def digest_bytes(data) -> str:
     """The digest of `data` as a new file's checksum."""
-    return PREFIX + xxhash.xxh3_128(data).hexdigest()
+    h = Hasher()
+    h.update(data)
+    return h.digest()
 
 
-def hasher_like(expected: str | None):
-    """A hashlib-style object computing the same algorithm as the digest `expected` (new files: None)."""
+def hasher_like(expected: str | None) -> Hasher:
+    """A Hasher computing the same algorithm as the digest `expected` (new files: None)."""
     if expected is None or expected.startswith(PREFIX):
-        return _Prefixed(xxhash.xxh3_128(), PREFIX)
-    return _Prefixed(hashlib.blake2b(digest_size=16), "")
-
-
-class _Prefixed:
-    def __init__(self, h, prefix: str) -> None:
-        self._h, self._prefix = h, prefix
-
-    def update(self, data) -> None:
-        self._h.update(data)
-
-    def digest(self) -> str:
-        return self._prefix + self._h.hexdigest()
+        return Hasher()
+    return Hasher(hashlib.blake2b(digest_size=16), "")

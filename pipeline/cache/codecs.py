@@ -41,14 +41,6 @@ def count_dtype(samples: int) -> np.dtype:
     return np.dtype(np.uint8) if samples <= 255 else np.dtype(np.uint16)
 
 
-def logits_to_numpy(logits: torch.Tensor, logit_dtype: str) -> np.ndarray:
-    """[..., k] float (on the CPU) -> storage array of STORED_LOGIT_DTYPES[logit_dtype]."""
-    t = logits.to(LOGIT_DTYPES[logit_dtype])
-    if logit_dtype == "bf16":
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
 def host_array(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
     """A CPU tensor as the numpy array stored (bfloat16 as its uint16 bit patterns), optionally cast."""
     a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
@@ -56,7 +48,7 @@ def host_array(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
 
 
 def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
-    """Inverse of logits_to_numpy, as float32."""
+    """Stored logits (STORED_LOGIT_DTYPES[logit_dtype]) as float32."""
     if logit_dtype == "bf16":
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float().numpy()
     return arr.astype(np.float32)
@@ -81,8 +73,7 @@ HIDDEN_CODECS: Registry[HiddenCodec] = Registry("hidden codec")
 
 
 def _bf16_encode(x: np.ndarray) -> dict[str, np.ndarray]:
-    bits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
-    return {"": bits.numpy().view(np.uint16)}
+    return {"": host_array(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16))}
 
 
 def _bf16_decode(a: dict[str, np.ndarray]) -> np.ndarray:

@@ -27,6 +27,11 @@ from pipeline.cache.writer import ShardLayout
 LOGITS_LEVEL = 9  # zstd level of the Arrow record batches (input ids, lse planes; the target blobs are compressed already)
 
 
+def stored_targets(cc) -> tuple[int, int]:
+    """(top-k, draws per position) that cache.logits stores; 0 = none of that kind."""
+    return (cc.topk if "topk" in cc.logits else 0), (cc.samples if "sampled" in cc.logits else 0)
+
+
 def side_compressor(setting: str, layers: list[int]) -> str:
     """cache.side_compressor, resolved: auto is brotli where the side data is the whole cache (no hidden
     layers), zstd where hidden layers are cached: there brotli's ~8 B/token saving is ~0.1% of the bytes and
@@ -77,6 +82,7 @@ class CacheSpec:
     def from_config(cls, cfg, teacher: TeacherInfo, layers: list[int], seqs, teacher_digest: str,
                     tokenizer_digest: str, order: np.ndarray) -> "CacheSpec":
         cc, data = cfg.cache, cfg.data
+        topk, samples = stored_targets(cc)
         return cls(
             teacher=teacher, teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
             corpus_digest=seqs.digest(),
@@ -87,7 +93,7 @@ class CacheSpec:
             },
             seq_len=data.seq_len, num_sequences=len(seqs), train_sequences=seqs.n_train, packing=data.packing,
             layers=tuple(layers), temperatures=tuple(float(t) for t in cc.temperatures), logits=cc.logits,
-            topk=cc.topk if "topk" in cc.logits else 0, samples=cc.samples if "sampled" in cc.logits else 0,
+            topk=topk, samples=samples,
             proposal_temperature=float(cc.proposal_temperature), sample_seed=cc.sample_seed,
             logit_dtype=cc.logit_dtype, hidden_codec=HIDDEN_CODECS.get(cc.hidden_codec).name,
             hidden_compressor=cc.hidden_compressor, hidden_level=cc.compression_level,

@@ -10,9 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def square_sums(h: np.ndarray) -> np.ndarray:
+    """Each token's sum over features of h^2: [r, T, d] -> [r, T] float64."""
+    return np.einsum("rtd,rtd->rt", h, h, dtype=np.float64)
+
+
 def token_squares(hidden: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """{layer: each token's sum over features of h^2 [r, T], float64} for hidden {layer: [r, T, d]}."""
-    return {int(layer): np.einsum("rtd,rtd->rt", h, h, dtype=np.float64) for layer, h in hidden.items()}
+    """{layer: square_sums(h)} for hidden {layer: [r, T, d]}."""
+    return {int(layer): square_sums(h) for layer, h in hidden.items()}
 
 
 class SquareSums:

@@ -4,9 +4,10 @@ The teacher thread only captures and enqueues rows. The writer thread cuts them 
 (`chunk_sequences` rows) and hands each chunk's independent pieces to the pool at once: the side data
 (top-k / sampled blobs, lse planes, input ids) and each hidden layer (encode, Blosc-compress, write the
 chunk's file, checksum its bytes). Nothing waits for a chunk to finish before the next one starts; the
-writer thread takes no more rows while over `2 x threads` chunks are in flight. The writer thread commits finished chunks in order: it appends the
-chunk's record batch to the shard's Arrow file and adds its sums of squares. So the bytes written, the
-statistics and the records are the same for any number of threads (tested).
+writer thread takes no more rows while over `2 x threads` chunks are in flight. It commits finished
+chunks in order: it appends the chunk's record batch to the shard's Arrow file and adds its sums of
+squares. So the bytes written, the statistics and the records are the same for any number of threads
+(tested).
 
 Hidden layers are Zarr v3 arrays: the writer creates each array's metadata with zarr and writes the
 chunk files itself, each the Blosc compression of the chunk's little-endian bytes, exactly what zarr
@@ -50,7 +51,7 @@ from pipeline.cache.codecs import (
 from pipeline.cache.manifest import (
     SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, lse_column, shard_files, shard_name, shard_paths,
 )
-from pipeline.cache.stats import SquareSums
+from pipeline.cache.stats import SquareSums, square_sums
 from pipeline.cache.storage import Storage, as_storage
 
 
@@ -157,7 +158,7 @@ def write_layer(store: Storage, zdir: str, layer: int, rows: dict, lay: ShardLay
     else:
         h = rows["hidden"][layer]
         encoded = HIDDEN_CODECS.get(lay.hidden_codec).encode(h)
-        squares = np.einsum("rtd,rtd->rt", h, h, dtype=np.float64)
+        squares = square_sums(h)
     files = {}
     for suffix, arr in encoded.items():
         if len(arr) < lay.chunk_sequences:  # an edge chunk: stored at the full chunk shape, zero-filled
@@ -348,25 +349,21 @@ class ShardWriter:
         if self.store.atomic_rename:
             self.store.rename(self.arrow_tmp, self.arrow)
             self.store.rename(self.zdir_tmp, self.zdir)
-        per_file = {self.arrow: self._file.hasher.digest()}
-        sizes = {self.arrow: self._file.hasher.size}
-        for name, (size, digest) in self._files.items():
-            per_file[f"{self.zdir}/{name}"] = digest
-            sizes[f"{self.zdir}/{name}"] = size
+        written = {self.arrow: (self._file.hasher.size, self._file.hasher.digest())}  # path: (bytes, digest)
+        written.update({f"{self.zdir}/{name}": entry for name, entry in self._files.items()})
         for name in shard_files(self.store, self.index):  # what zarr wrote: the group's and arrays' metadata
-            if name not in per_file:
-                per_file[name] = self.store.checksum(name)
-                sizes[name] = self.store.size(name)
+            if name not in written:
+                written[name] = (self.store.size(name), self.store.checksum(name))
         depth = self.zdir.count("/") + 1  # shards/shard-00000.zarr/<array>/...
         array_bytes: dict[str, int] = {}
-        for f, size in sizes.items():
+        for f, (size, _) in written.items():
             if f.startswith(self.zdir + "/"):
                 array = f.split("/")[depth]
                 array_bytes[array] = array_bytes.get(array, 0) + size
         hidden_bytes = {
             str(layer): sum(array_bytes.get(name, 0) for name in names) for layer, names in self._layer_arrays.items()
         }
-        per_file = dict(sorted(per_file.items()))
+        per_file = {name: digest for name, (_, digest) in sorted(written.items())}
         record = {
             "name": shard_name(self.index),
             "index": self.index,
@@ -377,7 +374,7 @@ class ShardWriter:
                 split: {"tokens": acc.tokens, "layers": {str(k): v for k, v in acc.sums.items()}}
                 for split, acc in self._squares.items()
             },
-            "bytes": {"arrow": sizes[self.arrow], "hidden": hidden_bytes},
+            "bytes": {"arrow": written[self.arrow][0], "hidden": hidden_bytes},
             "files": per_file,
             "checksum": combine_checksums(per_file),
         }

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import click
+import numpy as np
 
 from pipeline.cache.build import build_cache
+from pipeline.cache.codecs import STORED_LOGIT_DTYPES
 from pipeline.cache.reader import open_cache
 from pipeline.errors import PipelineError
 
@@ -31,10 +33,10 @@ def summarize(manifest: dict) -> dict:
     tokens = sum(s["tokens"] for s in m["shards"])
     positions = m["num_sequences"] * m["seq_len"]
     side = sum(s["bytes"]["arrow"] for s in m["shards"]) + m["id_order"]["bytes"]  # + the id table, stored once
-    id_bytes = 2 if m["id_dtype"] == "uint16" else 4
-    logit_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}[m["logit_dtype"]]
+    id_bytes = np.dtype(m["id_dtype"]).itemsize
+    logit_bytes = STORED_LOGIT_DTYPES[m["logit_dtype"]].itemsize
     sampling = m.get("sampling")  # sampled targets: K slots of id, logit and count per position
-    sample_bytes = sampling["samples"] * (id_bytes + logit_bytes + (1 if sampling["count_dtype"] == "uint8" else 2)) if sampling else 0
+    sample_bytes = sampling["samples"] * (id_bytes + logit_bytes + np.dtype(sampling["count_dtype"]).itemsize) if sampling else 0
     raw_side = m["topk"] * (id_bytes + logit_bytes) + sample_bytes + 4 * len(m["temperatures"]) + id_bytes
     d = m["teacher"]["hidden_size"]
     raw_codec = {"fp32": 4 * d, "bf16": 2 * d, "fp16": 2 * d, "int8": d + 2}[m["hidden_codec"]]

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import torch
-import xxhash
 
 
 def model_digest(model: torch.nn.Module) -> str:
     """xxh3-128 over parameter/buffer names, dtypes, shapes and bytes (tied weights counted once). xxh3 hashes
     ~10 GB/s per core, so a build spends a few tens of milliseconds per GB of weights here."""
-    h = xxhash.xxh3_128()
+    from pipeline.cache.checksum import Hasher  # the cache's checksum algorithm, named in the digest ("xxh3:...")
+
+    h = Hasher()
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=False).items():
         if t.data_ptr() in seen:
@@ -23,7 +24,7 @@ def model_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
-    return "xxh3:" + h.hexdigest()
+    return h.digest()
 
 
 def tokenizer_digest(tokenizer) -> str:

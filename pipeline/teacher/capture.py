@@ -96,7 +96,7 @@ def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored
 @dataclass
 class Captured:
     topk_ids: np.ndarray | None  # [B, T, k] uint16 | uint32 (None without top-k targets)
-    topk_logits: np.ndarray | None  # [B, T, k] storage dtype (codecs.logits_to_numpy)
+    topk_logits: np.ndarray | None  # [B, T, k] storage dtype (codecs.STORED_LOGIT_DTYPES)
     lse: np.ndarray  # [n_temps, B, T] float32: the normaliser of the stored top-k logits (see stored_lse)
     hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
     # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,
@@ -237,7 +237,7 @@ class TeacherCapture:
                 for suffix, arr in self.codec.encode_torch(h).items():
                     dev[("encoded", i, suffix)] = arr
                 # fp32 on the device (no float64 there); each token's sum over d features is off the writer's
-                # float64 sum by at most ~log2(d) float32 roundings, and the host adds tokens up in float64
+                # float64 sum by at most d float32 roundings, relative; the host adds tokens up in float64
                 dev[("squares", i)] = h.square().sum(-1)
         self._store = {}
         return self._to_host(dev, device, (B, T))
