@@ -7,12 +7,13 @@ An unknown key, a wrong type or an impossible value ends in a `PipelineError` na
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -145,8 +146,9 @@ class LossConfig:
     hidden: str = "cosine"
     dynamics: str = "fdd"  # dynamics loss: registry name
     # CE and the divergence from the final hidden states, this many valid tokens at a time (the full
-    # [tokens, vocab] logits never exist); 0 = the dense path (full logits, the reference)
-    chunk_tokens: int = field(default=512, metadata=_range(0, None))
+    # [tokens, vocab] logits never exist); auto = sized for the device (pipeline/losses/chunked.py: 512 on a
+    # CPU, on a GPU a [chunk, vocab] fp32 buffer of 1/64 of its memory); 0 = the dense path (the reference)
+    chunk_tokens: Union[int, Literal["auto"]] = "auto"
     # which cached teacher targets the divergence reads: auto = the cache's only kind (top-k when it holds both),
     # topk (tail bucket / renormalize), sampled (the unbiased importance-weighted estimate, kl and skew_kl)
     logits_source: str = field(default="auto", metadata=_choice("auto", "topk", "sampled"))
@@ -207,27 +209,38 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"mapping {_type_name(k)} -> {_type_name(v)}"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
 def _json_key(k: Any, kt: Any) -> Any:
     """A mapping key as JSON writes it: object keys are strings, so "2" is the int key 2 (lossless)."""
-    if kt is int and isinstance(k, str) and re.fullmatch(r"[+-]?[0-9]+", k.strip()):
+    if kt is int and isinstance(k, str) and _INT_TEXT.fullmatch(k.strip()):
         return int(k)
     return k
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against type `tp`, converting only where it is lossless (int -> float)."""
+def coerce(value: Any, tp: Any, key: str, from_text: bool = False) -> Any:
+    """Check `value` against type `tp`, converting only where it is lossless (int -> float, an enum's value ->
+    its member); a `PipelineError` naming `key` otherwise. With `from_text`, a string that spells a number is
+    read as one for int and float (values that may arrive quoted, e.g. `training:`'s for TrainingArguments)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key, from_text)
             except PipelineError:
                 continue
+        raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
         raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -239,12 +252,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (arg,) = typing.get_args(tp)
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, arg, f"{key}[{i}]", from_text) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         kt, vt = typing.get_args(tp)
-        return {_coerce(_json_key(k, kt), kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {coerce(_json_key(k, kt), kt, f"{key} key", from_text): coerce(v, vt, f"{key}.{k}", from_text)
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -253,12 +267,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if from_text and isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except (ValueError, TypeError):
+            pass
+    elif isinstance(tp, type) and isinstance(value, tp):  # an unparameterized dict or list, or any other class
+        return value
     raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -289,7 +317,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        value = _coerce(value, hints[name], key)
+        value = coerce(value, hints[name], key)
         _check(value, fields[name].metadata, key)
         kwargs[name] = value
     return cls(**kwargs)
@@ -341,6 +369,8 @@ def _validate(cfg: Config) -> None:
         raise PipelineError("cache.temperatures: at least one temperature is needed")
     if isinstance(cfg.cache.layers, str) and cfg.cache.layers not in ("auto", "all"):
         raise PipelineError(f"cache.layers: {cfg.cache.layers!r} is not auto, all or a list of layer indices")
+    if cfg.loss.chunk_tokens != "auto" and cfg.loss.chunk_tokens < 0:
+        raise PipelineError(f"loss.chunk_tokens: {cfg.loss.chunk_tokens} must be >= 0 (0 = the dense path)")
     if isinstance(cfg.cache.layers, list):
         for i, layer in enumerate(cfg.cache.layers):
             if layer < 0:

@@ -133,3 +133,34 @@ def test_integer_keys_as_json_writes_them():
     assert cfg.mapping.strategy == {2: 2, 4: 6}
     with pytest.raises(PipelineError, match=r"mapping.strategy: expected str \| mapping int -> int, got \{'a': 2\}"):
         load_config(None, ['mapping.strategy={"a": 2}'])
+
+
+def test_coerce_types_beyond_the_schema():
+    """`coerce` (also TrainingArguments' values, pipeline/recipes/train.py): enums, literals, plain containers and
+    classes; numbers from text only when asked (the schema's own keys stay strict: `--set cache.topk='8'` fails)."""
+    import enum
+    from typing import Literal, Optional, Union
+
+    from pipeline.config import coerce
+
+    class Strategy(str, enum.Enum):
+        NO = "no"
+        STEPS = "steps"
+
+    assert coerce("steps", Strategy, "k") is Strategy.STEPS
+    assert coerce("epoch", Union[Strategy, str], "k") == "epoch"
+    with pytest.raises(PipelineError, match="k: expected Strategy, got 'epoch'"):
+        coerce("epoch", Strategy, "k")
+    assert coerce(False, Union[str, None, Literal[False]], "k") is False
+    with pytest.raises(PipelineError, match="k: expected False, got 0"):
+        coerce(0, Literal[False], "k")
+    assert coerce({"a": 1}, Optional[dict], "k") == {"a": 1}
+    assert coerce(["x"], list, "k") == ["x"]
+    assert coerce("8", int, "k", from_text=True) == 8 and coerce("1e-4", float, "k", from_text=True) == 1e-4
+    assert coerce(["2"], list[int], "k", from_text=True) == [2]
+    with pytest.raises(PipelineError, match="k: expected int, got '8'"):
+        coerce("8", int, "k")
+    with pytest.raises(PipelineError, match=r"k: expected float, got '1e-4'"):
+        coerce("1e-4", float, "k")
+    with pytest.raises(PipelineError, match="cache.topk: expected int, got '8'"):
+        load_config(None, ["cache.topk='8'"])

@@ -1,9 +1,10 @@
 """Phase two: train the student and its projectors from the cache alone (or, with online=True, from the
 live teacher, for parity checks).
 
-Reads top to bottom: training arguments, the student's shape (config only), the teacher side (the cache
-manifest, or the live teacher), the layer map, the compatibility checks, the datasets, the student and
-projectors, the Trainer loop, then the run directory:
+`run_train` reads as its numbered steps, each a private function below it in the same order: training
+arguments and the loss, the student's shape (config only), the teacher side (the cache manifest, or the live
+teacher), the layer map, the compatibility checks, the datasets, the student and projectors, the Trainer loop,
+then the run directory:
     student/                 plain HF folder (+ the student's tokenizer, + pruning.json when there is one)
     projectors.safetensors   projectors.json
     trainer_state.json       run.json (resolved config, cache fingerprint, layer map, metrics)
@@ -12,9 +13,13 @@ projectors, the Trainer loop, then the run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
 import shutil
 import time
+import typing
 from pathlib import Path
 
 import click
@@ -22,6 +27,7 @@ import torch
 
 from pipeline.cache.storage import write_json_atomic
 from pipeline.cache.storage import redact
+from pipeline.config import coerce
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
 from pipeline.resources import peak_memory
@@ -31,7 +37,8 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.student.projectors import build_projectors, save_projectors
 from pipeline.train import checks
 
-# CPU-friendly defaults under the user's `training:` section (which wins)
+# CPU-friendly defaults under the user's `training:` section (which wins); a GPU run from the cache also gets
+# loader_defaults
 TRAINING_DEFAULTS = {
     "output_dir": "runs/train",
     "report_to": "none",
@@ -41,34 +48,79 @@ TRAINING_DEFAULTS = {
     "disable_tqdm": False,  # the CLI quiets transformers' logger, which would otherwise hide the step bar
     "ddp_find_unused_parameters": False,  # every student parameter takes part in the loss: skip DDP's graph scan
 }
+# TrainingArguments spells "off" as the string "no" (save_strategy, eval_strategy, ...), except report_to, whose
+# "no" would name an integration; YAML 1.1 reads a bare `no` as False
+_OFF = {"report_to": "none"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def training_arguments(training: dict):
-    """cfg.training -> TrainingArguments; an unknown key or a bad value is a one-line error."""
+def training_arguments(training: dict, *, online: bool = False):
+    """cfg.training -> TrainingArguments, each value coerced to its field's type (an unknown key or a bad value
+    is a one-line error), under TRAINING_DEFAULTS and, when it trains on a GPU, `loader_defaults`. `online`:
+    the live teacher runs in the collator, so the loader stays in the main process."""
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    unknown = sorted(set(training) - known)
+    fields = _training_fields()
+    unknown = sorted(set(training) - set(fields))
     if unknown:
         raise PipelineError(f"unknown key training.{unknown[0]}: not a transformers.TrainingArguments field")
-    kwargs = {**TRAINING_DEFAULTS, **training, "remove_unused_columns": False}
-    types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
-    for key, value in kwargs.items():
-        # YAML reads a bare `no` (save_strategy=no, eval_strategy=no) as False
-        if value is False and "bool" not in str(types.get(key)):
-            kwargs[key] = value = "no"
-        # YAML reads 1e-4 (no dot) as a string; TrainingArguments does not convert it
-        if isinstance(value, str) and str(types.get(key)) in ("float", "<class 'float'>"):
-            try:
-                kwargs[key] = float(value)
-            except ValueError:
-                raise PipelineError(f"training.{key}: expected a number, got {value!r}") from None
+    user = {key: _training_value(key, value, fields[key]) for key, value in training.items()}
+    if online and user.get("dataloader_num_workers"):
+        raise PipelineError("--online runs the teacher in the collator: set training.dataloader_num_workers=0")
+    loader = loader_defaults(user, cuda=not user.get("use_cpu", False) and torch.cuda.is_available(), online=online,
+                             cpus=_usable_cpus(), local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    kwargs = {**TRAINING_DEFAULTS, **loader, **user, "remove_unused_columns": False}
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"training: {first}") from None
+
+
+def loader_defaults(training: dict, *, cuda: bool, online: bool, cpus: int, local_world_size: int = 1) -> dict:
+    """The DataLoader settings of a run from the cache on a GPU, for the keys `training` leaves unset.
+
+    On a CPU the step is slow enough to hide the cache read in the main process (TRAINING_DEFAULTS). On a GPU it
+    is not: each process reads ahead in worker processes (half its share of the `cpus`, at most 4, the rest left
+    to the main process), into pinned memory for the copy to the device, kept across epochs and evaluations.
+    Online runs build every batch with the teacher in the collator, in the main process: nothing changes."""
+    if not cuda or online:
+        return {}
+    workers = training.get("dataloader_num_workers", min(4, max(1, cpus // local_world_size // 2)))
+    defaults = {"dataloader_num_workers": workers, "dataloader_pin_memory": True}
+    if workers > 0:  # both are refused without workers (TrainingArguments, DataLoader)
+        defaults.update(dataloader_prefetch_factor=4, dataloader_persistent_workers=True)
+    return {key: value for key, value in defaults.items() if key not in training}
+
+
+@functools.cache
+def _training_fields() -> dict[str, typing.Any]:
+    """TrainingArguments' constructor fields -> their resolved types."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _training_value(key: str, value, tp):
+    """One `training:` value coerced to its TrainingArguments type by the config schema's rules, a number also
+    from text (`1e-4` quoted, or written by a YAML 1.1 tool, is a string). False for a field that takes no bool
+    is YAML's reading of a bare `no`: the field's "off" string."""
+    where = f"training.{key}"
+    try:
+        return coerce(value, tp, where, from_text=True)
+    except PipelineError:
+        if value is False:
+            with contextlib.suppress(PipelineError):
+                return coerce(_OFF.get(key, "no"), tp, where)
+        raise
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def loss_spec(loss) -> "LossSpec":
@@ -136,97 +188,168 @@ def has_tokenizer(spec: str) -> bool:
 
 def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=None, echo=None) -> dict:
     """Train; returns the run summary written to run.json (only rank 0 writes files)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from pipeline.train.dataset import CacheDataset, OnlineTeacherCollator, SequenceDataset, collate
-    from pipeline.train.trainer import UniversalDistillationTrainer
-
     echo = echo or (lambda msg: click.echo(msg, err=True))
 
-    # 1. training arguments and the loss (validated before anything heavy)
-    args = training_arguments(cfg.training)
+    # 1. training arguments and the loss (validated before anything heavy), the checkpoint to resume from
+    args = training_arguments(cfg.training, online=online)
     loss = loss_spec(cfg.loss)
-    out = Path(args.output_dir)
-    if online and args.dataloader_num_workers:
-        raise PipelineError("--online runs the teacher in the collator: set training.dataloader_num_workers=0")
+    resume = _resume_checkpoint(resume, Path(args.output_dir))
+
+    # 2. the student's shape, from its config only
+    student = _student_shape(cfg.student)
+
+    # 3. the teacher's depth and width: the cache manifest (no teacher weights), or the live teacher's config;
+    # then which teacher targets the logits loss reads there
+    teacher = _teacher_side(cfg, online)
+    loss = resolve_logits_source(loss, cfg.cache if online else None, teacher.manifest)
+    if args.should_save:
+        echo(f"loss: {loss.describe()}")
+
+    # 4. the layer map; online, the live teacher loads only now that the map is known to be valid
+    layer_map = _layer_map(cfg.mapping, loss, student, teacher)
+    if online:
+        teacher = _live_teacher(cfg, args, loss, teacher)
+
+    # 5. compatibility checks, before step one
+    _check_compatibility(cfg, online, args, loss, student, teacher, layer_map, echo)
+
+    # 6. datasets (and, online, the live-teacher collator), the nmse constants
+    data = _datasets(cfg, online, args, loss, teacher, layer_map)
+
+    # 7. the student and one projector per mapped pair
+    model, projectors, loss = _student_and_projectors(cfg, args, loss, student, teacher, layer_map, echo)
+
+    # 8. the loop
+    trainer, metrics = _train_loop(cfg, online, args, resume, callbacks, loss, student, teacher, layer_map, data,
+                                   model, projectors, echo)
+
+    # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
+    summary = _summary(cfg, online, resume, student, teacher, layer_map, data, metrics)
+    if args.should_save:
+        _write_run_dir(Path(args.output_dir), online, student, teacher, model, projectors, trainer, summary, echo)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Student:
+    """The student before its weights load: its source, text config, kept blocks and tokenizer (if any)."""
+
+    spec: str
+    config: typing.Any
+    kept: list[int] | None
+    tokenizer: typing.Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Teacher:
+    """The teacher side: depth, width and the manifest the checks read (online: built by `_live_teacher`)."""
+
+    n_layers: int
+    width: int
+    manifest: dict | None = None
+    cache: typing.Any = None  # the open cache (cache runs)
+    model: typing.Any = None  # the live teacher and its tokenizer (online runs, from step 4)
+    tokenizer: typing.Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What the loop reads: the splits, the collator, the live teacher's capture (online) and the nmse constants."""
+
+    train: typing.Any
+    eval: typing.Any
+    collator: typing.Any
+    capture: typing.Any = None
+    hidden_norms: dict[int, float] | None = None
+
+
+def _resume_checkpoint(resume: str | None, out: Path) -> str | None:
+    """Step 1: --resume ("latest": the newest checkpoint-* in the output folder) -> a checkpoint folder, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     if resume == "latest":
         resume = get_last_checkpoint(str(out)) if out.is_dir() else None
         if resume is None:
             raise PipelineError(f"--resume: no checkpoint-* folder in {out}")
     elif resume is not None and not Path(resume).is_dir():
         raise PipelineError(f"--resume: checkpoint folder not found: {resume}")
+    return resume
 
-    # 2. the student's shape, from its config only
-    if cfg.student.model is None:
+
+def _student_shape(student) -> _Student:
+    """Step 2: cfg.student -> its depth, width and vocab (config only), pruning.json's kept blocks, tokenizer."""
+    if student.model is None:
         raise PipelineError("student.model is not set: name the pruned student's HF folder")
-    spec = cfg.student.model
-    scfg = models.text_config(models.load_config(spec))
-    n_student, d_student, v_student = scfg.num_hidden_layers, scfg.hidden_size, scfg.vocab_size
-    kept = read_kept_layers(spec) if Path(spec).is_dir() else None
-    student_tok = models.load_tokenizer(spec) if has_tokenizer(spec) else None
+    spec = student.model
+    return _Student(spec=spec, config=models.text_config(models.load_config(spec)),
+                    kept=read_kept_layers(spec) if Path(spec).is_dir() else None,
+                    tokenizer=models.load_tokenizer(spec) if has_tokenizer(spec) else None)
 
-    # 3. the teacher's depth and width: the cache manifest (no teacher weights), or the live teacher's config
+
+def _teacher_side(cfg, online: bool) -> _Teacher:
+    """Step 3: the teacher's depth and width from the cache manifest (no teacher weights), or online from the
+    live teacher's config (its weights load in step 4)."""
     if online:
         tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
-        n_teacher, d_teacher = tcfg.num_hidden_layers, tcfg.hidden_size
-    else:
-        from pipeline.cache.reader import open_cache
+        return _Teacher(n_layers=tcfg.num_hidden_layers, width=tcfg.hidden_size)
+    from pipeline.cache.reader import open_cache
 
-        cache = open_cache(cfg.cache.dir, storage_options=cfg.cache.storage_options)
-        manifest = cache.manifest
-        n_teacher = int(manifest["teacher"]["num_layers"])
-        d_teacher = int(manifest["teacher"]["hidden_size"])
+    cache = open_cache(cfg.cache.dir, storage_options=cfg.cache.storage_options)
+    teacher = cache.manifest["teacher"]
+    return _Teacher(n_layers=int(teacher["num_layers"]), width=int(teacher["hidden_size"]),
+                    manifest=cache.manifest, cache=cache)
 
-    # which teacher targets the logits loss reads (auto: the cache's only kind, top-k when it holds both), and
-    # for sampled ones their proposal temperature; the divergence is checked against the choice here
-    loss = resolve_logits_source(loss, cfg.cache if online else None, None if online else manifest)
-    if args.should_save:
-        echo(f"loss: {loss.describe()}")
 
-    # 4. layer map: student depth from its config, teacher depth from the manifest, kept blocks from pruning.json
-    layer_map = build_layer_map(cfg.mapping.strategy, n_student, n_teacher, cfg.mapping.stride, kept)
+def _layer_map(mapping, loss, student: _Student, teacher: _Teacher) -> dict[int, int]:
+    """Step 4: student block -> teacher layer; student depth from its config, teacher depth from the teacher
+    side, kept blocks from pruning.json."""
+    layer_map = build_layer_map(mapping.strategy, student.config.num_hidden_layers, teacher.n_layers, mapping.stride,
+                                student.kept)
     check_dynamics_map(loss, layer_map)
-    needed = sorted(set(layer_map.values())) if loss.needs_states else []
-    if online:  # now the live teacher, beside the student: online mode is the baseline that shares memory
-        teacher, teacher_tok = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
-        teacher.to(args.device)
-        vocab = teacher.get_output_embeddings().weight.shape[0]
-        manifest = {
-            "teacher": {"model": cfg.teacher.model, "num_layers": n_teacher, "hidden_size": d_teacher,
-                        "vocab_size": vocab},
-            "seq_len": cfg.data.seq_len, "temperatures": [float(loss.temperature)],
-            "layers": list(range(n_teacher + 1)),
-            "fingerprint": {"tokenizer_digest": tokenizer_digest(teacher_tok)},
-        }
+    return layer_map
 
-    # 5. compatibility checks, before step one. From a cache, the sequence length (like every other data
-    # property) is the manifest's: the YAML's data section describes how that cache was built.
+
+def _live_teacher(cfg, args, loss, teacher: _Teacher) -> _Teacher:
+    """Step 4, online: the live teacher on the training device, beside the student (online mode is the baseline
+    that shares memory), and the manifest the checks read, as a cache of it would hold."""
+    model, tokenizer = models.load_model(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
+    model.to(args.device)
+    manifest = {
+        "teacher": {"model": cfg.teacher.model, "num_layers": teacher.n_layers, "hidden_size": teacher.width,
+                    "vocab_size": model.get_output_embeddings().weight.shape[0]},
+        "seq_len": cfg.data.seq_len, "temperatures": [float(loss.temperature)],
+        "layers": list(range(teacher.n_layers + 1)),
+        "fingerprint": {"tokenizer_digest": tokenizer_digest(tokenizer)},
+    }
+    return dataclasses.replace(teacher, manifest=manifest, model=model, tokenizer=tokenizer)
+
+
+def _check_compatibility(cfg, online: bool, args, loss, student: _Student, teacher: _Teacher,
+                         layer_map: dict[int, int], echo) -> None:
+    """Step 5: the compatibility checks, before step one (one-line errors). From a cache, the sequence length
+    (like every other data property) is the manifest's: the YAML's data section describes how that cache was
+    built, so a differing data.seq_len is only noted."""
+    manifest = teacher.manifest
     checks.check_all(
-        manifest=manifest, student_vocab=v_student,
-        student_tokenizer_digest=tokenizer_digest(student_tok) if student_tok is not None else None,
+        manifest=manifest, student_vocab=student.config.vocab_size,
+        student_tokenizer_digest=tokenizer_digest(student.tokenizer) if student.tokenizer is not None else None,
         layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature, need_logits=True,
-        seq_len=None, student_positions=getattr(scfg, "max_position_embeddings", None),
+        seq_len=None, student_positions=getattr(student.config, "max_position_embeddings", None),
     )
     if not online and int(cfg.data.seq_len) != int(manifest["seq_len"]) and args.should_save:
         echo(f"note: data.seq_len {cfg.data.seq_len} is not used; the cache holds {manifest['seq_len']}-token sequences")
 
-    # 6. datasets (and, online, the live-teacher collator)
-    if online:
-        from pipeline.data.sequences import sequences_from_config
-        from pipeline.teacher.capture import TeacherCapture
 
-        seqs = sequences_from_config(cfg.data, teacher_tok)
-        cc = cfg.cache
-        train_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(0, seqs.n_train), cc.shard_sequences, cc.chunk_sequences)
-        eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
-        sampled = loss.logits_source == "sampled"
-        temps = sorted({float(loss.temperature), float(loss.proposal_temperature)} if sampled else {float(loss.temperature)})
-        capture = TeacherCapture(teacher, needed, 0 if sampled else cc.topk, temps, cc.logit_dtype,
-                                 samples=cc.samples if sampled else 0, proposal_temperature=cc.proposal_temperature,
-                                 sample_seed=cc.sample_seed)
-        collator = OnlineTeacherCollator(capture, loss.temperature)
+def _datasets(cfg, online: bool, args, loss, teacher: _Teacher, layer_map: dict[int, int]) -> _Data:
+    """Step 6: the train and held-out splits with only what the loss reads (no hidden layers without gamma/delta,
+    no top-k logits without beta), the collator (online: the live teacher's), and for nmse one constant per
+    teacher layer from the train split."""
+    from pipeline.train.dataset import CacheDataset, collate
+
+    needed = sorted(set(layer_map.values())) if loss.needs_states else []
+    if online:
+        train_ds, eval_ds, capture, collator = _online_datasets(cfg, loss, teacher.model, teacher.tokenizer, needed)
     else:
-        # only what the loss reads: no hidden layers without gamma/delta, no top-k logits without beta
         so = cfg.cache.storage_options
         train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0,
                                 storage_options=so, source=loss.logits_source)
@@ -239,38 +362,68 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
         raise PipelineError(f"training.eval_strategy is {args.eval_strategy.value} but the held-out split is empty "
                             "(data.heldout_fraction 0): set training.eval_strategy=no")
     hidden_norms = None
-    if loss.gamma > 0 and loss.hidden in NEEDS_NORM:  # nmse: one constant per teacher layer, from the train split
+    if loss.gamma > 0 and loss.hidden in NEEDS_NORM:
         if online:
-            hidden_norms = online_mean_square(capture, train_ds, cfg.cache.batch_size, d_teacher)
+            hidden_norms = online_mean_square(capture, train_ds, cfg.cache.batch_size, teacher.width)
         else:
-            hidden_norms = cache.hidden_mean_square(needed, progress=args.should_save)
+            hidden_norms = teacher.cache.hidden_mean_square(needed, progress=args.should_save)
+    return _Data(train=train_ds, eval=eval_ds, collator=collator, capture=capture, hidden_norms=hidden_norms)
 
-    # 7. the student and one projector per mapped pair (seeded: same run, same projectors)
-    student = models.load_weights(spec, cfg.student.dtype, what="student")
+
+def _online_datasets(cfg, loss, model, tokenizer, needed: list[int]):
+    """Step 6, online: (train, held-out, capture, collator) from the data section's sequences, the targets
+    captured from the live teacher batch by batch as cache.* would store them."""
+    from pipeline.data.sequences import sequences_from_config
+    from pipeline.teacher.capture import TeacherCapture
+    from pipeline.train.dataset import OnlineTeacherCollator, SequenceDataset
+
+    seqs = sequences_from_config(cfg.data, tokenizer)
+    cc = cfg.cache
+    train_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(0, seqs.n_train), cc.shard_sequences, cc.chunk_sequences)
+    eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
+    sampled = loss.logits_source == "sampled"
+    temps = sorted({float(loss.temperature), float(loss.proposal_temperature)} if sampled else {float(loss.temperature)})
+    capture = TeacherCapture(model, needed, 0 if sampled else cc.topk, temps, cc.logit_dtype,
+                             samples=cc.samples if sampled else 0, proposal_temperature=cc.proposal_temperature,
+                             sample_seed=cc.sample_seed)
+    return train_ds, eval_ds, capture, OnlineTeacherCollator(capture, loss.temperature)
+
+
+def _student_and_projectors(cfg, args, loss, student: _Student, teacher: _Teacher, layer_map: dict[int, int], echo):
+    """Step 7: (student model, projectors, loss). The projectors are seeded (same run, same projectors); the loss
+    falls back to the dense vocabulary path when this student cannot take the chunked one."""
+    model = models.load_weights(student.spec, cfg.student.dtype, what="student")
     if loss.chunk_tokens:
         from pipeline.losses.chunked import chunk_support
 
-        why = chunk_support(student)
+        why = chunk_support(model)
         if why:
             echo(f"note: loss.chunk_tokens: {why}; the vocabulary losses take the dense path")
             loss = dataclasses.replace(loss, chunk_tokens=0)
-    projectors = build_projectors(layer_map, d_student, d_teacher, cfg.mapping.projector,
+    projectors = build_projectors(layer_map, student.config.hidden_size, teacher.width, cfg.mapping.projector,
                                   cfg.mapping.projector_init, seed=args.seed)
+    return model, projectors, loss
 
-    # 8. the loop. The held-out loss before training comes from eval_on_start: it runs after the Trainer has
-    # wrapped the student (DDP under several processes). A plain evaluate() before train() would make
-    # accelerate treat the bare student as prepared, and train() would then skip the DDP wrapper.
-    if len(eval_ds) and resume is None:
+
+def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, student: _Student, teacher: _Teacher,
+                layer_map: dict[int, int], data: _Data, model, projectors, echo):
+    """Step 8: (trainer, metrics). The held-out loss before training comes from eval_on_start: it runs after the
+    Trainer has wrapped the student (DDP under several processes). A plain evaluate() before train() would make
+    accelerate treat the bare student as prepared, and train() would then skip the DDP wrapper."""
+    from pipeline.train.trainer import UniversalDistillationTrainer
+
+    if len(data.eval) and resume is None:
         args.eval_on_start = True
     trainer = UniversalDistillationTrainer(
-        model=student, args=args, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
-        data_collator=collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
-        projector_lr_multiplier=cfg.mapping.projector_lr_multiplier, hidden_norms=hidden_norms,
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if len(data.eval) else None,
+        data_collator=data.collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
+        projector_lr_multiplier=cfg.mapping.projector_lr_multiplier, hidden_norms=data.hidden_norms,
     )
-    mode = "online" if online else "cache"
     if args.should_save:
-        echo(f"train ({mode}): student {spec} ({n_student} blocks) <- teacher {manifest['teacher']['model']} "
-             f"({n_teacher} blocks); map {layer_map}; {len(train_ds)} train / {len(eval_ds)} held-out sequences")
+        echo(f"train ({'online' if online else 'cache'}): student {student.spec} "
+             f"({student.config.num_hidden_layers} blocks) <- teacher {teacher.manifest['teacher']['model']} "
+             f"({teacher.n_layers} blocks); map {layer_map}; "
+             f"{len(data.train)} train / {len(data.eval)} held-out sequences")
     metrics: dict = {}
     try:
         started = time.perf_counter()
@@ -281,45 +434,58 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
             metrics["eval_loss_before"] = start[0]
         metrics["train_loss"] = result.training_loss
         metrics["global_step"] = result.global_step
-        if len(eval_ds):
+        if len(data.eval):
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     finally:
         trainer.remove_hooks()
-        if capture is not None:
-            capture.close()
+        if data.capture is not None:
+            data.capture.close()
+    return trainer, metrics
 
-    # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
+
+def _summary(cfg, online: bool, resume: str | None, student: _Student, teacher: _Teacher, layer_map: dict[int, int],
+             data: _Data, metrics: dict) -> dict:
+    """Step 9: the run summary (run.json): the resolved config without credentials, the layer map, the metrics,
+    this process's peak memory (rank 0's under DDP) and, from a cache, which cache it read."""
     config = cfg.to_dict()
-    config["cache"]["storage_options"] = redact(cfg.cache.storage_options)  # no credentials in run.json
+    config["cache"]["storage_options"] = redact(cfg.cache.storage_options)
     summary = {
-        "mode": mode, "config": config, "student_source": spec,
+        "mode": "online" if online else "cache", "config": config, "student_source": student.spec,
         "layer_map": {str(j): t for j, t in layer_map.items()}, "metrics": metrics,
-        "resumed_from": resume, "resources": peak_memory(),  # this process's peak (rank 0's under DDP)
+        "resumed_from": resume, "resources": peak_memory(),
     }
     if not online:
+        manifest = teacher.manifest
         summary["cache"] = {"dir": cfg.cache.dir, "seq_len": manifest["seq_len"], "topk": manifest["topk"],
                             "fingerprint": manifest.get("fingerprint"),
                             "fingerprint_digest": manifest.get("fingerprint_digest")}
-    if hidden_norms is not None:
-        summary["hidden_mean_square"] = {str(t): v for t, v in hidden_norms.items()}
-    if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        tok = student_tok if student_tok is not None else (teacher_tok if online else _teacher_tokenizer(manifest))
-
-        def write_student(tmp: Path) -> None:
-            student.save_pretrained(tmp)
-            if tok is not None:
-                tok.save_pretrained(tmp)
-            if Path(spec, "pruning.json").is_file():
-                shutil.copy2(Path(spec, "pruning.json"), tmp / "pruning.json")
-
-        models.write_folder_atomically(out / "student", write_student)
-        save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": mode})
-        trainer.save_state()
-        write_json_atomic(out / "run.json", summary)
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        echo(f"{out}: student/, projectors.*, trainer_state.json, run.json written ({parts})")
+    if data.hidden_norms is not None:
+        summary["hidden_mean_square"] = {str(t): v for t, v in data.hidden_norms.items()}
     return summary
+
+
+def _write_run_dir(out: Path, online: bool, student: _Student, teacher: _Teacher, model, projectors, trainer,
+                   summary: dict, echo) -> None:
+    """Step 9 (rank 0): student/ swapped in whole (with a tokenizer: the student's, else the teacher's, and
+    pruning.json), the projectors, the Trainer state and run.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok = student.tokenizer
+    if tok is None:
+        tok = teacher.tokenizer if online else _teacher_tokenizer(teacher.manifest)
+
+    def write_student(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if Path(student.spec, "pruning.json").is_file():
+            shutil.copy2(Path(student.spec, "pruning.json"), tmp / "pruning.json")
+
+    models.write_folder_atomically(out / "student", write_student)
+    save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": summary["mode"]})
+    trainer.save_state()
+    write_json_atomic(out / "run.json", summary)
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float))
+    echo(f"{out}: student/, projectors.*, trainer_state.json, run.json written ({parts})")
 
 
 def _teacher_tokenizer(manifest: dict):

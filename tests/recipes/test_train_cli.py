@@ -85,7 +85,7 @@ def test_train_writes_run_dir(setup):
     (["--set", "loss.skew_alpha=0.5", "--set", "loss.skew_lambda=0.5"], "two spellings of one setting"),
     (["--set", "loss.delta=0.2", "--set", "mapping.stride=2"], "loss.delta > 0 (fdd) compares consecutive mapped"),
     (["--set", "loss.chunk_tokens=-8"], "loss.chunk_tokens: -8 must be >= 0"),
-    (["--set", "loss.chunk_tokens=2.5"], "loss.chunk_tokens: expected int, got 2.5"),
+    (["--set", "loss.chunk_tokens=2.5"], "loss.chunk_tokens: expected int | 'auto', got 2.5"),
 ])
 def test_one_line_errors(setup, extra, needle):
     root, config, overrides = setup
