@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python scripts/bench_writer.py
 	$(BIN)/python scripts/bench_side_data.py
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_head_loss.py
 	$(BIN)/python scripts/bench_eval.py
 	$(BIN)/python scripts/bench_ablate.py
 

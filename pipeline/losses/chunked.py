@@ -19,6 +19,7 @@ The result is divided by M (the number of valid next-token positions), as the de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -26,10 +27,29 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.head import HeadSpec, final_hidden, head_spec, verify_head
-from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, gathered_pair
-from pipeline.losses.sampled import sampled_pair
+from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, cross_entropy, gathered_pair, logits_loss
+from pipeline.losses.sampled import sampled_logits_loss, sampled_pair
 
-DEFAULT_CHUNK_TOKENS = 512
+# loss.chunk_tokens auto: 512 rows on a CPU (small [chunk, V] buffers, matmuls still efficient); on a GPU as
+# many rows as make one [chunk, V] fp32 buffer GPU_BUFFER_SHARE of its memory (at most two such buffers live
+# at once), so the kernels are large and few. An 80 GiB device: 1,280 rows at V = 262,144, 6,912 at 49,152.
+CPU_CHUNK_TOKENS = 512
+GPU_BUFFER_SHARE = 1 / 64
+CHUNK_ALIGN = 128
+
+
+def chunk_rows(setting: int | str, vocab: int, device: torch.device | str, total_memory: int | None = None) -> int:
+    """Rows per chunk for `loss.chunk_tokens` = `setting` (a number, or auto) on `device`; `total_memory`
+    (bytes) stands in for the CUDA device's own."""
+    if setting != "auto":
+        return int(setting)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CHUNK_TOKENS
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    rows = int(total_memory * GPU_BUFFER_SHARE) // (4 * int(vocab)) // CHUNK_ALIGN * CHUNK_ALIGN
+    return max(CPU_CHUNK_TOKENS, rows)
 
 
 @dataclass(frozen=True)
@@ -54,73 +74,108 @@ class VocabTerms:
     proposal_temperature: float = 1.0
 
 
+# exp((z - m) / T) is taken from exp(z - m) as a power (a square root at T = 2), which saves two passes over
+# the [c, V] buffer. It is exact up to rounding wherever exp(z - m) is a normal fp32 number. Below that
+# (z - m < ln(fp32 tiny) = -87.3) the exponential is flushed toward 0 and so is its power; the true total of
+# those elements at T is below V exp(-87.3 / T), which is negligible against the sum (>= 1) while it stays
+# under 2^-26. For V = 262,144 that holds up to T = 2.9; a higher T takes the direct exp((z - m) / T).
+_LOG_FP32_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def _power_is_exact(temperature: float, vocab: int) -> bool:
+    return math.log(vocab) + _LOG_FP32_TINY / temperature <= -26 * math.log(2)
+
+
 def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Tensor, a: int, b: int, grad: bool
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rows a..b: (weighted sum, CE sum, divergence sum) as fp32 scalars (an unused term is 0) and, with
     `grad`, d(weighted sum)/d(raw logits) [c, V] in fp32.
 
-    The vocabulary-wide work is done by hand on at most three [c, V] buffers: the logits, exp(z - max)
-    turned into softmax(z) for CE, exp((z - max) / T) turned into softmax(z / T) for the divergence. The
-    divergence itself (every registered one, either tail mode) runs through autograd on [c, k] only: it
-    depends on the student only through its logits at the top-k ids and lse_T = logsumexp(z / T), so
-        dL/dz = alpha (softmax(z) - onehot(y)) + g_lse softmax(z / T) / T + scatter(top-k ids, g_in).
+    The vocabulary-wide work is exactly one softmax normaliser per temperature, done by hand in place on
+    at most two [c, V] fp32 buffers: the logits' buffer becomes e = exp(z - max) (CE's normaliser, and
+    the divergence's at T = 1), a second one e_T = exp((z - max) / T) at any other T. The divergence
+    itself (every registered one, either tail mode) runs through autograd on [c, k] only: it depends on
+    the student only through its logits at the top-k ids and lse_T = logsumexp(z / T), so
+        dL/dz = alpha (softmax(z) - onehot(y)) + g_lse softmax(z / T) / T + scatter(top-k ids, g_in),
+    written into e's buffer in one or two passes.
     """
-    z_raw = F.linear(h, weight)  # [c, V]
-    z = z_raw.float()
+    z = F.linear(h, weight).float()  # [c, V]: this chunk's own buffer (the matmul's output, or its upcast)
     squash = None
     if head.scale is not None:
-        z = z * head.scale
+        z.mul_(head.scale)
     if head.softcap is not None:
-        squash = torch.tanh(z / head.softcap)
-        z = squash * head.softcap
+        squash = z.div(head.softcap).tanh_()
+        torch.mul(squash, head.softcap, out=z)
+    T = float(terms.temperature)
+    ce_on, kd_on = terms.targets is not None, terms.topk_ids is not None
+    needs_lse = kd_on and (terms.sample_counts is not None or GATHERED_NEEDS_LSE[terms.tail])
     zero = z.new_zeros(())
     ce = div = zero
+    # everything read from the logits themselves, before their buffer turns into exponentials
     m = z.amax(dim=-1, keepdim=True)  # [c, 1]
-    grad_z = None
-    if terms.targets is not None:
-        y = terms.targets[a:b, None]  # [c, 1]
-        e = torch.sub(z, m).exp_()  # [c, V]
+    y = terms.targets[a:b, None] if ce_on else None  # [c, 1]
+    z_y = z.gather(-1, y) if ce_on else None
+    ids = terms.topk_ids[a:b] if kd_on else None
+    z_in = z.gather(-1, ids) if kd_on else None  # [c, k]
+    e_t = None
+    if needs_lse and T != 1.0 and not _power_is_exact(T, z.shape[-1]):
+        e_t = torch.sub(z, m).div_(T).exp_()
+    e = s = None
+    if ce_on or (needs_lse and e_t is None):
+        e = z.sub_(m).exp_()  # in z's buffer
         s = e.sum(dim=-1, keepdim=True)
-        ce = (m + s.log() - z.gather(-1, y)).sum()
-        if grad and terms.alpha:
-            grad_z = e.div_(s).mul_(terms.alpha)  # alpha softmax(z), in e's buffer
-            grad_z.scatter_add_(-1, y, torch.full_like(y, -terms.alpha, dtype=grad_z.dtype))
-        del e
-    if terms.topk_ids is not None:
-        T = float(terms.temperature)
-        ids = terms.topk_ids[a:b]
-        needs_lse = terms.sample_counts is not None or GATHERED_NEEDS_LSE[terms.tail]
-        lse_t = e_t = s_t = None
-        if needs_lse:
-            e_t = torch.sub(z, m).mul_(1.0 / T).exp_()  # [c, V]
-            s_t = e_t.sum(dim=-1, keepdim=True)
-            lse_t = (m / T + s_t.log()).squeeze(-1)  # [c]
+    if ce_on:
+        ce = (m + s.log() - z_y).sum()
+    lse_t = s_t = None
+    if needs_lse:
+        if e_t is None:
+            e_t = e if T == 1.0 else (e.sqrt() if T == 2.0 else e.pow(1.0 / T))
+        s_t = s if e_t is e else e_t.sum(dim=-1, keepdim=True)
+        lse_t = (m / T + s_t.log()).squeeze(-1)  # [c]
+    grads = None
+    if kd_on:
         coef = terms.beta * T * T
         want = grad and coef > 0
         with torch.enable_grad():
-            z_in = z.gather(-1, ids).detach().requires_grad_(want)  # [c, k]
+            z_leaf = z_in.detach().requires_grad_(want)
             lse_leaf = lse_t.detach().requires_grad_(want) if needs_lse else None
-            pair = _teacher_pair(terms, z_in, lse_leaf, a, b)
+            pair = _teacher_pair(terms, z_leaf, lse_leaf, a, b)
             div = LOGIT_LOSSES.get(terms.divergence).fn(pair, terms.args or {}).sum()
             if want:
-                leaves = [z_in] + ([lse_leaf] if needs_lse else [])
-                grads = torch.autograd.grad(div * coef, leaves)
+                grads = torch.autograd.grad(div * coef, [z_leaf] + ([lse_leaf] if needs_lse else []))
         div = div.detach()
-        if want:
-            if needs_lse:
-                part = e_t.div_(s_t).mul_(grads[1].unsqueeze(-1) / T)  # g_lse softmax(z / T) / T
-                grad_z = part if grad_z is None else grad_z.add_(part)
-            if grad_z is None:
-                grad_z = torch.zeros_like(z)
-            grad_z.scatter_add_(-1, ids, grads[0])
-        del e_t
-    if grad and grad_z is not None:
+    grad_z = _logit_grad(terms, z, e, s, e_t, s_t, y, ids, grads, T) if grad else None
+    if grad_z is not None:
         if squash is not None:  # z = cap tanh(u / cap): dz/du = 1 - tanh^2
             grad_z.mul_(squash.square_().neg_().add_(1.0))
         if head.scale is not None:
             grad_z.mul_(head.scale)
-    total = terms.alpha * ce + terms.beta * float(terms.temperature) ** 2 * div
+    total = terms.alpha * ce + terms.beta * T**2 * div
     return total, ce, div, grad_z
+
+
+def _logit_grad(terms: VocabTerms, z, e, s, e_t, s_t, y, ids, grads, T: float) -> torch.Tensor | None:
+    """alpha (e / s - onehot(y)) + g_lse e_t / (T s_t) + scatter(ids, g_in), built in the buffers `_chunk`
+    leaves (z's buffer, which may hold e; e_t's): one pass for the softmax terms at T = 1, two at other T.
+    None when no term has a gradient."""
+    ce_grad = terms.targets is not None and terms.alpha != 0
+    lse_grad = grads is not None and len(grads) > 1
+    grad_z = None
+    if ce_grad:
+        col = terms.alpha / s  # [c, 1]
+        if lse_grad and e_t is e:
+            col = col + grads[1].unsqueeze(-1) / (T * s_t)
+            lse_grad = False
+        grad_z = e.mul_(col)
+        grad_z.scatter_add_(-1, y, torch.full_like(y, -terms.alpha, dtype=grad_z.dtype))
+    if lse_grad:
+        col = grads[1].unsqueeze(-1) / (T * s_t)
+        grad_z = e_t.mul_(col) if grad_z is None else grad_z.addcmul_(e_t, col)
+    if grads is not None:
+        if grad_z is None:
+            grad_z = z.zero_()
+        grad_z.scatter_add_(-1, ids, grads[0])
+    return grad_z
 
 
 def _teacher_pair(terms: VocabTerms, z_in: torch.Tensor, lse_leaf: torch.Tensor | None, a: int, b: int):
@@ -170,7 +225,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
-def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, chunk: int = DEFAULT_CHUNK_TOKENS
+def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, chunk: int = CPU_CHUNK_TOKENS
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(alpha * CE + beta * T^2 * divergence, {"loss_ce", "loss_kl"}) as means over the M rows of `hidden`
     [M, d] (the valid next-token positions), computed `chunk` rows at a time. Differentiable in `hidden`
@@ -195,6 +250,27 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
     if terms.topk_ids is not None:
         named["loss_kl"] = parts[1] * terms.temperature**2
     return loss, named
+
+
+def dense_vocab_loss(logits: torch.Tensor, terms: VocabTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The dense reference of `chunked_head_loss`: the same terms and result from the full logits [M, V] of
+    the same M rows (the model's own head, its final-logit transform included), through the dense losses."""
+    every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    named: dict[str, torch.Tensor] = {}
+    total = logits.new_zeros((), dtype=torch.float32)
+    if terms.targets is not None:
+        named["loss_ce"] = cross_entropy(logits, terms.targets, every)
+        total = total + terms.alpha * named["loss_ce"]
+    if terms.topk_ids is not None and terms.sample_counts is not None:
+        named["loss_kl"] = sampled_logits_loss(
+            terms.divergence, logits, terms.topk_ids, terms.topk_logits, terms.sample_counts, terms.lse,
+            terms.lse_proposal, every, terms.temperature, terms.proposal_temperature, args=terms.args)
+    elif terms.topk_ids is not None:
+        named["loss_kl"] = logits_loss(terms.divergence, logits, terms.topk_ids, terms.topk_logits, terms.lse, every,
+                                       terms.temperature, tail=terms.tail, args=terms.args)
+    if "loss_kl" in named:
+        total = total + terms.beta * named["loss_kl"]
+    return total, named
 
 
 def chunk_support(model) -> str:

@@ -30,7 +30,7 @@ class LossSpec:
     tail: str = "bucket"
     hidden: str = "cosine"
     dynamics: str = "fdd"
-    chunk_tokens: int = 512  # 0 = dense vocabulary losses (pipeline/losses/chunked.py)
+    chunk_tokens: int | str = "auto"  # rows per chunk, auto (by device) or 0 = dense (pipeline/losses/chunked.py)
     # auto | topk | sampled (pipeline/losses/sampled.py); the recipe resolves auto from the cache, and
     # the proposal temperature of sampled targets from its manifest
     logits_source: str = "auto"

@@ -22,19 +22,19 @@ import os
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import PipelineError
 from pipeline.head import final_hidden, head_spec
-from pipeline.losses.chunked import VocabTerms, chunked_head_loss
+from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
-from pipeline.losses.logits import cross_entropy, logits_loss
-from pipeline.losses.sampled import sampled_logits_loss
 from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
 from pipeline.teacher.capture import decoder_layers
 from pipeline.train.dataset import ChunkShuffleSampler, hidden_key
+from pipeline.train.trainer_adapter import TrainerAdapter
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
 
@@ -49,7 +49,36 @@ def masks(input_ids: torch.Tensor, length: torch.Tensor | None) -> tuple[torch.T
     return pos < length, pos < length - 1
 
 
-class UniversalDistillationTrainer(Trainer):
+# the batch keys (pipeline/train/dataset.py) of each kind of teacher target, by VocabTerms field
+TARGET_KEYS = {
+    "topk": {"topk_ids": "topk_ids", "topk_logits": "topk_logits", "lse": "lse"},
+    "sampled": {"topk_ids": "sample_ids", "topk_logits": "sample_logits", "sample_counts": "sample_counts",
+                "lse": "lse", "lse_proposal": "lse_proposal"},
+}
+
+
+def vocab_terms(spec: LossSpec, inputs: dict, rows: torch.Tensor, want_ce: bool) -> VocabTerms:
+    """The vocabulary terms of a batch at its valid next-token positions `rows` [M] (flat indices into
+    [B * T]): CE's targets (token t + 1; None unless `want_ce`) and, with beta > 0, the teacher targets of
+    the loss's source, each [B, T, ...] batch tensor flattened to [M, ...]."""
+    ids = inputs["input_ids"]
+    targets = torch.roll(ids, -1, dims=1).reshape(-1).index_select(0, rows) if want_ce else None
+    terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets)
+    if spec.beta <= 0:
+        return terms
+    source = "sampled" if spec.logits_source == "sampled" else "topk"  # auto (unresolved) reads top-k
+    flat = {field: inputs[key].reshape(ids.numel(), -1).index_select(0, rows)
+            for field, key in TARGET_KEYS[source].items()}
+    for field in ("lse", "lse_proposal"):
+        if field in flat:
+            flat[field] = flat[field].squeeze(-1)  # [M]
+    flat["topk_ids"] = flat["topk_ids"].long()
+    return dataclasses.replace(terms, divergence=spec.logits, tail=spec.tail, args=spec.logits_args,
+                               temperature=spec.temperature, proposal_temperature=spec.proposal_temperature or 1.0,
+                               **flat)
+
+
+class UniversalDistillationTrainer(TrainerAdapter):
     def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
                  projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,9 +89,6 @@ class UniversalDistillationTrainer(Trainer):
         self.layer_map = dict(sorted(layer_map.items()))
         self.loss_spec = loss.checked()
         self.projector_lr_multiplier = float(projector_lr_multiplier)
-        # our loss is a per-batch mean: let the Trainer divide it by the accumulation steps
-        self.loss_is_scaled_for_ga = False
-        self.model_accepts_loss_kwargs = False
         self._student_hidden: dict[int, torch.Tensor] = {}
         self._hooks = []
         if self.loss_spec.needs_states:  # the hidden and the dynamics terms both read the mapped block outputs
@@ -78,11 +104,14 @@ class UniversalDistillationTrainer(Trainer):
             missing = sorted(set(self.layer_map.values()) - set(self.hidden_norms))
             if missing:
                 raise PipelineError(f"loss.hidden nmse needs the teacher's mean square of layers {missing}")
-        self.add_callback(_ZeroProjectorGrads(self))
+        self.add_callback(_ProjectorSteps(self))
         # the chunked vocabulary loss (loss.chunk_tokens > 0; run_train has checked that the head is one we
         # reproduce): the student's forward stops at the final hidden states, captured here
         self._final_hidden: torch.Tensor | None = None
+        self._chunk = 0
         if self.loss_spec.chunk_tokens:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device)
             self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
 
     def _keep_final_hidden(self, module, args, output):
@@ -106,60 +135,18 @@ class UniversalDistillationTrainer(Trainer):
         attention = tok_mask.long() if length is not None else None
         self._student_hidden = {}
         B, T = ids.shape
-        nm = next_mask.reshape(-1)  # [N]
-        targets = torch.roll(ids, -1, dims=1).reshape(-1)  # [N] token t+1 (last column masked out)
+        rows = next_mask.reshape(-1).nonzero(as_tuple=True)[0]  # [M] valid next-token positions
         # CE is logged at evaluation always, in training only when it is part of the loss
-        want_ce = spec.alpha > 0 or not model.training
-        parts: dict[str, torch.Tensor] = {}
-        if spec.chunk_tokens:
+        terms = vocab_terms(spec, inputs, rows, want_ce=spec.alpha > 0 or not model.training)
+        if self._chunk:  # the forward stops at the final hidden states; the head runs chunk by chunk
             self._final_hidden = None
             model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
-            rows = nm.nonzero(as_tuple=True)[0]  # [M] valid next-token positions
             h = self._final_hidden.reshape(B * T, -1).index_select(0, rows)  # [M, d]
             self._final_hidden = None
-            terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets[rows] if want_ce else None)
-            if spec.beta > 0 and spec.logits_source == "sampled":  # ids and logits of the draws, their counts
-                k = inputs["sample_ids"].shape[-1]
-                terms = dataclasses.replace(
-                    terms, divergence=spec.logits, args=spec.logits_args, temperature=spec.temperature,
-                    topk_ids=inputs["sample_ids"].reshape(-1, k).index_select(0, rows).long(),
-                    topk_logits=inputs["sample_logits"].reshape(-1, k).index_select(0, rows),
-                    sample_counts=inputs["sample_counts"].reshape(-1, k).index_select(0, rows),
-                    lse=inputs["lse"].reshape(-1).index_select(0, rows),
-                    lse_proposal=inputs["lse_proposal"].reshape(-1).index_select(0, rows),
-                    proposal_temperature=spec.proposal_temperature)
-            elif spec.beta > 0:
-                k = inputs["topk_ids"].shape[-1]
-                terms = dataclasses.replace(
-                    terms, divergence=spec.logits, tail=spec.tail, args=spec.logits_args, temperature=spec.temperature,
-                    topk_ids=inputs["topk_ids"].reshape(-1, k).index_select(0, rows).long(),
-                    topk_logits=inputs["topk_logits"].reshape(-1, k).index_select(0, rows),
-                    lse=inputs["lse"].reshape(-1).index_select(0, rows))
-            head, _ = head_spec(self.model)
-            total, vocab_parts = chunked_head_loss(h, head, terms, spec.chunk_tokens)
-            parts.update(vocab_parts)
-        else:  # the dense reference: the full [N, V] logits
-            out = model(input_ids=ids, attention_mask=attention, use_cache=False)
-            logits = out.logits.reshape(B * T, -1)  # [N, V]
-            total = torch.zeros((), device=ids.device)
-            if want_ce:
-                parts["loss_ce"] = cross_entropy(logits, targets, nm)
-                total = spec.alpha * parts["loss_ce"]
-            if spec.beta > 0 and spec.logits_source == "sampled":
-                k = inputs["sample_ids"].shape[-1]
-                parts["loss_kl"] = sampled_logits_loss(
-                    spec.logits, logits, *(inputs[key].reshape(-1, k) for key in ("sample_ids", "sample_logits", "sample_counts")),
-                    inputs["lse"].reshape(-1), inputs["lse_proposal"].reshape(-1), nm, spec.temperature,
-                    spec.proposal_temperature, args=spec.logits_args,
-                )
-                total = total + spec.beta * parts["loss_kl"]
-            elif spec.beta > 0:
-                k = inputs["topk_ids"].shape[-1]
-                parts["loss_kl"] = logits_loss(
-                    spec.logits, logits, inputs["topk_ids"].reshape(-1, k), inputs["topk_logits"].reshape(-1, k),
-                    inputs["lse"].reshape(-1), nm, spec.temperature, tail=spec.tail, args=spec.logits_args,
-                )
-                total = total + spec.beta * parts["loss_kl"]
+            total, parts = chunked_head_loss(h, head_spec(self.model)[0], terms, self._chunk)
+        else:  # the dense reference: the model's full [N, V] logits
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            total, parts = dense_vocab_loss(logits.reshape(B * T, -1).index_select(0, rows), terms)
         if spec.needs_states:
             tm = tok_mask.reshape(-1)  # [N] valid tokens: the positions of both the hidden and the dynamics loss
             students, teachers = [], []  # per mapped block j, increasing: P_j(h_j) [N, d_t], H_t(j) [N, d_t]
@@ -208,12 +195,16 @@ class UniversalDistillationTrainer(Trainer):
                                                                                  device=loss.device)
         return loss.detach(), None, None
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._metric_prefix = metric_key_prefix  # the names evaluation_loop gives its extra metrics
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def evaluation_loop(self, *args, **kwargs):
         """The Trainer's loop, plus held-out means of every loss component (`eval_loss_ce`, ...) and the
         held-out cosine per mapped student block (`eval_cos_L<j>`, over all valid tokens)."""
         self._eval_sums = {}
         output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        prefix = getattr(self, "_metric_prefix", "eval")
         sums, self._eval_sums = self._eval_sums, {}
         if sums:
             keys = sorted(sums)
@@ -241,12 +232,9 @@ class UniversalDistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ data
-    def _get_train_sampler(self, train_dataset=None):
-        ds = train_dataset if train_dataset is not None else self.train_dataset
-        groups = getattr(ds, "groups", None)
-        if groups is None:
-            return super()._get_train_sampler(train_dataset)
-        return ChunkShuffleSampler(groups, seed=self.args.seed, window=SHUFFLE_WINDOW)
+    def train_sampler(self, dataset):
+        groups = getattr(dataset, "groups", None)  # cache chunks: shuffled whole, rows within a small window
+        return None if groups is None else ChunkShuffleSampler(groups, seed=self.args.seed, window=SHUFFLE_WINDOW)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -277,19 +265,12 @@ class UniversalDistillationTrainer(Trainer):
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
 
-    def _parameters(self, model):
-        return [*model.parameters(), *self.projectors.parameters()]
-
-    def _clip_grad_norm(self, model):
-        """One global norm over the student and the projectors, clipped together; returns the pre-clip norm."""
+    def before_grad_norm(self) -> None:
         self._sync_projector_grads()
-        return self.accelerator.clip_grad_norm_(self._parameters(model), self.args.max_grad_norm)
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None:  # max_grad_norm 0: the norm is still logged, over the same parameters
-            self._sync_projector_grads()
-            grad_norm = self.accelerator.clip_grad_norm_(self._parameters(model), float("inf"))
-        return grad_norm
+    def clipped_parameters(self, model):
+        """The student's and the projectors' parameters: one global norm, clipped together."""
+        return [*model.parameters(), *self.projectors.parameters()]
 
     def _zero_projector_grads(self) -> None:
         self.projectors.zero_grad(set_to_none=True)
@@ -302,14 +283,14 @@ class UniversalDistillationTrainer(Trainer):
             save_projectors(self.projectors, output_dir or self.args.output_dir,
                             {"global_step": self.state.global_step})
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._restore_projectors(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        """load_best_model_at_end: the best checkpoint's student (the Trainer) and its projectors (here)."""
-        super()._load_best_model()
-        self._restore_projectors(self.state.best_model_checkpoint)
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """The Trainer's train(); a resumed run first restores the checkpoint's projectors (the Trainer
+        restores the student, the optimizer, which holds the projectors' group, and the data position)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._restore_projectors(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _restore_projectors(self, checkpoint: str) -> None:
         if not os.path.isfile(os.path.join(checkpoint, INDEX_FILE)):
@@ -331,13 +312,20 @@ class UniversalDistillationTrainer(Trainer):
         self._hooks = []
 
 
-class _ZeroProjectorGrads(TrainerCallback):
-    """The Trainer zeroes the student's gradients after every optimizer step, taken or skipped (fp16 loss
-    scaling skips a step on inf/nan); the projectors' are zeroed at the same moment, so none survive into
-    the next step."""
+class _ProjectorSteps(TrainerCallback):
+    """The projectors' share of the Trainer's step events.
+
+    After every optimizer step, taken or skipped (fp16 loss scaling skips a step on inf/nan), the Trainer
+    zeroes the student's gradients; the projectors' are zeroed at the same moment, so none survive into the
+    next step. At the end of training with load_best_model_at_end, the Trainer has loaded the best
+    checkpoint's student; its projectors are restored here."""
 
     def __init__(self, trainer: UniversalDistillationTrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._zero_projector_grads()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self.trainer._restore_projectors(state.best_model_checkpoint)

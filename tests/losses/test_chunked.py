@@ -17,7 +17,7 @@ ARGS = {"kl": {}, "reverse_kl": {}, "skew_kl": {"lambda": 0.3}, "skew_reverse_kl
         "gjsd": {"beta": 0.2}}
 
 
-def _case(seed: int = 0):
+def _case(seed: int = 0, T: float = T):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(M, D, generator=g)
     w = torch.randn(V, D, generator=g) * 0.5
@@ -48,7 +48,7 @@ def _reference_divergence(name: str, p: torch.Tensor, q: torch.Tensor, args: dic
     return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
 
 
-def _reference(h, w, targets, ids, tl, lse, name, tail, alpha, beta, transform=None):
+def _reference(h, w, targets, ids, tl, lse, name, tail, alpha, beta, transform=None, T=T):
     """fp64, dense [M, V], written from the definitions: alpha * CE + beta * T^2 * divergence, row means."""
     z = h @ w.T
     if transform is not None:
@@ -114,6 +114,34 @@ def test_matches_dense_fp64(name, tail):
     assert got[2].abs().max() > 0 and got[3].abs().max() > 0
 
 
+# the softmax at T from exp(z - max): shared at T = 1, a square root at 2, a power at 3.5 (exact for V = 300 up to
+# T = 3.79), the direct exp((z - max) / T) at 10; with and without CE (whose buffer the T = 1 path shares)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5, 10.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_every_softmax_path_matches_dense_fp64(temperature, alpha):
+    from pipeline.losses.chunked import _power_is_exact
+
+    assert _power_is_exact(3.5, V) and not _power_is_exact(10.0, V)
+    h, w, targets, ids, tl, lse = _case(2, temperature)
+    terms = VocabTerms(alpha=alpha, beta=0.7, targets=targets if alpha else None, divergence="kl", tail="bucket",
+                       temperature=temperature, topk_ids=ids, topk_logits=tl, lse=lse)
+
+    def chunked(hh, ww):
+        loss, parts = chunked_head_loss(hh, HeadSpec(ww), terms, chunk=4)
+        return loss, parts["loss_kl"]
+
+    def reference(hh, ww):
+        loss, _, kl = _reference(hh, ww, targets, ids, tl, lse, "kl", "bucket", alpha, 0.7, T=temperature)
+        return loss, kl
+
+    got = _grads(chunked, h, w)
+    ref = _grads(reference, h.double(), w.double())
+    for g, r in zip([got[0], *got[1]], [ref[0], *ref[1]]):
+        _close(g, r, VALUE_REL)
+    _close(got[2], ref[2], GRAD_REL)
+    _close(got[3], ref[3], GRAD_REL)
+
+
 @pytest.mark.parametrize("transform", ["softcap", "scale"])
 def test_final_logit_transforms(transform):
     h, w, targets, ids, tl, lse = _case(1)
@@ -171,3 +199,69 @@ def test_bad_chunk():
     h, w, targets, *_ = _case(5)
     with pytest.raises(ValueError, match="chunk"):
         chunked_head_loss(h, HeadSpec(w), VocabTerms(alpha=1.0, beta=0.0, targets=targets), chunk=0)
+
+
+# ---- bf16 mixed precision (training.bf16: the head matmuls under torch.autocast) ----------------------------
+
+BF16_U, FP32_U = 2.0**-8, 2.0**-24  # unit roundoffs (8 and 24 significand bits)
+BF16_CHUNK = 4
+
+
+def _autocast_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The bf16 logits autocast gives the chunked loss (the same matmul on the same chunks), as fp64."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = [torch.nn.functional.linear(h[a:a + BF16_CHUNK], w) for a in range(0, h.shape[0], BF16_CHUNK)]
+    assert z[0].dtype == torch.bfloat16
+    return torch.cat(z).double()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_bf16_autocast_rounds_only_the_head_matmul(name, tail):
+    """Under bf16 autocast the head matmuls run in bf16 and everything over the vocabulary stays fp32. So the
+    loss equals the fp64 loss of autocast's own bf16 logits within fp32 rounding (VALUE_REL); computing the
+    softmax work in bf16 would be ~2^16 times off. The gradient with respect to the hidden states is one more
+    bf16 matmul (d loss / d logits rounded to bf16, W rounded to bf16, V products summed in fp32, the result
+    rounded to bf16): within (2u + u^2 + V 2^-24) |G| |W| + u |grad| elementwise of the fp64 one. And the
+    loss does differ from the fp64 loss of the exact logits by more than fp32 rounding: bf16 really ran."""
+    h, w, targets, ids, tl, lse = _case(6)
+    alpha, beta = 0.3, 0.7
+    terms = VocabTerms(alpha=alpha, beta=beta, targets=targets, divergence=name, tail=tail, args=ARGS[name],
+                       temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    hh = h.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_head_loss(hh, HeadSpec(w.clone().requires_grad_(True)), terms, chunk=BF16_CHUNK)
+    loss.backward()
+    z = _autocast_logits(h, w).requires_grad_(True)
+    ref = _reference(h.double(), w.double(), targets, ids, tl, lse, name, tail, alpha, beta, transform=lambda _: z)[0]
+    (g,) = torch.autograd.grad(ref, z)  # [M, V]
+    _close(loss.detach(), ref.detach(), VALUE_REL)
+    w64 = w.double()
+    bound = (2 * BF16_U + BF16_U**2 + V * FP32_U) * (g.abs() @ w64.abs()) + BF16_U * (g @ w64).abs()
+    err = (hh.grad.double() - g @ w64).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    exact = _reference(h.double(), w64, targets, ids, tl, lse, name, tail, alpha, beta)[0]
+    assert abs(float(loss.detach()) - float(exact)) > VALUE_REL * abs(float(exact))
+
+
+def test_chunk_rows_by_device():
+    from pipeline.losses.chunked import CPU_CHUNK_TOKENS, chunk_rows
+
+    assert chunk_rows(64, 262144, "cpu") == 64 and chunk_rows(0, 262144, "cuda") == 0  # a number is kept
+    assert chunk_rows("auto", 262144, "cpu") == CPU_CHUNK_TOKENS == 512
+    gib = 2**30
+    # one [rows, V] fp32 buffer = 1/64 of the device's memory, in multiples of 128 rows, never under 512
+    assert chunk_rows("auto", 262144, "cuda", total_memory=80 * gib) == 1280  # 80 GiB / 64 / (4 x 262,144)
+    assert chunk_rows("auto", 49152, "cuda", total_memory=80 * gib) == 6784  # 6,826 rounded down to 128s
+    assert chunk_rows("auto", 262144, "cuda", total_memory=16 * gib) == 512
+
+
+def test_chunk_tokens_setting():
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    assert load_config(None).loss.chunk_tokens == "auto"
+    assert load_config(None, ["loss.chunk_tokens=256"]).loss.chunk_tokens == 256
+    for bad in ("loss.chunk_tokens=-1", "loss.chunk_tokens=big"):
+        with pytest.raises(PipelineError, match="loss.chunk_tokens"):
+            load_config(None, [bad])

@@ -1,0 +1,48 @@
+"""The Trainer's private seams sit in one module, tested against the installed transformers, whose range
+pyproject.toml pins."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import transformers
+from packaging.version import Version
+from transformers import Trainer
+
+from pipeline.train import trainer as trainer_module
+from pipeline.train.trainer_adapter import SEAMS, TESTED_TRANSFORMERS, TrainerAdapter, check_trainer_seams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_installed_trainer_has_every_seam():
+    assert check_trainer_seams() == []
+    lo, hi = map(Version, TESTED_TRANSFORMERS)
+    assert lo <= Version(transformers.__version__) < hi
+
+
+def test_a_moved_seam_is_reported():
+    class Moved(Trainer):
+        def _get_grad_norm(self, model):  # a parameter gone
+            return None
+
+    Moved._clip_grad_norm = None  # a method gone
+    problems = check_trainer_seams(Moved)
+    assert any("_clip_grad_norm is gone" in p for p in problems)
+    assert any("_get_grad_norm" in p and "grad_norm" in p for p in problems)
+
+
+def test_pyproject_pins_the_tested_range():
+    text = (ROOT / "pyproject.toml").read_text()
+    (spec,) = re.findall(r'"transformers([^"]*)"', text)
+    lo, hi = TESTED_TRANSFORMERS
+    assert spec == f">={lo},<{hi}"
+
+
+def test_only_the_adapter_overrides_private_trainer_methods():
+    """The distillation trainer itself overrides no private Trainer method (hooks and public ones only)."""
+    cls = trainer_module.UniversalDistillationTrainer
+    private = {name for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
+    assert not private & {name for name in dir(Trainer) if name.startswith("_") and not name.startswith("__")}
+    assert set(SEAMS) <= set(vars(TrainerAdapter))
