@@ -42,8 +42,9 @@ def fdd_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -
 
 
 def dynamics_loss(name: str, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                  mask: torch.Tensor) -> torch.Tensor:
-    """Loss `name` over L mapped blocks in increasing order: student and teacher L x [N, d], mask [N] bool.
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss `name` over L mapped blocks in increasing order: student and teacher L x [N, d], mask [N] bool
+    (None: every row, selected by the caller; no search for the rows, so no host sync on a GPU).
 
     Masked-out rows are never read into the computation; an all-False mask gives 0 (attached to the graph).
     Fewer than MIN_LAYERS blocks -> PipelineError (there is no pair to compare).
@@ -56,11 +57,13 @@ def dynamics_loss(name: str, student: Sequence[torch.Tensor], teacher: Sequence[
     for s, t in zip(student, teacher):
         if s.dim() != 2 or s.shape != t.shape or s.shape != student[0].shape:
             raise ValueError(f"every block must be [N, d] on both sides, got {tuple(s.shape)} and {tuple(t.shape)}")
-    if mask.shape != student[0].shape[:1]:
-        raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student[0].shape[0]}]")
-    rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    s = [x.index_select(0, rows).float() for x in student]  # L x [M, d]
-    if rows.numel() == 0:
+    if mask is not None:
+        if mask.shape != student[0].shape[:1]:
+            raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student[0].shape[0]}]")
+        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+        student = [x.index_select(0, rows) for x in student]
+        teacher = [x.index_select(0, rows) for x in teacher]
+    s = [x.float() for x in student]  # L x [M, d]
+    if s[0].shape[0] == 0:
         return sum(x.sum() for x in s)
-    t = [x.index_select(0, rows).float() for x in teacher]  # L x [M, d]
-    return loss(s, t)
+    return loss(s, [x.float() for x in teacher])

@@ -48,9 +48,10 @@ def nmse_loss(student: torch.Tensor, teacher: torch.Tensor, norm: float | None =
     return mse_loss(student, teacher) / norm
 
 
-def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
                 norm: float | None = None) -> torch.Tensor:
     """Loss `name` between student [N, d] and teacher [N, d] over rows where mask [N] is True (fp32 scalar);
+    mask None: every row (the caller selected them; no search for the rows, so no host sync on a GPU).
     `norm` is the layer's normaliser for the losses in NEEDS_NORM.
 
     Masked-out rows are never read into the computation; an all-False mask gives 0 (attached to the graph).
@@ -58,11 +59,9 @@ def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: t
     loss = HIDDEN_LOSSES.get(name)
     if student.dim() != 2 or student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be [N, d]")
+    if mask is None:
+        return loss(student.float(), teacher.float(), norm) if student.shape[0] else student.float().sum()
     if mask.shape != student.shape[:1]:
         raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student.shape[0]}]")
     rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    s = student.index_select(0, rows).float()  # [M, d]
-    if rows.numel() == 0:
-        return s.sum()
-    t = teacher.index_select(0, rows).float()  # [M, d]
-    return loss(s, t, norm)
+    return hidden_loss(name, student.index_select(0, rows), teacher.index_select(0, rows), None, norm)

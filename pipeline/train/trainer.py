@@ -39,14 +39,22 @@ from pipeline.train.trainer_adapter import TrainerAdapter
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
 
 
-def masks(input_ids: torch.Tensor, length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid tokens [B, T], valid next-token positions [B, T]) as bool."""
+def positions(input_ids: torch.Tensor, length: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(attention mask [B, T] long, valid token rows [N'], valid next-token rows [M]) of a batch, rows as
+    flat indices into [B * T]. Unpadded (no `length`): no attention mask, None for the token rows (every
+    one is valid), and the next-token rows are built rather than searched for, so a step on a GPU does
+    not wait for the device here."""
     B, T = input_ids.shape
-    pos = torch.arange(T, device=input_ids.device)[None, :].expand(B, T)
+    device = input_ids.device
     if length is None:
-        return torch.ones_like(pos, dtype=torch.bool), pos < T - 1
-    length = length.to(input_ids.device)[:, None]
-    return pos < length, pos < length - 1
+        starts = torch.arange(B, device=device)[:, None] * T
+        return None, None, (starts + torch.arange(T - 1, device=device)[None, :]).reshape(-1)
+    pos = torch.arange(T, device=device)[None, :]
+    length = length.to(device)[:, None]
+    valid = pos < length  # [B, T]
+    rows = lambda m: m.reshape(-1).nonzero(as_tuple=True)[0]  # noqa: E731
+    return valid.long(), rows(valid), rows(pos < length - 1)
 
 
 # the batch keys (pipeline/train/dataset.py) of each kind of teacher target, by VocabTerms field
@@ -130,12 +138,9 @@ class UniversalDistillationTrainer(TrainerAdapter):
         tokens of cos(P_j(h_j), H_t(j)) under "cos_L<j>" and the valid-token count under "tokens"."""
         spec = self.loss_spec
         ids = inputs["input_ids"]  # [B, T]
-        length = inputs.get("length")
-        tok_mask, next_mask = masks(ids, length)
-        attention = tok_mask.long() if length is not None else None
+        attention, token_rows, rows = positions(ids, inputs.get("length"))
         self._student_hidden = {}
         B, T = ids.shape
-        rows = next_mask.reshape(-1).nonzero(as_tuple=True)[0]  # [M] valid next-token positions
         # CE is logged at evaluation always, in training only when it is part of the loss
         terms = vocab_terms(spec, inputs, rows, want_ce=spec.alpha > 0 or not model.training)
         if self._chunk:  # the forward stops at the final hidden states; the head runs chunk by chunk
@@ -147,29 +152,30 @@ class UniversalDistillationTrainer(TrainerAdapter):
         else:  # the dense reference: the model's full [N, V] logits
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
             total, parts = dense_vocab_loss(logits.reshape(B * T, -1).index_select(0, rows), terms)
-        if spec.needs_states:
-            tm = tok_mask.reshape(-1)  # [N] valid tokens: the positions of both the hidden and the dynamics loss
-            students, teachers = [], []  # per mapped block j, increasing: P_j(h_j) [N, d_t], H_t(j) [N, d_t]
+        if spec.needs_states:  # the hidden and the dynamics loss, over the valid tokens
+            students, teachers = [], []  # per mapped block j, increasing: P_j(h_j) [N', d_t], H_t(j) [N', d_t]
             for j, t in self.layer_map.items():
-                h = self._student_hidden[j]  # [B, T, d_s]
-                students.append(self.projectors[str(j)](h.reshape(B * T, -1).float()))
-                teachers.append(inputs[hidden_key(t)].reshape(B * T, -1))
+                h = self._student_hidden[j].reshape(B * T, -1)  # [N, d_s]
+                teacher = inputs[hidden_key(t)].reshape(B * T, -1)
+                if token_rows is not None:
+                    h, teacher = h.index_select(0, token_rows), teacher.index_select(0, token_rows)
+                students.append(self.projectors[str(j)](h.float()))
+                teachers.append(teacher)
                 if cos_sums is not None:
-                    cos = F.cosine_similarity(students[-1][tm], teachers[-1][tm].float(), dim=-1, eps=COSINE_EPS)  # [M]
+                    cos = F.cosine_similarity(students[-1], teacher.float(), dim=-1, eps=COSINE_EPS)  # [N']
                     cos_sums[f"cos_L{j}"] = cos_sums.get(f"cos_L{j}", 0) + cos.detach().double().sum()
             if cos_sums is not None:
-                cos_sums["tokens"] = cos_sums.get("tokens", 0) + tm.sum().double()
+                cos_sums["tokens"] = cos_sums.get("tokens", 0) + float(students[0].shape[0])
         if spec.gamma > 0:
             per_layer = []
             for j, student, teacher in zip(self.layer_map, students, teachers):
-                t = self.layer_map[j]
-                parts[f"loss_hidden_L{j}"] = value = hidden_loss(spec.hidden, student, teacher, tm,
-                                                                 norm=self.hidden_norms.get(t))
+                parts[f"loss_hidden_L{j}"] = value = hidden_loss(spec.hidden, student, teacher,
+                                                                 norm=self.hidden_norms.get(self.layer_map[j]))
                 per_layer.append(value)
             parts["loss_hidden"] = torch.stack(per_layer).mean()
             total = total + spec.gamma * parts["loss_hidden"]
         if spec.delta > 0:
-            parts["loss_fdd"] = dynamics_loss(spec.dynamics, students, teachers, tm)
+            parts["loss_fdd"] = dynamics_loss(spec.dynamics, students, teachers)
             total = total + spec.delta * parts["loss_fdd"]
         self._student_hidden = {}
         return total, parts
