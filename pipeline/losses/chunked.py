@@ -194,16 +194,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)  # total, ce, divergence
+        # the gradient matmuls run in the forward's matmul dtype: under autocast (training.bf16) d loss / d logits
+        # is cast once per chunk (autocast would cast it once per matmul) and W by autocast's cached cast
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+        w_mm = weight if autocast else weight.to(mm_dtype)
         for a in range(0, hidden.shape[0], chunk):
             b = min(a + chunk, hidden.shape[0])
             h = hidden[a:b]
             total, ce, div, grad_z = _chunk(head, terms, h, weight, a, b, grad=True)
             if grad_z is not None:
-                gz = grad_z.to(h.dtype)
+                gz = grad_z.to(mm_dtype)
                 if need_h:
-                    grad_h[a:b] = gz @ weight.to(h.dtype)
+                    grad_h[a:b] = gz @ w_mm
                 if need_w:
-                    if gz.dtype == torch.float32 and h.dtype == torch.float32 and not torch.is_autocast_enabled():
+                    if mm_dtype == torch.float32 and h.dtype == torch.float32:
                         grad_w.addmm_(gz.t(), h)
                     else:
                         grad_w.add_((gz.t() @ h).float())
