@@ -187,32 +187,41 @@ def _teacher_pair(terms: VocabTerms, z_in: torch.Tensor, lse_leaf: torch.Tensor 
     return gathered_pair(terms.tail, z_in, lse_leaf, terms.topk_logits[a:b], terms.lse[a:b], T)
 
 
+def _matmul_weight(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """(the head matmuls' dtype, W in it): autocast's dtype inside torch.autocast (training.bf16), else the
+    hidden states'. W is cast once per call, not once per chunk and matmul, whether or not autocast caches
+    casts; d loss / d logits is then cast once per chunk for both gradient matmuls."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return dtype, weight.to(dtype)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, head, terms, chunk, rows):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # [V, d] fp32, the first chunk's product (no zero fill), then accumulated in place
         sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)  # total, ce, divergence
-        # the gradient matmuls run in the forward's matmul dtype: under autocast (training.bf16) d loss / d logits
-        # is cast once per chunk (autocast would cast it once per matmul) and W by autocast's cached cast
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        mm_dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-        w_mm = weight if autocast else weight.to(mm_dtype)
+        mm_dtype, w_mm = _matmul_weight(hidden, weight)
         for a in range(0, hidden.shape[0], chunk):
             b = min(a + chunk, hidden.shape[0])
             h = hidden[a:b]
-            total, ce, div, grad_z = _chunk(head, terms, h, weight, a, b, grad=True)
+            total, ce, div, grad_z = _chunk(head, terms, h, w_mm, a, b, grad=True)
             if grad_z is not None:
                 gz = grad_z.to(mm_dtype)
                 if need_h:
                     grad_h[a:b] = gz @ w_mm
                 if need_w:
-                    if mm_dtype == torch.float32 and h.dtype == torch.float32:
+                    if grad_w is None:
+                        grad_w = (gz.t() @ h).float()
+                    elif mm_dtype == torch.float32 and h.dtype == torch.float32:
                         grad_w.addmm_(gz.t(), h)
-                    else:
-                        grad_w.add_((gz.t() @ h).float())
+                    else:  # a bf16 product added into the fp32 sum, without an fp32 copy of it
+                        grad_w.add_(gz.t() @ h)
             sums += torch.stack([total, ce, div]).double()
+        if need_w and grad_w is None:  # no term had a gradient
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.rows, ctx.weight_dtype = rows, weight.dtype
         out = (sums / max(rows, 1)).float()
@@ -243,10 +252,11 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
         loss, parts = _ChunkedHeadLoss.apply(hidden, weight, head, terms, int(chunk), rows)
     else:
         with torch.no_grad():
+            w_mm = _matmul_weight(hidden, weight)[1]
             sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
             for a in range(0, rows, chunk):
                 b = min(a + chunk, rows)
-                sums += torch.stack(_chunk(head, terms, hidden[a:b], weight, a, b, grad=False)[:3]).double()
+                sums += torch.stack(_chunk(head, terms, hidden[a:b], w_mm, a, b, grad=False)[:3]).double()
             out = (sums / max(rows, 1)).float()
             loss, parts = out[0], out[1:]
     named = {}

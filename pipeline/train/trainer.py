@@ -135,7 +135,16 @@ class UniversalDistillationTrainer(TrainerAdapter):
     def distill_loss(self, model, inputs: dict, cos_sums: dict[str, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, its components). With `cos_sums`, also adds per mapped block j the sum over valid
-        tokens of cos(P_j(h_j), H_t(j)) under "cos_L<j>" and the valid-token count under "tokens"."""
+        tokens of cos(P_j(h_j), H_t(j)) under "cos_L<j>" and the valid-token count under "tokens".
+
+        Runs under the run's mixed precision (training.bf16 / fp16): accelerate applies it to the model's
+        forward only, and the head matmuls of the chunked loss and the projectors run outside that forward,
+        where a stock fine-tune runs its head inside it."""
+        with self.accelerator.autocast():
+            return self._distill_loss(model, inputs, cos_sums)
+
+    def _distill_loss(self, model, inputs: dict, cos_sums: dict[str, torch.Tensor] | None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         spec = self.loss_spec
         ids = inputs["input_ids"]  # [B, T]
         attention, token_rows, rows = positions(ids, inputs.get("length"))

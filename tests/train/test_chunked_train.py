@@ -156,3 +156,21 @@ def test_unreproducible_head_trains_dense_with_a_note(tiny, train_overrides, tmp
     err = capsys.readouterr().err
     assert "note: loss.chunk_tokens: head logits differ" in err and "the vocabulary losses take the dense path" in err
     assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_bf16_run_computes_the_head_under_its_autocast(tiny, train_overrides, monkeypatch):
+    """training.bf16: accelerate autocasts the model's forward only; the chunked head (outside it) must run
+    under the same autocast, as a stock fine-tune's head does inside the forward, or its matmuls stay fp32."""
+    import pipeline.train.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.chunked_head_loss
+
+    def spy(*a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_module, "chunked_head_loss", spy)
+    out = tiny["root"] / "bf16"
+    run_train(load_config(None, tiny["overrides"] + train_overrides(out, max_steps=1) + ["training.bf16=true"]))
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
