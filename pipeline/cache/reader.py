@@ -4,7 +4,8 @@
 cached layers does not pay for the other 6); `c.layers` still lists every cached layer.
 
 `dir` is a folder or an fsspec URL (`open_cache(url, storage_options={...})`): Arrow files are memory
-mapped locally and read through a buffered remote file otherwise; Zarr goes through zarr's FsspecStore.
+mapped locally and read through a buffered remote file otherwise; Zarr goes through zarr's FsspecStore
+remotely, while a local cache's hidden chunk files are opened and Blosc-decoded here (`_HiddenArray`).
 
 The only module (with writer.py) that knows where arrays live. Reads go by chunk (one Arrow record
 batch + one Zarr chunk per layer) and keep the last few decoded chunks, so sequential and
@@ -13,6 +14,7 @@ chunk-shuffled access decompress each chunk once.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -67,7 +69,7 @@ class Cache:
         self._starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
         self._chunks: OrderedDict = OrderedDict()
         self._chunk_cache = chunk_cache
-        self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, zarr.Group]] = {}
+        self._files: dict[int, tuple[pa.ipc.RecordBatchFileReader, dict[int, dict[str, _HiddenArray]]]] = {}
         # the id table of the ranks (order[rank] = id), checked against its checksum
         self._order = unpack_order(id_table_bytes(m, self.storage.display(MANIFEST)), int(m["teacher"]["vocab_size"]),
                                    np.dtype(m["id_dtype"]))
@@ -113,8 +115,18 @@ class Cache:
                 options = pa.ipc.IpcReadOptions(included_fields=keep)
             reader = pa.ipc.open_file(source, options=options)
             group = zarr.open_group(store=self.storage.zarr_store(zdir, read_only=True), mode="r", zarr_format=3)
-            self._files[pos] = (reader, group)
+            self._files[pos] = (reader, self._hidden_arrays(group, zdir))
         return self._files[pos]
+
+    def _hidden_arrays(self, group: zarr.Group, zdir: str) -> dict[int, dict[str, "_HiddenArray"]]:
+        """{layer: {suffix: array}} of the decoded layers in one shard's group, looked up once per shard."""
+        names = list(group.array_keys())
+        arrays = {}
+        for layer in self.decoded_layers:
+            base = hidden_array(layer)
+            arrays[layer] = {name[len(base) + 1:] if name != base else "": _HiddenArray(group[name], f"{zdir}/{name}")
+                             for name in names if name == base or name.startswith(base + "_")}
+        return arrays
 
     def read_chunk(self, pos: int, chunk: int) -> dict:
         """Decoded arrays of every sequence of one chunk (leading dim = rows in the chunk); hidden holds
@@ -124,7 +136,7 @@ class Cache:
             self._chunks.move_to_end(key)
             return self._chunks[key]
         m = self.manifest
-        reader, group = self._open(pos)
+        reader, arrays = self._open(pos)
         batch = reader.get_batch(chunk)
         n, t, k = batch.num_rows, self.seq_len, self.topk
 
@@ -154,15 +166,9 @@ class Cache:
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
-        hidden = {}
-        for layer in self.decoded_layers:
-            arrays = {}
-            for name in group.array_keys():
-                base = hidden_array(layer)
-                if name == base or name.startswith(base + "_"):
-                    arrays[name[len(base) + 1:] if name != base else ""] = group[name][r0 : r0 + n]
-            hidden[layer] = self._codec.decode(arrays)
-        out["hidden"] = hidden
+        out["hidden"] = {layer: self._codec.decode({suffix: a.read(self.storage, chunk, r0, n)
+                                                    for suffix, a in arrays[layer].items()})
+                         for layer in self.decoded_layers}
         self._chunks[key] = out
         while len(self._chunks) > self._chunk_cache:
             self._chunks.popitem(last=False)
@@ -234,6 +240,40 @@ class Cache:
             if combine_checksums(record["files"]) != s["checksum"]:
                 bad.append(f"{record_path} (record differs from manifest)")
         return bad
+
+
+class _HiddenArray:
+    """One hidden-state Zarr array of a shard, read chunk by chunk.
+
+    A local array laid out as writer.py writes it (one chunk along the rows per file, bytes then Blosc) is
+    read by opening the chunk file and decoding it with numcodecs' Blosc: the bytes zarr would decode the
+    same way, without its per-read machinery (an event-loop round trip and a metadata walk per call, several
+    times the decompression itself). Any other layout, and remote stores, go through zarr."""
+
+    def __init__(self, array: zarr.Array, path: str):
+        from zarr.codecs import BloscCodec, BytesCodec
+
+        self.array, self.path = array, path
+        codecs = array.metadata.codecs
+        endian = getattr(codecs[0], "endian", None) if codecs else None
+        self.direct = (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+                       and getattr(endian, "value", endian) in (None, sys.byteorder)
+                       and tuple(array.chunks[1:]) == tuple(array.shape[1:]))
+
+    def read(self, storage: Storage, chunk: int, r0: int, n: int) -> np.ndarray:
+        """Rows r0 .. r0 + n (chunk `chunk` of the rows)."""
+        if not (self.direct and storage.local):
+            return self.array[r0 : r0 + n]
+        from numcodecs import blosc
+
+        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
+        try:
+            data = (storage.path / self.path / key).read_bytes()
+        except FileNotFoundError:  # a chunk never written holds the fill value: zarr knows it
+            return self.array[r0 : r0 + n]
+        rows = np.empty(self.array.chunks, dtype=self.array.dtype)
+        blosc.decompress(data, rows)
+        return rows[:n]
 
 
 def open_cache(root: str | Path | Storage, layers: list[int] | None = None, logits: bool = True,
