@@ -86,14 +86,46 @@ def _power_is_exact(temperature: float, vocab: int) -> bool:
     return math.log(vocab) + _LOG_FP32_TINY / temperature <= -26 * math.log(2)
 
 
+# On a CPU, exp((z - max) / T) as a power of e is taken this many columns at a time through one small buffer,
+# never as a second [c, V] one: a fresh buffer of that size costs the kernel's page faults (as much as a pass
+# over it), and a small one stays in cache between its two uses. A GPU's caching allocator has no such cost:
+# there it is one block of the whole vocabulary.
+CPU_COLUMN_BLOCK = 4096
+
+
+class _Power:
+    """exp((z - max) / T) = e^(1 / T) of a chunk's e = exp(z - max), computed column block by column block."""
+
+    def __init__(self, e: torch.Tensor, temperature: float):
+        self.e, self.exponent = e, 1.0 / temperature
+        self.width = CPU_COLUMN_BLOCK if e.device.type == "cpu" else e.shape[-1]
+        self._buf = torch.empty((e.shape[0], min(self.width, e.shape[-1])), dtype=e.dtype, device=e.device)
+
+    def blocks(self):
+        """(e's columns, their power) per block; the power's buffer is reused by the next block."""
+        for j in range(0, self.e.shape[-1], self.width):
+            e_blk = self.e[:, j:j + self.width]
+            out = self._buf[:, :e_blk.shape[-1]]
+            if self.exponent == 0.5:
+                torch.sqrt(e_blk, out=out)
+            else:
+                torch.pow(e_blk, self.exponent, out=out)
+            yield e_blk, out
+
+    def sum(self) -> torch.Tensor:
+        """[c, 1] row sums."""
+        return sum(p.sum(dim=-1, keepdim=True) for _, p in self.blocks())
+
+
 def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Tensor, a: int, b: int, grad: bool
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rows a..b: (weighted sum, CE sum, divergence sum) as fp32 scalars (an unused term is 0) and, with
     `grad`, d(weighted sum)/d(raw logits) [c, V] in fp32.
 
-    The vocabulary-wide work is exactly one softmax normaliser per temperature, done by hand in place on
-    at most two [c, V] fp32 buffers: the logits' buffer becomes e = exp(z - max) (CE's normaliser, and
-    the divergence's at T = 1), a second one e_T = exp((z - max) / T) at any other T. The divergence
+    The vocabulary-wide work is exactly one softmax normaliser per temperature, done by hand in place: the
+    logits' [c, V] fp32 buffer becomes e = exp(z - max) (CE's normaliser, and the divergence's at T = 1),
+    and e_T = exp((z - max) / T) at another T is a power of e (`_Power`), or a second [c, V] buffer
+    where the power is not exact. The divergence
     itself (every registered one, either tail mode) runs through autograd on [c, k] only: it depends on
     the student only through its logits at the top-k ids and lse_T = logsumexp(z / T), so
         dL/dz = alpha (softmax(z) - onehot(y)) + g_lse softmax(z / T) / T + scatter(top-k ids, g_in),
@@ -129,8 +161,8 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
     lse_t = s_t = None
     if needs_lse:
         if e_t is None:
-            e_t = e if T == 1.0 else (e.sqrt() if T == 2.0 else e.pow(1.0 / T))
-        s_t = s if e_t is e else e_t.sum(dim=-1, keepdim=True)
+            e_t = e if T == 1.0 else _Power(e, T)
+        s_t = s if e_t is e else e_t.sum(dim=-1, keepdim=True) if isinstance(e_t, torch.Tensor) else e_t.sum()
         lse_t = (m / T + s_t.log()).squeeze(-1)  # [c]
     grads = None
     if kd_on:
@@ -156,21 +188,27 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
 
 def _logit_grad(terms: VocabTerms, z, e, s, e_t, s_t, y, ids, grads, T: float) -> torch.Tensor | None:
     """alpha (e / s - onehot(y)) + g_lse e_t / (T s_t) + scatter(ids, g_in), built in the buffers `_chunk`
-    leaves (z's buffer, which may hold e; e_t's): one pass for the softmax terms at T = 1, two at other T.
-    None when no term has a gradient."""
-    ce_grad = terms.targets is not None and terms.alpha != 0
-    lse_grad = grads is not None and len(grads) > 1
+    leaves: z's buffer, which may hold e, and e_t's, or e_t as a `_Power` of e (each block's power taken
+    before that block of e is overwritten). One pass for the softmax terms at T = 1, two at other T. None
+    when no term has a gradient."""
+    a_col = terms.alpha / s if terms.targets is not None and terms.alpha != 0 else None  # [c, 1]
+    t_col = grads[1].unsqueeze(-1) / (T * s_t) if grads is not None and len(grads) > 1 else None  # [c, 1]
     grad_z = None
-    if ce_grad:
-        col = terms.alpha / s  # [c, 1]
-        if lse_grad and e_t is e:
-            col = col + grads[1].unsqueeze(-1) / (T * s_t)
-            lse_grad = False
-        grad_z = e.mul_(col)
+    if t_col is not None and e_t is e:  # T = 1: both softmax terms in one pass
+        grad_z = e.mul_(t_col if a_col is None else a_col + t_col)
+    elif t_col is not None and isinstance(e_t, _Power):
+        for e_blk, power in e_t.blocks():
+            if a_col is None:
+                torch.mul(power, t_col, out=e_blk)
+            else:
+                e_blk.mul_(a_col).addcmul_(power, t_col)
+        grad_z = e
+    elif t_col is not None:  # e_t in its own buffer
+        grad_z = e_t.mul_(t_col) if a_col is None else e.mul_(a_col).addcmul_(e_t, t_col)
+    elif a_col is not None:
+        grad_z = e.mul_(a_col)
+    if a_col is not None:
         grad_z.scatter_add_(-1, y, torch.full_like(y, -terms.alpha, dtype=grad_z.dtype))
-    if lse_grad:
-        col = grads[1].unsqueeze(-1) / (T * s_t)
-        grad_z = e_t.mul_(col) if grad_z is None else grad_z.addcmul_(e_t, col)
     if grads is not None:
         if grad_z is None:
             grad_z = z.zero_()
@@ -201,7 +239,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, head, terms, chunk, rows):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = None  # [V, d] fp32, the first chunk's product (no zero fill), then accumulated in place
+        # [V, d]: the first chunk's product (no zero fill), then accumulated in place in fp32. A single chunk's
+        # product stays in the matmul dtype until backward, as a stock head's weight gradient does
+        grad_w = None
+        single = hidden.shape[0] <= chunk
         sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)  # total, ce, divergence
         mm_dtype, w_mm = _matmul_weight(hidden, weight)
         for a in range(0, hidden.shape[0], chunk):
@@ -214,7 +255,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_h[a:b] = gz @ w_mm
                 if need_w:
                     if grad_w is None:
-                        grad_w = (gz.t() @ h).float()
+                        grad_w = gz.t() @ h if single else (gz.t() @ h).float()
                     elif mm_dtype == torch.float32 and h.dtype == torch.float32:
                         grad_w.addmm_(gz.t(), h)
                     else:  # a bf16 product added into the fp32 sum, without an fp32 copy of it
