@@ -275,8 +275,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss / max(ctx.rows, 1)
         gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-        # the [V, d] buffer is scaled in place (no second copy of an embedding-sized tensor): one backward only
-        gw = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
+        # the fp32 [V, d] buffer is scaled in place (no second copy of an embedding-sized tensor; one backward
+        # only); a single chunk's bf16 product is scaled in its fp32 copy (elementwise bf16 is slow on a CPU)
+        gw = grad_w.float().mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 
