@@ -12,7 +12,9 @@ projectors live beside it: an extra optimizer param group (optional LR multiplie
 across processes before clipping, clipped together with the student's under one global norm (the
 logged grad_norm covers both), zeroed with the student's after every optimizer step, skipped or not,
 saved into every checkpoint, restored on resume and by load_best_model_at_end.
-Loss components are summed as detached tensors and turned into floats only at logging steps.
+Loss components are summed as detached tensors and turned into floats only at logging steps. The whole
+loss runs under the run's mixed precision. The Trainer's private methods are reached only through
+trainer_adapter.py's hooks; everything else here is the Trainer's public surface.
 """
 
 from __future__ import annotations
