@@ -124,7 +124,8 @@ class Cache:
         arrays = {}
         for layer in self.decoded_layers:
             base = hidden_array(layer)
-            arrays[layer] = {name[len(base) + 1:] if name != base else "": _HiddenArray(group[name], f"{zdir}/{name}")
+            arrays[layer] = {name[len(base) + 1:] if name != base else "":
+                             _HiddenArray(group[name], self.storage, f"{zdir}/{name}")
                              for name in names if name == base or name.startswith(base + "_")}
         return arrays
 
@@ -166,7 +167,7 @@ class Cache:
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
-        out["hidden"] = {layer: self._codec.decode({suffix: a.read(self.storage, chunk, r0, n)
+        out["hidden"] = {layer: self._codec.decode({suffix: a.read(chunk, r0, n)
                                                     for suffix, a in arrays[layer].items()})
                          for layer in self.decoded_layers}
         self._chunks[key] = out
@@ -250,25 +251,26 @@ class _HiddenArray:
     same way, without its per-read machinery (an event-loop round trip and a metadata walk per call, several
     times the decompression itself). Any other layout, and remote stores, go through zarr."""
 
-    def __init__(self, array: zarr.Array, path: str):
+    def __init__(self, array: zarr.Array, storage: Storage, path: str):
         from zarr.codecs import BloscCodec, BytesCodec
 
-        self.array, self.path = array, path
+        self.array = array
         codecs = array.metadata.codecs
         endian = getattr(codecs[0], "endian", None) if codecs else None
-        self.direct = (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-                       and getattr(endian, "value", endian) in (None, sys.byteorder)
-                       and tuple(array.chunks[1:]) == tuple(array.shape[1:]))
+        direct = (storage.local and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
+                  and isinstance(codecs[1], BloscCodec) and getattr(endian, "value", endian) in (None, sys.byteorder)
+                  and tuple(array.chunks[1:]) == tuple(array.shape[1:]))
+        self.folder = storage.path / path if direct else None  # the array's chunk files, when read directly
 
-    def read(self, storage: Storage, chunk: int, r0: int, n: int) -> np.ndarray:
+    def read(self, chunk: int, r0: int, n: int) -> np.ndarray:
         """Rows r0 .. r0 + n (chunk `chunk` of the rows)."""
-        if not (self.direct and storage.local):
+        if self.folder is None:
             return self.array[r0 : r0 + n]
         from numcodecs import blosc
 
         key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
         try:
-            data = (storage.path / self.path / key).read_bytes()
+            data = (self.folder / key).read_bytes()
         except FileNotFoundError:  # a chunk never written holds the fill value: zarr knows it
             return self.array[r0 : r0 + n]
         rows = np.empty(self.array.chunks, dtype=self.array.dtype)

@@ -31,8 +31,9 @@ from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, cross_entro
 from pipeline.losses.sampled import sampled_logits_loss, sampled_pair
 
 # loss.chunk_tokens auto: 512 rows on a CPU (small [chunk, V] buffers, matmuls still efficient); on a GPU as
-# many rows as make one [chunk, V] fp32 buffer GPU_BUFFER_SHARE of its memory (at most two such buffers live
-# at once), so the kernels are large and few. An 80 GiB device: 1,280 rows at V = 262,144, 6,912 at 49,152.
+# many rows as make one [chunk, V] fp32 buffer GPU_BUFFER_SHARE of its memory (the logits' buffer; a second one
+# only where exp((z - max) / T) is not a power of e), so the kernels are large and few. An 80 GiB device:
+# 1,280 rows at V = 262,144, 6,784 at 49,152.
 CPU_CHUNK_TOKENS = 512
 GPU_BUFFER_SHARE = 1 / 64
 CHUNK_ALIGN = 128
@@ -162,7 +163,12 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
     if needs_lse:
         if e_t is None:
             e_t = e if T == 1.0 else _Power(e, T)
-        s_t = s if e_t is e else e_t.sum(dim=-1, keepdim=True) if isinstance(e_t, torch.Tensor) else e_t.sum()
+        if e_t is e:
+            s_t = s
+        elif isinstance(e_t, _Power):
+            s_t = e_t.sum()
+        else:
+            s_t = e_t.sum(dim=-1, keepdim=True)
         lse_t = (m / T + s_t.log()).squeeze(-1)  # [c]
     grads = None
     if kd_on:
@@ -256,7 +262,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if need_w:
                     if grad_w is None:
                         grad_w = gz.t() @ h if single else (gz.t() @ h).float()
-                    elif mm_dtype == torch.float32 and h.dtype == torch.float32:
+                    elif mm_dtype == torch.float32:  # then h is fp32 too (no autocast: W took h's dtype)
                         grad_w.addmm_(gz.t(), h)
                     else:  # a bf16 product added into the fp32 sum, without an fp32 copy of it
                         grad_w.add_(gz.t() @ h)

@@ -165,8 +165,8 @@ def test_hidden_chunk_files_read_directly_equal_zarr_reads(tiny_config, codec, m
     direct = open_cache(cache_dir)
     items = [direct[i]["hidden"] for i in range(len(direct))]
     arrays = [a for _, layers in direct._files.values() for parts in layers.values() for a in parts.values()]
-    assert arrays and all(a.direct for a in arrays)
-    monkeypatch.setattr(reader_module._HiddenArray, "read", lambda self, storage, chunk, r0, n: self.array[r0:r0 + n])
+    assert arrays and all(a.folder is not None for a in arrays)
+    monkeypatch.setattr(reader_module._HiddenArray, "read", lambda self, chunk, r0, n: self.array[r0:r0 + n])
     through_zarr = open_cache(cache_dir)
     for i, hidden in enumerate(items):
         for layer, h in hidden.items():
