@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test demo bench experiments clean
+.PHONY: setup test demo bench experiments budget clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,17 @@ experiments: setup
 	    --set training.output_dir=$(EXP)/online
 	$(BIN)/distill report $(EXP)/objectives/features --out $(EXP)/report
 	$(BIN)/python scripts/results.py $(EXP) --out docs/results
+
+# Recovery at a real budget (docs/results.md): two pruned students, one cache of the whole packaged
+# Wikipedia leads, 1M training tokens per variant. Hours on a CPU: run it in the background; rerunning
+# resumes (finished variants are skipped, an interrupted one continues from its last checkpoint).
+BUD := runs/budget
+budget: setup
+	test -f $(BUD)/students/depth/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
+	    --out $(BUD)/students/depth --remove 6 --overwrite
+	test -f $(BUD)/students/width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
+	    --out $(BUD)/students/width --hidden-size 504 --intermediate-size 1344 --overwrite
+	$(BIN)/distill ablate configs/budget/recovery.yaml
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs

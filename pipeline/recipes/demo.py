@@ -25,7 +25,7 @@ from pipeline.cache.storage import Storage, write_json_atomic
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError
-from pipeline.evaluate.benchmarks import check_limit
+from pipeline.evaluate.benchmarks import check_limit, format_limit
 from pipeline.evaluate.metrics import primary_metric, recovery_metrics
 from pipeline.recipes.cache import build_cache, cache_info, verify_cache
 from pipeline.recipes.evaluate import parse_tasks, run_eval
@@ -93,7 +93,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
     out = Path(cfg.training.get("output_dir", "runs/train"))
     # the eval step's settings, checked before the first step runs
     parse_tasks(cfg.eval.tasks)
-    check_limit(cfg.eval.limit)
+    check_limit(cfg.eval.limit, list(cfg.eval.tasks))
     if heldout_count(cfg.data.num_sequences, cfg.data.heldout_fraction) == 0:
         raise PipelineError("data.heldout_fraction gives no held-out sequences: the demo scores on them")
 
@@ -121,7 +121,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
     summary = run_train(cfg, echo=_echo)
 
     _echo(f"[4/5] eval: held-out split of {cfg.cache.dir}; benchmarks {', '.join(cfg.eval.tasks) or 'none'} "
-          f"(first {cfg.eval.limit or 'all'} items)")
+          f"(limit {format_limit(cfg.eval.limit)})")
     results = evaluate_all(cfg, student, str(out / "student"), out / "eval")
     recovery = recovery_metrics(results["teacher"], results["pruned"], results["student"])
 

