@@ -30,6 +30,8 @@ from pipeline.evaluate.benchmarks import (  # noqa: E402
     DEFAULT_TASKS,
     available_tasks,
     check_limit,
+    format_limit,
+    parse_limit,
     check_tasks,
     run_benchmarks,
 )
@@ -227,3 +229,33 @@ def test_bad_tasks_and_limits():
             check_limit(bad)
     check_limit(None)
     check_limit(5)
+    for bad, message in [({"nope": 3}, "unknown task 'nope'"), ({"piqa": 0}, "limit for 'piqa' must be a positive"),
+                         ({"piqa": 2.5}, "limit for 'piqa' must be")]:
+        with pytest.raises(PipelineError, match=message):
+            check_limit(bad)
+    with pytest.raises(PipelineError, match="names 'piqa', not among the tasks scored"):
+        check_limit({"piqa": 3}, ["arc_easy"])
+
+
+@pytest.mark.parametrize("text,limit", [("7", 7), ("none", None), ("", None), (None, None),
+                                        ("hellaswag=1000, lambada_openai=5", {"hellaswag": 1000, "lambada_openai": 5})])
+def test_limit_text_round_trips(text, limit):
+    assert parse_limit(text) == limit
+    assert parse_limit(format_limit(limit)) == limit
+
+
+@pytest.mark.parametrize("text", ["x", "-3", "0", "piqa=", "=3", "piqa=two", "nope=3", "piqa=0"])
+def test_bad_limit_text(text):
+    with pytest.raises(PipelineError, match="limit"):
+        parse_limit(text)
+
+
+def test_limit_per_task_scores_each_tasks_own_first_items(model, smollm_tokenizer):
+    """{task: N} scores the first N items of each task named (one lm-eval call per distinct N): the same items
+    and decisions as a plain limit N on that task alone."""
+    both = run_benchmarks(model, smollm_tokenizer, ["winogrande", "boolq"], limit={"winogrande": 3, "boolq": 2},
+                          progress=False)
+    assert [both["tasks"][t]["n"] for t in ("winogrande", "boolq")] == [3, 2]
+    for task, n in (("winogrande", 3), ("boolq", 2)):
+        alone = run_benchmarks(model, smollm_tokenizer, [task], limit=n, progress=False)
+        assert both["tasks"][task]["items"] == alone["tasks"][task]["items"]

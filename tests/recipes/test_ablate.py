@@ -189,3 +189,42 @@ def test_no_heldout_and_foreign_folders_refused(models, tmp_path):
         run_ablate(config)
     assert (tmp_path / "ablate" / "ok" / "mine.txt").read_text() == "keep me"
     assert not (tmp_path / "cache").exists()
+
+
+def test_interrupted_variant_resumes_from_its_checkpoint(models, tmp_path):
+    """A variant killed after a checkpoint continues from it on rerun (the same identity), and ends with the
+    same student as an uninterrupted run; one that started with another config starts again from scratch."""
+    from safetensors.torch import load_file
+
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}})
+    steps = ("training.max_steps=2", "training.save_strategy=steps", "training.save_steps=1")
+    run_ablate(config, steps)
+    out = tmp_path / "ablate" / "kd"
+    finished = load_file(out / "student" / "model.safetensors")
+    assert not list(out.glob("checkpoint-*"))  # kept only while the variant is unfinished
+    marker = json.loads((out / "variant.json").read_text())
+    assert marker["resumed_from"] is None
+
+    # the state a kill after the first checkpoint leaves: the variant's training to step 1, no marker, no student
+    (out / "variant.json").unlink()
+    shutil.rmtree(out / "student")
+    train = CliRunner().invoke(main, ["train", str(out / "config.yaml"), "--set", "training.save_total_limit=null"])
+    assert train.exit_code == 0, train.output
+    shutil.rmtree(out / "checkpoint-2")
+    shutil.rmtree(out / "student")
+    assert (out / "variant-started.json").is_file() and (out / "checkpoint-1").is_dir()
+
+    again = run_ablate(config, steps)
+    assert again["failed"] == []
+    marker = json.loads((out / "variant.json").read_text())
+    assert marker["resumed_from"] == str(out / "checkpoint-1")
+    resumed = load_file(out / "student" / "model.safetensors")
+    for name, tensor in finished.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+    # another config under the same name: the leftover checkpoint is not resumed
+    (out / "variant.json").unlink()
+    (out / "checkpoint-1").mkdir()
+    run_ablate(config, steps + ("loss.temperature=1.0",))
+    assert json.loads((out / "variant.json").read_text())["resumed_from"] is None

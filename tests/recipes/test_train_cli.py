@@ -110,3 +110,18 @@ def test_evaluations_without_a_heldout_split(setup, tmp_path):
         "error: training.eval_strategy is steps but the held-out split is empty (data.heldout_fraction 0): "
         "set training.eval_strategy=no")
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_sequences_scores_the_first_n(setup, tmp_path):
+    """data.eval_sequences: the periodic evaluation scores the first N held-out sequences, and those only."""
+    root, config, overrides = setup
+    losses = {}
+    for n in (1, 2):  # the cache holds 2 held-out sequences
+        out = tmp_path / f"run{n}"
+        training = tiny_mod.training_overrides(out, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1)
+        result = _invoke(config, overrides + training, "--set", f"data.eval_sequences={n}")
+        assert result.exit_code == 0, result.output
+        assert f"/ {n} held-out sequences" in result.output
+        state = json.loads((out / "trainer_state.json").read_text())
+        losses[n] = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
+    assert losses[1] != losses[2]  # the second sequence changed the mean: it was not scored with N = 1
