@@ -97,6 +97,107 @@ def head_spec(model) -> tuple[HeadSpec | None, str]:
     return HeadSpec(emb.weight, scale, softcap), ""
 
 
+# ----------------------------------------------------------------------------- the teacher's whole head
+# Exact full-distribution targets (cache.logits exact) rebuild the teacher's logits from its last block's
+# output h_n: logits = transform(norm(h_n) @ W.T). The final norms we reproduce, by what they compute (chosen
+# by comparing with the module itself, never by class name):
+#   rms         w * x / sqrt(mean(x^2) + eps)        Llama, Mistral, Qwen, SmolLM, ...
+#   rms_offset  (1 + w) * x / sqrt(mean(x^2) + eps)  Gemma
+#   layer       LayerNorm(x; w, b, eps)
+NORM_KINDS = ("rms", "rms_offset", "layer")
+NORM_PROBE_TOL = 1e-5  # relative: fp32 rounding of a d-wide mean and one rsqrt, far below a wrong formula's error
+
+
+@dataclass(frozen=True)
+class FinalNorm:
+    kind: str
+    weight: torch.Tensor  # [d]
+    eps: float
+    bias: torch.Tensor | None = None  # layer only
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """norm(h) in fp32 (the model's own norms compute in fp32 too)."""
+        x = h.float()
+        w = self.weight.float()
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), w, None if self.bias is None else self.bias.float(), self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * (w + 1.0 if self.kind == "rms_offset" else w)
+
+
+def final_norm(model) -> tuple[FinalNorm | None, str]:
+    """(FinalNorm, "") when the model's final norm is one NORM_KINDS reproduces, checked on a probe against
+    the module's own output; else (None, why)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    module = getattr(decoder, "norm", None)
+    if not isinstance(module, torch.nn.Module):
+        return None, f"no final norm found at {type(decoder).__name__}.norm"
+    weight = getattr(module, "weight", None)
+    eps = next((getattr(module, k) for k in ("variance_epsilon", "eps") if isinstance(getattr(module, k, None), float)),
+               None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None, f"the final norm {type(module).__name__} has no 1-d weight and float eps"
+    bias = getattr(module, "bias", None)
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(4, weight.shape[0], generator=gen) * 3).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        want = module(probe).float()
+        for kind in NORM_KINDS:
+            if (kind == "layer") != isinstance(module, torch.nn.LayerNorm):
+                continue
+            norm = FinalNorm(kind, weight.detach(), float(eps), bias.detach() if bias is not None else None)
+            got = norm(probe)
+            tol = NORM_PROBE_TOL if weight.dtype == torch.float32 else 4 * HALF_ULP[DTYPE_NAMES[weight.dtype]]
+            if got.shape == want.shape and ((got - want).abs() <= tol * want.abs().clamp_min(1.0)).all():
+                return norm, ""
+    return None, f"the final norm {type(module).__name__} is not one of {', '.join(NORM_KINDS)}"
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """The teacher's logits from its last block's output: transform(norm(h_n) @ W.T), all in fp32."""
+
+    norm: FinalNorm
+    head: HeadSpec
+
+    def logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h_last.device.type, enabled=False):  # a target: fp32 whatever the student runs in
+            return self.head.logits(self.norm(h_last), self.head.weight.float())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the cache stores (safetensors): the weights, in the teacher's dtype."""
+        out = {"norm.weight": self.norm.weight, "lm_head.weight": self.head.weight}
+        if self.norm.bias is not None:
+            out["norm.bias"] = self.norm.bias
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def record(self) -> dict:
+        """The manifest's description of the stored tensors (with tensors(), enough to rebuild this)."""
+        return {"norm": self.norm.kind, "eps": self.norm.eps, "scale": self.head.scale, "softcap": self.head.softcap}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], record: dict) -> "TeacherHead":
+        norm = FinalNorm(record["norm"], tensors["norm.weight"], float(record["eps"]), tensors.get("norm.bias"))
+        return cls(norm, HeadSpec(tensors["lm_head.weight"], record.get("scale"), record.get("softcap")))
+
+    def to(self, device) -> "TeacherHead":
+        n, h = self.norm, self.head
+        bias = None if n.bias is None else n.bias.to(device)
+        return TeacherHead(FinalNorm(n.kind, n.weight.to(device), n.eps, bias),
+                           HeadSpec(h.weight.to(device), h.scale, h.softcap))
+
+
+def teacher_head(model) -> tuple[TeacherHead | None, str]:
+    """(TeacherHead, "") for a model whose final norm and head we reproduce, else (None, why) in one line."""
+    head, why = head_spec(model)
+    if head is None:
+        return None, why
+    norm, why = final_norm(model)
+    if norm is None:
+        return None, why
+    return TeacherHead(norm, HeadSpec(head.weight.detach(), head.scale, head.softcap)), ""
+
+
 def final_hidden(decoder_output) -> torch.Tensor:
     """The final (normed) hidden states [B, T, d] from a decoder module's output."""
     if hasattr(decoder_output, "last_hidden_state"):

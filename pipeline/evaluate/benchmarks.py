@@ -117,23 +117,24 @@ def check_tasks(tasks: list[str]) -> list[str]:
 Limit = Union[int, dict[str, int], None]
 
 
-def check_limit(limit: Limit, tasks: list[str] | None = None) -> None:
+def check_limit(limit: Limit, tasks: list[str] | None = None, what: str = "benchmark limit") -> None:
     """Raise unless `limit` is None, a positive whole number, or a mapping of supported task names to one
-    (with `tasks`, of tasks among them: a limit on a task that is not scored is a mistake)."""
+    (with `tasks`, of tasks among them: a limit on a task that is not scored is a mistake). `what` names the
+    setting in the message."""
     if limit is None:
         return
     if isinstance(limit, dict) and tasks is not None:
         extra = [t for t in limit if t not in tasks]
         if extra:
-            raise PipelineError(f"benchmark limit names {', '.join(map(repr, extra))}, not among the tasks scored "
+            raise PipelineError(f"{what} names {', '.join(map(repr, extra))}, not among the tasks scored "
                                 f"({', '.join(tasks) or 'none'})")
     counts = limit.items() if isinstance(limit, dict) else [(None, limit)]
     for task, n in counts:
         where = f" for {task!r}" if task is not None else ""
         if task is not None and task not in _BENCHMARKS:
-            raise PipelineError(f"benchmark limit names an unknown task {task!r}; valid: {', '.join(SUPPORTED_TASKS)}")
+            raise PipelineError(f"{what} names an unknown task {task!r}; valid: {', '.join(SUPPORTED_TASKS)}")
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise PipelineError(f"benchmark limit{where} must be a positive whole number of items, got {n!r}")
+            raise PipelineError(f"{what}{where} must be a positive whole number of items, got {n!r}")
 
 
 def task_limit(limit: Limit, task: str) -> int | None:

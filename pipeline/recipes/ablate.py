@@ -101,7 +101,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
         raise PipelineError("ablate.variants is empty: list at least one variant ({name: {section.key: value}})")
     if base.ablate.eval.tasks:
         check_tasks(base.ablate.eval.tasks)
-    check_limit(base.ablate.eval.limit, list(base.ablate.eval.tasks))
+    check_limit(base.ablate.eval.limit, list(base.ablate.eval.tasks), "ablate.eval.limit")
     if manifest is not None:
         check_format(manifest, f"the cache {base.cache.dir}", "delete it and rerun: the ablation rebuilds it")
         if manifest["teacher"]["model"] != base.teacher.model:

@@ -93,7 +93,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
     out = Path(cfg.training.get("output_dir", "runs/train"))
     # the eval step's settings, checked before the first step runs
     parse_tasks(cfg.eval.tasks)
-    check_limit(cfg.eval.limit, list(cfg.eval.tasks))
+    check_limit(cfg.eval.limit, list(cfg.eval.tasks), "eval.limit")
     if heldout_count(cfg.data.num_sequences, cfg.data.heldout_fraction) == 0:
         raise PipelineError("data.heldout_fraction gives no held-out sequences: the demo scores on them")
 

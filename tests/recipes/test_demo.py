@@ -131,7 +131,8 @@ def test_demo_never_overwrites_a_folder_prune_did_not_write(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("eval.tasks=[arc_easy, nope]", "unknown benchmark task"),
-    ("eval.limit=0", "eval.limit: 0 must be >= 1"),
+    ("eval.limit=0", "eval.limit must be a positive whole number of items, got 0"),
+    ("eval.limit={boolq: 3}", "eval.limit names 'boolq', not among the tasks scored"),
     ("data.heldout_fraction=0", "no held-out sequences"),
 ])
 def test_demo_checks_its_eval_step_before_the_first_step(tmp_path, override, message):
