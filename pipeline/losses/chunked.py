@@ -26,8 +26,9 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from pipeline.head import HeadSpec, final_hidden, head_spec, verify_head
-from pipeline.losses.logits import GATHERED_NEEDS_LSE, LOGIT_LOSSES, cross_entropy, gathered_pair, logits_loss
+from pipeline.head import HeadSpec, TeacherHead, final_hidden, head_spec, verify_head
+from pipeline.losses.logits import (GATHERED_NEEDS_LSE, LOGIT_LOSSES, cross_entropy, exact_logits_loss, exact_pair,
+                                   gathered_pair, logits_loss)
 from pipeline.losses.sampled import sampled_logits_loss, sampled_pair
 
 # loss.chunk_tokens auto: 512 rows on a CPU (small [chunk, V] buffers, matmuls still efficient); on a GPU as
@@ -73,6 +74,18 @@ class VocabTerms:
     sample_counts: torch.Tensor | None = None  # [M, K]
     lse_proposal: torch.Tensor | None = None  # [M]
     proposal_temperature: float = 1.0
+    # exact full-distribution targets (cache.logits exact): the teacher's last block output per row [M, d_t]
+    # and its final norm and head, which rebuild its logits chunk by chunk (no top-k fields then)
+    teacher_last: torch.Tensor | None = None
+    teacher_head: "TeacherHead | None" = None
+
+    @property
+    def exact(self) -> bool:
+        return self.teacher_last is not None
+
+    @property
+    def divergence_on(self) -> bool:
+        return self.topk_ids is not None or self.teacher_last is not None
 
 
 # exp((z - m) / T) is taken from exp(z - m) as a power (a square root at T = 2), which saves two passes over
@@ -140,6 +153,9 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
         squash = z.div(head.softcap).tanh_()
         torch.mul(squash, head.softcap, out=z)
     T = float(terms.temperature)
+    exact = None
+    if terms.exact:  # read z before its buffer turns into exponentials
+        exact = _exact_divergence(terms, z, a, b, grad)
     ce_on, kd_on = terms.targets is not None, terms.topk_ids is not None
     needs_lse = kd_on and (terms.sample_counts is not None or GATHERED_NEEDS_LSE[terms.tail])
     zero = z.new_zeros(())
@@ -183,6 +199,10 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
                 grads = torch.autograd.grad(div * coef, [z_leaf] + ([lse_leaf] if needs_lse else []))
         div = div.detach()
     grad_z = _logit_grad(terms, z, e, s, e_t, s_t, y, ids, grads, T) if grad else None
+    if exact is not None:
+        div, grad_exact = exact
+        if grad_exact is not None:
+            grad_z = grad_exact if grad_z is None else grad_z.add_(grad_exact)
     if grad_z is not None:
         if squash is not None:  # z = cap tanh(u / cap): dz/du = 1 - tanh^2
             grad_z.mul_(squash.square_().neg_().add_(1.0))
@@ -190,6 +210,23 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
             grad_z.mul_(head.scale)
     total = terms.alpha * ce + terms.beta * T**2 * div
     return total, ce, div, grad_z
+
+
+def _exact_divergence(terms: VocabTerms, z: torch.Tensor, a: int, b: int, grad: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows a..b against exact targets: (divergence sum, d(beta T^2 divergence)/dz [c, V] or None). The
+    teacher's logits are rebuilt in fp32 from its last block's output; the divergence runs through autograd
+    on the [c, V] rows (every registered one, on the full distributions)."""
+    T = float(terms.temperature)
+    coef = terms.beta * T * T
+    want = grad and coef > 0
+    with torch.no_grad():
+        z_t = terms.teacher_head.logits(terms.teacher_last[a:b])  # [c, V] fp32
+    with torch.enable_grad():
+        z_leaf = z.detach().requires_grad_(want)
+        div = LOGIT_LOSSES.get(terms.divergence).fn(exact_pair(z_leaf, z_t, T), terms.args or {}).sum()
+        g = torch.autograd.grad(div * coef, [z_leaf])[0] if want else None
+    return div.detach(), g
 
 
 def _logit_grad(terms: VocabTerms, z, e, s, e_t, s_t, y, ids, grads, T: float) -> torch.Tensor | None:
@@ -310,7 +347,7 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
     named = {}
     if terms.targets is not None:
         named["loss_ce"] = parts[0]
-    if terms.topk_ids is not None:
+    if terms.divergence_on:
         named["loss_kl"] = parts[1] * terms.temperature**2
     return loss, named
 
@@ -324,7 +361,10 @@ def dense_vocab_loss(logits: torch.Tensor, terms: VocabTerms) -> tuple[torch.Ten
     if terms.targets is not None:
         named["loss_ce"] = cross_entropy(logits, terms.targets, every)
         total = total + terms.alpha * named["loss_ce"]
-    if terms.topk_ids is not None and terms.sample_counts is not None:
+    if terms.exact:
+        teacher_logits = terms.teacher_head.logits(terms.teacher_last)
+        named["loss_kl"] = exact_logits_loss(terms.divergence, logits, teacher_logits, terms.temperature, terms.args)
+    elif terms.topk_ids is not None and terms.sample_counts is not None:
         named["loss_kl"] = sampled_logits_loss(
             terms.divergence, logits, terms.topk_ids, terms.topk_logits, terms.sample_counts, terms.lse,
             terms.lse_proposal, every, terms.temperature, terms.proposal_temperature, args=terms.args)

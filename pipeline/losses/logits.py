@@ -266,6 +266,28 @@ def gathered_pair(tail: str, student_in: torch.Tensor, student_lse: torch.Tensor
 GATHERED_NEEDS_LSE = {"bucket": True, "renormalize": False}  # which tail modes read the student's full lse
 
 
+def exact_pair(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> Pair:
+    """Exact full-distribution targets: both sides over the whole vocabulary, from the student's logits
+    [M, V] and the teacher's [M, V] (cache.logits exact rebuilds them); no top-k, no tail, no truncation."""
+    log_p = torch.log_softmax(teacher_rows.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_rows.float() / temperature, dim=-1)
+    return Pair(p=log_p.exp(), log_p=log_p, q=log_q.exp(), log_q=log_q)
+
+
+def exact_logits_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                      args: Mapping[str, float] | None = None) -> torch.Tensor:
+    """T^2 * mean over the rows of divergence `name` between the full distributions (scalar, fp32):
+    student_logits and teacher_logits [M, V], every row scored."""
+    if not temperature > 0:
+        raise PipelineError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must be the same [M, V]")
+    pair = exact_pair(student_logits, teacher_logits, float(temperature))
+    total = LOGIT_LOSSES.get(name).fn(pair, check_logits_args(name, args)).sum()
+    return total * (temperature**2 / max(student_logits.shape[0], 1))
+
+
 # ---- entry points ------------------------------------------------------------------------------------
 
 
