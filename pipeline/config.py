@@ -21,7 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
-LOGITS_MODES = ("topk", "sampled", "topk+sampled")  # cache.logits
+# cache.logits: which teacher targets a cache stores, one kind or several joined by "+"
+LOGITS_MODES = ("topk", "sampled", "exact", "topk+sampled", "topk+exact", "sampled+exact", "topk+sampled+exact")
 
 
 class _Loader(yaml.SafeLoader):
@@ -97,6 +98,9 @@ class CacheConfig:
     # the teacher's distribution per position: the top-k logits, K draws from it (Sparse Logit Sampling,
     # pipeline/teacher/sampling.py), or both
     logits: str = field(default="topk", metadata=_choice(*LOGITS_MODES))
+    # exact full-distribution targets: the codec of the teacher's last block output (layer n); fp32 rebuilds
+    # its logits bit for bit, fp16 within KL 4e-7, bf16 within 3e-5 (scripts/exact_error.py, docs/cache.md)
+    exact_codec: str = field(default="fp32", metadata=_choice("fp32", "fp16", "bf16"))
     samples: int = field(default=64, metadata=_range(1, 65535))  # K draws per position (logits sampled | topk+sampled)
     proposal_temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # draws from softmax(z / this)
     sample_seed: int = 0  # the draws of sequence i come from the generator seeded with (sample_seed, i)
@@ -152,9 +156,10 @@ class LossConfig:
     # [tokens, vocab] logits never exist); auto = sized for the device (pipeline/losses/chunked.py: 512 on a
     # CPU, on a GPU a [chunk, vocab] fp32 buffer of 1/64 of its memory); 0 = the dense path (the reference)
     chunk_tokens: Union[int, Literal["auto"]] = "auto"
-    # which cached teacher targets the divergence reads: auto = the cache's only kind (top-k when it holds both),
-    # topk (tail bucket / renormalize), sampled (the unbiased importance-weighted estimate, kl and skew_kl)
-    logits_source: str = field(default="auto", metadata=_choice("auto", "topk", "sampled"))
+    # which cached teacher targets the divergence reads: auto = exact when the cache holds them, else its only
+    # kind (top-k when it holds top-k and draws); topk (tail bucket / renormalize), sampled (the unbiased
+    # importance-weighted estimate, kl and skew_kl), exact (the full distribution, every divergence)
+    logits_source: str = field(default="auto", metadata=_choice("auto", "topk", "sampled", "exact"))
     # accepted spellings of logits_args.lambda (folded into it at load): DistiLLM's lambda, the book's s = 1 - lambda
     skew_lambda: Union[float, None] = None  # [0, 1); 0 = plain KL
     skew_alpha: Union[float, None] = None  # (0, 1]; 1 = plain KL

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from pipeline.cache.codecs import frequency_order, id_dtype
 from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.reader import open_cache
-from pipeline.cache.spec import CacheSpec, TeacherInfo, stored_targets
+from pipeline.cache.manifest import HEAD_FILE
+from pipeline.cache.spec import CacheSpec, TeacherInfo, stored_targets, stores_exact
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, writer_threads
 from pipeline.data.sequences import sequences_from_config
@@ -48,12 +49,15 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
     tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
     check_teacher_config(cfg, tcfg)
     layers = resolve_layers(cfg.cache.layers, cfg.mapping, cfg.student.model, tcfg.num_hidden_layers)
+    if stores_exact(cfg.cache):  # exact targets rebuild the logits from the last block's output, layer n
+        layers = sorted(set(layers) | {tcfg.num_hidden_layers})
 
     tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
     seqs = sequences_from_config(cfg.data, tokenizer)
 
     teacher = models.load_weights(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.revision)
     weights_digest = model_digest(teacher)  # before the weights move to a GPU: no copy back to hash them
+    head_file, exact = exact_head(cfg.cache, teacher, tcfg.num_hidden_layers)
     device = models.pick_device(cfg.teacher.device)
     teacher.to(device)
     capture = make_capture(cfg.cache, teacher, layers, device)
@@ -62,8 +66,8 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
             cfg, TeacherInfo(cfg.teacher.model, tcfg.model_type, tcfg.num_hidden_layers, tcfg.hidden_size,
                              capture.vocab_size, cfg.teacher.dtype),
             layers, seqs, weights_digest, tokenizer_digest(tokenizer),
-            frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)))
-        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world, progress, timings)
+            frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)), exact=exact)
+        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world, progress, timings, head_file)
     finally:
         capture.close()
 
@@ -112,24 +116,46 @@ def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -
     return sorted(set(layer_map.values()))
 
 
+def exact_head(cc, teacher, n_layers: int) -> tuple[bytes | None, dict | None]:
+    """Exact targets: (the head file's bytes, its manifest record), the teacher's final norm and head that
+    rebuild its logits from layer n; (None, None) without exact targets. A teacher whose norm or head we do
+    not reproduce is refused in one line, before anything is written."""
+    if not stores_exact(cc):
+        return None, None
+    import safetensors.torch
+
+    from pipeline.cache.checksum import digest_bytes
+    from pipeline.head import teacher_head
+
+    head, why = teacher_head(teacher)
+    if head is None:
+        raise PipelineError(f"cache.logits {cc.logits}: the teacher's logits cannot be rebuilt from its last block "
+                            f"output: {why}")
+    data = safetensors.torch.save(head.tensors())
+    return data, {"file": HEAD_FILE, "checksum": digest_bytes(data), "bytes": len(data), "layer": n_layers,
+                  **head.record()}
+
+
 def make_capture(cc, teacher, layers: list[int], device):
     """The teacher's capture hooks. Hidden states are encoded where the teacher runs when that is a GPU
     (only the encoded bytes cross to the host) or by the writer's threads: the same shard data files either
     way (the records' sums of squares agree to float32 rounding)."""
-    from pipeline.teacher.capture import TeacherCapture
+    from pipeline.teacher.capture import TeacherCapture, decoder_layers
 
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
     topk, samples = stored_targets(cc)
+    n = len(decoder_layers(teacher))
     return TeacherCapture(teacher, layers, topk, cc.temperatures, cc.logit_dtype,
                           hidden_codec=cc.hidden_codec if on_device else None, samples=samples,
-                          proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed)
+                          proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed,
+                          layer_codecs={n: cc.exact_codec} if stores_exact(cc) else None)
 
 
 # ----------------------------------------------------------------------------- the build
 
 
 def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, rank: int, world: int,
-           progress: bool, timings: dict):
+           progress: bool, timings: dict, head_file: bytes | None = None):
     lock = build_lock(root)
     state = _claim(root, lock, spec, overwrite, rank, world)
     try:
@@ -137,6 +163,8 @@ def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, 
             if rank == 0:
                 click.echo(f"{root}: already complete with this config; nothing to do", err=True)
             return open_cache(root).manifest
+        if head_file is not None and rank == 0:  # exact targets: the teacher's head, once (rewritten on resume)
+            root.write_bytes(HEAD_FILE, head_file)
         shards = spec.shards()
         mine = [s for s in shards if s[0] % world == rank]
         todo = [s for s in mine if finished_record(root, *s) is None]

@@ -28,6 +28,12 @@ sample_ids, sample_counts and sample_logits ([n, T, K]; cache.logits sampled | t
 planes of frequency ranks / logit keys / counts compressed with cache.side_compressor (see codecs.py).
 The ranks' id table (order[rank] = id, codecs.frequency_order of the corpus) is stored once, in the
 manifest: `id_order` {packed (base64 of codecs.pack_order), bytes, checksum}; readers check the checksum.
+
+Exact full-distribution targets (cache.logits exact | topk+exact) add teacher_head.safetensors: the teacher's
+final norm and LM head, stored once, and the manifest's `exact` {file, checksum, bytes, layer, norm, eps,
+scale, softcap} (head.TeacherHead); the last block's output, layer n, is a hidden layer like any other, at
+its own codec: `layer_codecs` {"n": codec} names the layers stored at another codec than hidden_codec.
+Both keys are absent from caches without exact targets.
 """
 
 from __future__ import annotations
@@ -80,6 +86,14 @@ def id_table_bytes(m: dict, where: str | Path) -> bytes:
         raise PipelineError(f"{where}: the id table (id_order) is damaged; rebuild the cache with "
                             "`distill cache build CONFIG --overwrite`")
     return packed
+
+
+HEAD_FILE = "teacher_head.safetensors"  # exact targets: the teacher's final norm and head
+
+
+def layer_codec(m: dict, layer: int) -> str:
+    """The codec layer `layer` is stored at: its `layer_codecs` entry, else the cache's hidden_codec."""
+    return (m.get("layer_codecs") or {}).get(str(layer), m["hidden_codec"])
 
 
 def lse_column(j: int) -> str:
@@ -152,3 +166,6 @@ def validate_manifest(m: dict, where: str | Path) -> None:
         covered += s["sequences"]
     if covered != m["num_sequences"]:
         raise PipelineError(f"{where}: shards cover {covered} sequences, manifest says {m['num_sequences']}")
+    exact = m.get("exact")
+    if exact is not None and int(exact.get("layer", -1)) not in m["layers"]:
+        raise PipelineError(f"{where}: exact targets need teacher layer {exact.get('layer')}, which the cache lacks")

@@ -27,8 +27,8 @@ from pipeline.cache.codecs import (
     logits_from_numpy, unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, lse_column, shard_files,
-    shard_paths, validate_manifest,
+    BUILD, HEAD_FILE, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
+    lse_column, shard_files, shard_paths, validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
 from pipeline.errors import PipelineError
@@ -65,7 +65,7 @@ class Cache:
             if missing:
                 raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
         self.padded: bool = not m.get("packing", True)
-        self._codec = HIDDEN_CODECS.get(m["hidden_codec"])
+        self._codecs = {layer: HIDDEN_CODECS.get(layer_codec(m, layer)) for layer in self.layers}
         self._starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
         self._chunks: OrderedDict = OrderedDict()
         self._chunk_cache = chunk_cache
@@ -78,6 +78,35 @@ class Cache:
             arrow, zdir, _ = shard_paths(s["index"])
             if arrow.rsplit("/", 1)[-1] not in present or zdir.rsplit("/", 1)[-1] not in present:
                 raise PipelineError(f"{self.root}: files of {s['name']} are missing")
+
+    # ------------------------------------------------------------------ exact targets
+    @property
+    def exact_layer(self) -> int | None:
+        """The teacher layer (n, its last block's output) that exact targets rebuild the logits from; None
+        when the cache holds no exact targets."""
+        exact = self.manifest.get("exact")
+        return int(exact["layer"]) if exact else None
+
+    def teacher_head(self):
+        """The teacher's final norm and head (head.TeacherHead) from the cache's head file, checked against the
+        manifest's checksum; a one-line error when the cache holds no exact targets or the file is damaged."""
+        import safetensors.torch
+
+        from pipeline.cache.checksum import digest_bytes
+        from pipeline.head import TeacherHead
+
+        exact = self.manifest.get("exact")
+        if not exact:
+            raise PipelineError(f"{self.root} holds no exact targets (cache.logits {self.manifest.get('logits', 'topk')}): "
+                                "set loss.logits_source=topk or rebuild with cache.logits=topk+exact")
+        if not self.storage.isfile(exact["file"]):
+            raise PipelineError(f"{self.root}: {exact['file']} (the teacher's head for exact targets) is missing")
+        with self.storage.open(exact["file"], "rb") as f:
+            data = f.read()
+        if digest_bytes(data) != exact["checksum"]:
+            raise PipelineError(f"{self.root}: {exact['file']} does not match its checksum in the manifest; rebuild "
+                                "the cache with `distill cache build CONFIG --overwrite`")
+        return TeacherHead.from_stored(safetensors.torch.load(data), exact)
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -167,7 +196,7 @@ class Cache:
         if self.padded:
             out["length"] = batch.column("length").to_numpy().astype(np.int64)
         r0 = chunk * self.chunk_sequences
-        out["hidden"] = {layer: self._codec.decode({suffix: a.read(chunk, r0, n)
+        out["hidden"] = {layer: self._codecs[layer].decode({suffix: a.read(chunk, r0, n)
                                                     for suffix, a in arrays[layer].items()})
                          for layer in self.decoded_layers}
         self._chunks[key] = out
@@ -240,6 +269,12 @@ class Cache:
                     bad.append(name)
             if combine_checksums(record["files"]) != s["checksum"]:
                 bad.append(f"{record_path} (record differs from manifest)")
+        exact = self.manifest.get("exact")
+        if exact:
+            if not self.storage.isfile(exact["file"]):
+                bad.append(f"{exact['file']} (missing)")
+            elif self.storage.checksum(exact["file"], like=exact["checksum"]) != exact["checksum"]:
+                bad.append(exact["file"])
         return bad
 
 

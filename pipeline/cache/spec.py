@@ -27,6 +27,11 @@ from pipeline.cache.writer import ShardLayout
 LOGITS_LEVEL = 9  # zstd level of the Arrow record batches (input ids, lse planes; the target blobs are compressed already)
 
 
+def stores_exact(cc) -> bool:
+    """Whether cache.logits stores exact full-distribution targets (the teacher's head + its layer n)."""
+    return "exact" in cc.logits
+
+
 def stored_targets(cc) -> tuple[int, int]:
     """(top-k, draws per position) that cache.logits stores; 0 = none of that kind."""
     return (cc.topk if "topk" in cc.logits else 0), (cc.samples if "sampled" in cc.logits else 0)
@@ -77,12 +82,20 @@ class CacheSpec:
     shard_sequences: int
     chunk_sequences: int
     id_order: np.ndarray = field(repr=False)  # order[rank] = token id (codecs.frequency_order of the corpus)
+    # layers stored at another codec than hidden_codec: ((layer, codec), ...); exact targets' layer n
+    layer_codecs: tuple[tuple[int, str], ...] = ()
+    # exact targets: the head file's record (manifest `exact`: file, checksum, bytes, layer, norm, ...); None
+    exact: dict | None = None
 
     @classmethod
     def from_config(cls, cfg, teacher: TeacherInfo, layers: list[int], seqs, teacher_digest: str,
-                    tokenizer_digest: str, order: np.ndarray) -> "CacheSpec":
+                    tokenizer_digest: str, order: np.ndarray, exact: dict | None = None) -> "CacheSpec":
+        """`exact`: the head file's record (build.py writes the file) when cache.logits stores exact targets."""
         cc, data = cfg.cache, cfg.data
         topk, samples = stored_targets(cc)
+        codecs = ()
+        if exact is not None and HIDDEN_CODECS.get(cc.exact_codec).name != HIDDEN_CODECS.get(cc.hidden_codec).name:
+            codecs = ((int(exact["layer"]), HIDDEN_CODECS.get(cc.exact_codec).name),)
         return cls(
             teacher=teacher, teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
             corpus_digest=seqs.digest(),
@@ -99,6 +112,7 @@ class CacheSpec:
             hidden_compressor=cc.hidden_compressor, hidden_level=cc.compression_level,
             side_compressor=side_compressor(cc.side_compressor, layers),
             shard_sequences=cc.shard_sequences, chunk_sequences=cc.chunk_sequences, id_order=order,
+            layer_codecs=codecs, exact=exact,
         )
 
     @property
@@ -136,6 +150,10 @@ class CacheSpec:
         }
         if self.samples:
             fp["sampling"] = self._sampling()
+        if self.exact is not None:  # absent otherwise: caches without exact targets keep their fingerprints
+            fp["exact"] = {"head_checksum": self.exact["checksum"], "layer": self.exact["layer"]}
+        if self.layer_codecs:
+            fp["codecs"]["layers"] = {str(i): c for i, c in self.layer_codecs}
         return fp
 
     def header(self) -> dict:
@@ -158,6 +176,10 @@ class CacheSpec:
         }
         if self.samples:
             header["sampling"] = {**self._sampling(), "count_dtype": count_dtype(self.samples).name}
+        if self.exact is not None:
+            header["exact"] = dict(self.exact)
+        if self.layer_codecs:
+            header["layer_codecs"] = {str(i): c for i, c in self.layer_codecs}
         return header
 
     def layout(self) -> ShardLayout:
@@ -166,5 +188,5 @@ class CacheSpec:
             n_temps=len(self.temperatures), hidden_codec=self.hidden_codec, id_dtype=self.id_dtype.name,
             padded=not self.packing, chunk_sequences=self.chunk_sequences, hidden_level=self.hidden_level,
             logits_level=LOGITS_LEVEL, hidden_compressor=self.hidden_compressor, train_sequences=self.train_sequences,
-            id_order=self.id_order.tobytes(), side_compressor=self.side_compressor,
+            id_order=self.id_order.tobytes(), side_compressor=self.side_compressor, layer_codecs=self.layer_codecs,
         )

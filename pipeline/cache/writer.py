@@ -74,6 +74,10 @@ class ShardLayout:
     id_order: bytes = b""  # the cache's id table, order[rank] = id (codecs.frequency_order), as raw bytes
     side_compressor: str = "brotli"  # cache.side_compressor: top-k ids and logits, one blob per chunk
     samples: int = 0  # K draws per position (sample_* columns); 0 = none. topk 0 = no top-k columns
+    layer_codecs: tuple[tuple[int, str], ...] = ()  # layers stored at another codec than hidden_codec
+
+    def codec(self, layer: int) -> str:
+        return dict(self.layer_codecs).get(layer, self.hidden_codec)
 
     def order(self) -> np.ndarray:
         return np.frombuffer(self.id_order, dtype=self.id_dtype)
@@ -157,7 +161,7 @@ def write_layer(store: Storage, zdir: str, layer: int, rows: dict, lay: ShardLay
         encoded, squares = rows["encoded"][layer], rows["token_squares"][layer]
     else:
         h = rows["hidden"][layer]
-        encoded = HIDDEN_CODECS.get(lay.hidden_codec).encode(h)
+        encoded = HIDDEN_CODECS.get(lay.codec(layer)).encode(h)
         squares = square_sums(h)
     files = {}
     for suffix, arr in encoded.items():
@@ -291,7 +295,7 @@ class ShardWriter:
             if "encoded" in rows:
                 parts = {s: a[:1] for s, a in rows["encoded"][layer].items()}
             else:
-                parts = HIDDEN_CODECS.get(lay.hidden_codec).encode(rows["hidden"][layer][:1])
+                parts = HIDDEN_CODECS.get(lay.codec(layer)).encode(rows["hidden"][layer][:1])
             for suffix, arr in parts.items():
                 name = hidden_array(layer, suffix)
                 self._group.create_array(

@@ -31,7 +31,7 @@ class LossSpec:
     hidden: str = "cosine"
     dynamics: str = "fdd"
     chunk_tokens: int | str = "auto"  # rows per chunk, auto (by device) or 0 = dense (pipeline/losses/chunked.py)
-    # auto | topk | sampled (pipeline/losses/sampled.py); the recipe resolves auto from the cache, and
+    # auto | topk | sampled (pipeline/losses/sampled.py) | exact; the recipe resolves auto from the cache, and
     # the proposal temperature of sampled targets from its manifest
     logits_source: str = "auto"
     proposal_temperature: float | None = None
@@ -48,6 +48,8 @@ class LossSpec:
         return dataclasses.replace(self, logits_args=args)
 
     def _targets(self) -> str:
+        if self.logits_source == "exact":
+            return "exact targets"
         if self.logits_source == "sampled":
             tp = f", proposal T={self.proposal_temperature:g}" if self.proposal_temperature is not None else ""
             return f"sampled targets{tp}"

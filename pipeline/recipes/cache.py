@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.cache.build import build_cache
 from pipeline.cache.codecs import STORED_LOGIT_DTYPES
+from pipeline.cache.manifest import layer_codec
 from pipeline.cache.reader import open_cache
 from pipeline.errors import PipelineError
 
@@ -39,11 +40,13 @@ def summarize(manifest: dict) -> dict:
     sample_bytes = sampling["samples"] * (id_bytes + logit_bytes + np.dtype(sampling["count_dtype"]).itemsize) if sampling else 0
     raw_side = m["topk"] * (id_bytes + logit_bytes) + sample_bytes + 4 * len(m["temperatures"]) + id_bytes
     d = m["teacher"]["hidden_size"]
-    raw_codec = {"fp32": 4 * d, "bf16": 2 * d, "fp16": 2 * d, "int8": d + 2}[m["hidden_codec"]]
+    raw_width = {"fp32": 4 * d, "bf16": 2 * d, "fp16": 2 * d, "int8": d + 2}  # raw bytes per token of a layer
+    raw_hidden = sum(raw_width[layer_codec(m, layer)] for layer in m["layers"])
     per_layer = {
         str(layer): sum(s["bytes"]["hidden"][str(layer)] for s in m["shards"]) for layer in m["layers"]
     }
     hidden_total = sum(per_layer.values())
+    head = (m.get("exact") or {}).get("bytes", 0)  # exact targets' teacher head, stored once
     return {
         "format_version": m["format_version"],
         "teacher": m["teacher"],
@@ -51,11 +54,12 @@ def summarize(manifest: dict) -> dict:
         "hidden_compressor": m["fingerprint"]["codecs"]["hidden_compressor"],
         "side_compressor": m["side_compressor"],
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
-        "logits": m.get("logits", "topk"), "sampling": sampling,
+        "logits": m.get("logits", "topk"), "sampling": sampling, "exact": m.get("exact"),
+        "layer_codecs": m.get("layer_codecs") or {},
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],
         "split": m["split"], "shards": len(m["shards"]),
-        "bytes": {"side_data": side, "hidden": hidden_total, "total": side + hidden_total},
+        "bytes": {"side_data": side, "hidden": hidden_total, "head": head, "total": side + hidden_total + head},
         "bytes_per_token": {
             "side_data": side / positions,
             "hidden_per_layer": {k: v / positions for k, v in per_layer.items()},
@@ -63,7 +67,7 @@ def summarize(manifest: dict) -> dict:
         },
         "compression_ratio": {
             "side_data_vs_raw": side / positions / raw_side,
-            "hidden_vs_raw_codec": hidden_total / positions / max(1, raw_codec * len(m["layers"])),
+            "hidden_vs_raw_codec": hidden_total / positions / max(1, raw_hidden),
             "hidden_vs_fp32": hidden_total / positions / max(1, 4 * d * len(m["layers"])),
         },
     }
@@ -89,8 +93,14 @@ def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | No
         sp = info["sampling"]
         lines.append(f"sampled      K={sp['samples']} draws per position at T={sp['proposal_temperature']:g} "
                      f"(seed {sp['seed']}), logits {info['logit_dtype']}")
+    if info["exact"]:
+        ex = info["exact"]
+        codec = info["layer_codecs"].get(str(ex["layer"]), info["hidden_codec"])
+        lines.append(f"exact        layer {ex['layer']} ({codec}) + the teacher's {ex['norm']} norm and head "
+                     f"({ex['bytes'] / 2**20:.1f} MiB, {ex['file']}, stored once)")
+    others = "".join(f", layer {k} {v}" for k, v in info["layer_codecs"].items())
     lines += [
-        f"layers       {info['layers']} ({info['hidden_codec']}, Blosc {info['hidden_compressor']})",
+        f"layers       {info['layers']} ({info['hidden_codec']}{others}, Blosc {info['hidden_compressor']})",
         f"side data    {b['side_data']:.1f} B/token ({r['side_data_vs_raw']:.2f} of raw)",
         f"hidden       {b['hidden_all_layers']:.0f} B/token for {len(per_layer)} layers "
         f"({r['hidden_vs_raw_codec']:.2f} of raw {info['hidden_codec']}, {r['hidden_vs_fp32']:.3f} of fp32)",

@@ -143,10 +143,11 @@ def resolve_logits_source(loss, cache_cfg=None, manifest: dict | None = None):
         where = f"the online teacher is configured with cache.logits {mode}"
     source = loss.logits_source
     if source == "auto":
-        source = "sampled" if mode == "sampled" else "topk"
+        source = "exact" if "exact" in mode else "sampled" if mode == "sampled" else "topk"
     if source not in mode:
-        raise PipelineError(f"loss.logits_source {source}: {where}; set loss.logits_source="
-                            f"{'sampled' if mode == 'sampled' else 'topk'} or rebuild with cache.logits=topk+sampled")
+        held = mode.split("+")[0]
+        raise PipelineError(f"loss.logits_source {source}: {where}; set loss.logits_source={held} or rebuild with "
+                            f"cache.logits=topk+{'exact' if source == 'exact' else 'sampled'}")
     return dataclasses.replace(loss, logits_source=source,
                                proposal_temperature=float(proposal) if source == "sampled" else None).checked()
 
@@ -261,6 +262,7 @@ class _Data:
     collator: typing.Any
     capture: typing.Any = None
     hidden_norms: dict[int, float] | None = None
+    exact: typing.Any = None  # trainer.ExactTargets (loss.logits_source exact)
 
 
 def _resume_checkpoint(resume: str | None, out: Path) -> str | None:
@@ -349,8 +351,10 @@ def _datasets(cfg, online: bool, args, loss, teacher: _Teacher, layer_map: dict[
     from pipeline.train.dataset import CacheDataset, collate
 
     needed = sorted(set(layer_map.values())) if loss.needs_states else []
+    exact = _exact_targets(online, loss, teacher)
     if online:
-        train_ds, eval_ds, capture, collator = _online_datasets(cfg, loss, teacher.model, teacher.tokenizer, needed)
+        captured = sorted(set(needed) | ({exact.layer} if exact else set()))
+        train_ds, eval_ds, capture, collator = _online_datasets(cfg, loss, teacher.model, teacher.tokenizer, captured)
     else:
         so = cfg.cache.storage_options
         train_ds = CacheDataset(cfg.cache.dir, "train", needed, loss.temperature, logits=loss.beta > 0,
@@ -371,7 +375,25 @@ def _datasets(cfg, online: bool, args, loss, teacher: _Teacher, layer_map: dict[
             hidden_norms = online_mean_square(capture, train_ds, cfg.cache.batch_size, teacher.width)
         else:
             hidden_norms = teacher.cache.hidden_mean_square(needed, progress=args.should_save)
-    return _Data(train=train_ds, eval=eval_ds, collator=collator, capture=capture, hidden_norms=hidden_norms)
+    return _Data(train=train_ds, eval=eval_ds, collator=collator, capture=capture, hidden_norms=hidden_norms,
+                 exact=exact)
+
+
+def _exact_targets(online: bool, loss, teacher: _Teacher):
+    """Exact targets' head and layer n: the cache's stored head (checked against its checksum), or the live
+    teacher's own; None for other targets."""
+    from pipeline.head import teacher_head
+    from pipeline.train.trainer import ExactTargets
+
+    if loss.logits_source != "exact" or loss.beta <= 0:
+        return None
+    if not online:
+        return ExactTargets(teacher.cache.teacher_head(), teacher.cache.exact_layer)
+    head, why = teacher_head(teacher.model)
+    if head is None:
+        raise PipelineError(f"loss.logits_source exact: the teacher's logits cannot be rebuilt from its last block "
+                            f"output: {why}")
+    return ExactTargets(head, teacher.n_layers)
 
 
 def _online_datasets(cfg, loss, model, tokenizer, needed: list[int]):
@@ -387,7 +409,9 @@ def _online_datasets(cfg, loss, model, tokenizer, needed: list[int]):
     eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
     sampled = loss.logits_source == "sampled"
     temps = sorted({float(loss.temperature), float(loss.proposal_temperature)} if sampled else {float(loss.temperature)})
-    capture = TeacherCapture(model, needed, 0 if sampled else cc.topk, temps, cc.logit_dtype,
+    # exact targets read the captured layer n (in `needed`); the top-1 kept is what the capture cannot do without
+    topk = 0 if sampled else 1 if loss.logits_source == "exact" else cc.topk
+    capture = TeacherCapture(model, needed, topk, temps, cc.logit_dtype,
                              samples=cc.samples if sampled else 0, proposal_temperature=cc.proposal_temperature,
                              sample_seed=cc.sample_seed)
     return train_ds, eval_ds, capture, OnlineTeacherCollator(capture, loss.temperature)
@@ -422,6 +446,7 @@ def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, st
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if len(data.eval) else None,
         data_collator=data.collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
         projector_lr_multiplier=cfg.mapping.projector_lr_multiplier, hidden_norms=data.hidden_norms,
+        exact=data.exact,
     )
     if args.should_save:
         echo(f"train ({'online' if online else 'cache'}): student {student.spec} "

@@ -145,6 +145,7 @@ class TeacherCapture:
         samples: int = 0,
         proposal_temperature: float = 1.0,
         sample_seed: int = 0,
+        layer_codecs: dict[int, str] | None = None,
     ):
         self.model = model
         self.layers = sorted(set(layers))
@@ -157,6 +158,9 @@ class TeacherCapture:
         self.head_chunk_tokens = head_chunk_tokens  # None: by device (_head_chunk)
         # encode block outputs on the teacher's device, copy only the encoding
         self.codec = HIDDEN_CODECS.get(hidden_codec) if hidden_codec is not None else None
+        # per layer, where a layer's codec is another than hidden_codec (exact targets' layer n)
+        self.codecs = {} if self.codec is None else {
+            i: HIDDEN_CODECS.get((layer_codecs or {}).get(i, hidden_codec)) for i in self.layers}
         self.head_spec, why = head_spec(model)  # the final-logit transform, applied to each chunk of head logits
         if self.head_spec is None:
             raise PipelineError(f"teacher: cannot reproduce its logits: {why}")
@@ -164,9 +168,10 @@ class TeacherCapture:
         bad = [i for i in self.layers if not 0 <= i <= n]
         if bad:
             raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n})")
-        # topk 0: no top-k targets (a cache of sampled logits only); samples 0: no draws
+        # topk 0: no top-k targets (a cache of sampled or exact targets only; the lse is then the full
+        # vocabulary's); samples 0: no draws
         self.samples, self.proposal_temperature, self.sample_seed = int(samples), float(proposal_temperature), int(sample_seed)
-        if not (0 if self.samples else 1) <= topk <= self.vocab_size:
+        if not 0 <= topk <= self.vocab_size:
             raise PipelineError(f"cache.topk: {topk} must be between 1 and the vocabulary size {self.vocab_size}")
         if self.samples < 0:
             raise PipelineError(f"cache.samples: {samples} must be >= 1")
@@ -234,7 +239,7 @@ class TeacherCapture:
         else:
             for i in self.layers:
                 h = self._store[i].float()
-                for suffix, arr in self.codec.encode_torch(h).items():
+                for suffix, arr in self.codecs[i].encode_torch(h).items():
                     dev[("encoded", i, suffix)] = arr
                 # fp32 on the device (no float64 there); each token's sum over d features is off the writer's
                 # float64 sum by at most d float32 roundings, relative; the host adds tokens up in float64

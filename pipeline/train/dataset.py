@@ -95,10 +95,16 @@ class CacheDataset(Dataset):
                  storage_options: dict | None = None, source: str = "topk"):
         self.cache_dir = str(cache_dir)  # a folder or an fsspec URL (opened with storage_options)
         self.storage_options = dict(storage_options or {})
-        self.source = source  # topk | sampled: which teacher targets an item carries
+        self.source = source  # topk | sampled | exact: which teacher targets an item carries
         self.layers = sorted(set(int(x) for x in layers))
+        if source == "exact" and logits:  # the teacher's layer n stands in for the logits (hidden_<n>)
+            probe = open_cache(self.cache_dir, layers=[], logits=False, storage_options=self.storage_options)
+            if probe.exact_layer is None:
+                probe.teacher_head()  # the one-line error of a cache without exact targets
+            self.layers = sorted(set(self.layers) | {probe.exact_layer})
+            logits = False  # no top-k ids, logits or lse: the full distribution comes from layer n
         self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
-        cache = self._open()  # the mapped layers only
+        cache = self._open()  # the mapped layers only (and layer n for exact targets)
         self.indices = list(cache.indices(split))
         self.temperature = cached_temperature(cache.temperatures, temperature)
         self.proposal_temperature = None

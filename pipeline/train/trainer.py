@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import PipelineError
-from pipeline.head import final_hidden, head_spec
+from pipeline.head import TeacherHead, final_hidden, head_spec
 from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
@@ -67,15 +67,21 @@ TARGET_KEYS = {
 }
 
 
-def vocab_terms(spec: LossSpec, inputs: dict, rows: torch.Tensor, want_ce: bool) -> VocabTerms:
+def vocab_terms(spec: LossSpec, inputs: dict, rows: torch.Tensor, want_ce: bool,
+                exact: "ExactTargets | None" = None) -> VocabTerms:
     """The vocabulary terms of a batch at its valid next-token positions `rows` [M] (flat indices into
     [B * T]): CE's targets (token t + 1; None unless `want_ce`) and, with beta > 0, the teacher targets of
-    the loss's source, each [B, T, ...] batch tensor flattened to [M, ...]."""
+    the loss's source, each [B, T, ...] batch tensor flattened to [M, ...]. Exact targets (`exact`, the
+    teacher's head and its layer n) read the batch's layer-n hidden states."""
     ids = inputs["input_ids"]
     targets = torch.roll(ids, -1, dims=1).reshape(-1).index_select(0, rows) if want_ce else None
     terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets)
     if spec.beta <= 0:
         return terms
+    if spec.logits_source == "exact":
+        last = inputs[hidden_key(exact.layer)].reshape(ids.numel(), -1).index_select(0, rows)  # [M, d_t]
+        return dataclasses.replace(terms, divergence=spec.logits, args=spec.logits_args, temperature=spec.temperature,
+                                   teacher_last=last, teacher_head=exact.head)
     source = "sampled" if spec.logits_source == "sampled" else "topk"  # auto (unresolved) reads top-k
     flat = {field: inputs[key].reshape(ids.numel(), -1).index_select(0, rows)
             for field, key in TARGET_KEYS[source].items()}
@@ -88,10 +94,22 @@ def vocab_terms(spec: LossSpec, inputs: dict, rows: torch.Tensor, want_ce: bool)
                                **flat)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExactTargets:
+    """Exact full-distribution targets: the teacher's final norm and head, and the layer (n) they read."""
+
+    head: TeacherHead
+    layer: int
+
+
 class UniversalDistillationTrainer(TrainerAdapter):
     def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
-                 projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None, **kwargs):
+                 projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None,
+                 exact: ExactTargets | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if (loss.logits_source == "exact" and loss.beta > 0) != (exact is not None):
+            raise ValueError("exact targets need loss.logits_source exact and the teacher's head, both or neither")
+        self.exact = None if exact is None else ExactTargets(exact.head.to(self.args.device), exact.layer)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise PipelineError("the projectors live beside the student: DeepSpeed and FSDP are not supported "
                                 "(use DDP: torchrun --nproc_per_node N)")
@@ -153,7 +171,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._student_hidden = {}
         B, T = ids.shape
         # CE is logged at evaluation always, in training only when it is part of the loss
-        terms = vocab_terms(spec, inputs, rows, want_ce=spec.alpha > 0 or not model.training)
+        terms = vocab_terms(spec, inputs, rows, want_ce=spec.alpha > 0 or not model.training, exact=self.exact)
         if self._chunk:  # the forward stops at the final hidden states; the head runs chunk by chunk
             self._final_hidden = None
             model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)

@@ -121,7 +121,7 @@ def test_logit_targets_are_in_the_fingerprint(tiny_config):
         ({"cache__logits": "sampled", "cache__proposal_temperature": 0.0}, "cache.proposal_temperature: 0.0 must be > 0"),
         ({"cache__logits": "sampled", "cache__proposal_temperature": -1.0}, "cache.proposal_temperature: -1.0 must be > 0"),
         ({"cache__logits": "sampled", "cache__proposal_temperature": 1.5}, "must be one of cache.temperatures (1, 2)"),
-        ({"cache__logits": "sample"}, "cache.logits: 'sample' is not one of topk, sampled, topk+sampled"),
+        ({"cache__logits": "sample"}, "cache.logits: 'sample' is not one of topk, sampled, exact, topk+sampled, topk+exact, sampled+exact, topk+sampled+exact"),
     ],
 )
 def test_bad_sampling_input_one_line_no_cache(tiny_config, overrides, message):
