@@ -90,17 +90,26 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
     """{"perplexity", "kl_to_teacher", "tokens", "sequences", "kl_support", "per_sequence"} of `model` on the
     held-out split of an open cache (pipeline.cache.open_cache); kl_to_teacher is None when T = 1 was not cached.
     per_sequence holds, in held-out order, each sequence's summed NLL, summed KL and scored positions: two
-    models scored on one cache pair up sequence by sequence (pipeline.evaluate.metrics.paired_heldout)."""
-    from pipeline.losses.logits import logits_loss
+    models scored on one cache pair up sequence by sequence (pipeline.evaluate.metrics.paired_heldout).
+
+    A cache with exact targets opened with its layer n (`open_cache(dir, layers=[n])`) gives the exact KL
+    over the whole vocabulary, from the teacher's logits rebuilt from layer n; with top-k targets too, the
+    top-k + tail bucket KL is kept beside it as kl_to_teacher_topk (per_sequence kl_topk)."""
+    from pipeline.losses.logits import exact_logits_loss, logits_loss
 
     rows = list(cache.indices("heldout"))
     if not rows:
         raise PipelineError(f"{cache.root} has no held-out sequences (it was built with data.heldout_fraction 0)")
     temp = next((t for t in cache.temperatures if abs(t - KL_TEMPERATURE) <= 1e-6), None)
-    if not cache.topk:  # a cache of sampled targets only: the KL needs the top-k buckets
-        temp = None
     device = next(model.parameters()).device
+    n = cache.exact_layer
+    head = cache.teacher_head().to(device) if n is not None and n in cache.decoded_layers else None
+    topk_temp = temp if cache.topk else None  # the top-k buckets' KL needs T = 1 cached
+    # the exact KL needs no cached temperature; without it a cache of sampled targets only has no KL to report
+    temp = KL_TEMPERATURE if head is not None else topk_temp
     per_seq: dict[str, list] = {"nll": [], "kl": [], "tokens": []}  # sums per held-out sequence; totals below
+    if head is not None and topk_temp is not None:
+        per_seq["kl_topk"] = []
     for s in tqdm(range(0, len(rows), batch_size), desc="held-out (cache)", unit="batch", disable=not progress):
         items = [cache[i] for i in rows[s : s + batch_size]]
         ids = torch.as_tensor(np.stack([r["input_ids"] for r in items]), dtype=torch.long, device=device)  # [B, T]
@@ -115,22 +124,34 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
             per_seq["tokens"].append(m_b)
             if temp is None:
                 continue
-            row_kl = 0.0
-            if m_b:
-                # the teacher's distribution for the token after position t sits at position t
+            row_kl = row_topk = 0.0
+            # the teacher's distribution for the token after position t sits at position t
+            if m_b and topk_temp is not None:
                 teacher = [torch.tensor(a[:-1], device=device)
-                           for a in (item["topk_ids"], item["topk_logits"], item["lse"][temp])]
+                           for a in (item["topk_ids"], item["topk_logits"], item["lse"][topk_temp])]
                 mean = logits_loss("kl", logits[b], *teacher, target_ok[b], KL_TEMPERATURE, tail="bucket")
-                row_kl = float(mean) * m_b
+                row_topk = float(mean) * m_b
+            if m_b and head is not None:
+                keep = target_ok[b].bool()
+                z_t = head.logits(torch.as_tensor(item["hidden"][n][:-1], device=device)[keep])
+                row_kl = float(exact_logits_loss("kl", logits[b][keep], z_t, KL_TEMPERATURE)) * m_b
+            else:
+                row_kl = row_topk
             per_seq["kl"].append(row_kl)
+            if "kl_topk" in per_seq:
+                per_seq["kl_topk"].append(row_topk)
     count = sum(per_seq["tokens"])
     if count == 0:
         raise PipelineError(f"{cache.root}: no valid next-token positions in the held-out split")
-    return {
+    out = {
         "perplexity": _perplexity(sum(per_seq["nll"]) / count),
         "kl_to_teacher": sum(per_seq["kl"]) / count if temp is not None else None,
         "tokens": count,
         "sequences": len(rows),
-        "kl_support": f"top-{cache.topk} + tail bucket" if temp is not None else None,
+        "kl_support": ("full vocabulary (exact targets)" if head is not None else f"top-{cache.topk} + tail bucket"
+                       ) if temp is not None else None,
         "per_sequence": {**per_seq, "kl": per_seq["kl"] if temp is not None else None},
     }
+    if "kl_topk" in per_seq:
+        out["kl_to_teacher_topk"] = sum(per_seq["kl_topk"]) / count
+    return out

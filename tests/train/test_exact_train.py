@@ -89,16 +89,36 @@ def test_heldout_kl_before_training_equals_the_live_teachers_fp64(exact, train_o
     state = json.loads((out / "trainer_state.json").read_text())
     before = next(h for h in state["log_history"] if h.get("step") == 0 and "eval_loss_kl" in h)
 
-    cache = open_cache(exact["root"] / "cache")
-    ids = torch.stack([torch.from_numpy(cache[i]["input_ids"]) for i in cache.indices("heldout")]).long()
-    T = 2.0
-    with torch.no_grad():
-        zt = AutoModelForCausalLM.from_pretrained(exact["teacher"]).double()(input_ids=ids).logits[:, :-1]
-        zs = AutoModelForCausalLM.from_pretrained(exact["student"]).double()(input_ids=ids).logits[:, :-1]
-    log_p, log_q = torch.log_softmax(zt / T, -1), torch.log_softmax(zs / T, -1)
-    want = T**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    want = 2.0**2 * _fp64_heldout_kl(exact, exact["student"], 2.0)
     # fp32 forwards of 2-4 blocks and an fp32 softmax over 258 ids: relative error ~1e-6
     assert abs(before["eval_loss_kl"] - want) <= 1e-5 * want, (before["eval_loss_kl"], want)
+
+
+def _fp64_heldout_kl(exact, model_dir, T: float) -> float:
+    """Mean KL(teacher_T || model_T) over the cache's held-out next-token positions, both distributions from
+    the models' own forwards in float64."""
+    cache = open_cache(exact["root"] / "cache")
+    ids = torch.stack([torch.from_numpy(cache[i]["input_ids"]) for i in cache.indices("heldout")]).long()
+    with torch.no_grad():
+        zt = AutoModelForCausalLM.from_pretrained(exact["teacher"]).double()(input_ids=ids).logits[:, :-1]
+        zs = AutoModelForCausalLM.from_pretrained(model_dir).double()(input_ids=ids).logits[:, :-1]
+    log_p, log_q = torch.log_softmax(zt / T, -1), torch.log_softmax(zs / T, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def test_eval_reports_the_exact_heldout_kl(exact, tmp_path):
+    """`distill eval --heldout` on a cache with exact targets: KL(teacher || model) at T = 1 over the whole
+    vocabulary (the live teacher's own fp64 forward as reference), the top-k bucket KL beside it."""
+    out = tmp_path / "student.json"
+    result = CliRunner().invoke(main, ["eval", "--model", exact["student"], "--heldout", str(exact["root"] / "cache"),
+                                       "--tasks", "none", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    h = json.loads(out.read_text())["heldout"]
+    want = _fp64_heldout_kl(exact, exact["student"], 1.0)
+    assert h["kl_support"] == "full vocabulary (exact targets)"
+    assert abs(h["kl_to_teacher"] - want) <= 1e-5 * want, (h["kl_to_teacher"], want)
+    assert abs(sum(h["per_sequence"]["kl"]) / h["tokens"] - h["kl_to_teacher"]) <= 1e-9
+    assert h["kl_to_teacher_topk"] < 0.9 * want  # the top-8 bucket KL misses the tail's shape
 
 
 def test_exact_cache_matches_online(exact, train_overrides):
