@@ -33,16 +33,17 @@ bench: setup
 	$(BIN)/python scripts/bench_eval.py
 	$(BIN)/python scripts/bench_ablate.py
 
+# $(call prune,DIR,ARGS): the packaged teacher pruned by ARGS into DIR, once (kept when DIR/pruning.json exists)
+prune = test -f $(1)/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct --out $(1) $(2) --overwrite
+WIDTH := --hidden-size 504 --intermediate-size 1344
+
 # The chapter-6 experiment (docs/results.md): three pruned students, one cache, the ablations, an online run
 # for the cost table, the main run's report, then the tables. Finished steps are kept and skipped on rerun.
 EXP := runs/experiments
 experiments: setup
-	test -f $(EXP)/students/depth/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
-	    --out $(EXP)/students/depth --remove 6 --overwrite
-	test -f $(EXP)/students/width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
-	    --out $(EXP)/students/width --hidden-size 504 --intermediate-size 1344 --overwrite
-	test -f $(EXP)/students/depth_width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
-	    --out $(EXP)/students/depth_width --remove 6 --hidden-size 504 --intermediate-size 1344 --overwrite
+	$(call prune,$(EXP)/students/depth,--remove 6)
+	$(call prune,$(EXP)/students/width,$(WIDTH))
+	$(call prune,$(EXP)/students/depth_width,--remove 6 $(WIDTH))
 	$(BIN)/distill ablate configs/experiments/objectives.yaml
 	$(BIN)/distill ablate configs/experiments/students.yaml
 	$(BIN)/distill ablate configs/experiments/seeds.yaml
@@ -57,10 +58,8 @@ experiments: setup
 # resumes (finished variants are skipped, an interrupted one continues from its last checkpoint).
 BUD := runs/budget
 budget: setup
-	test -f $(BUD)/students/depth/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
-	    --out $(BUD)/students/depth --remove 6 --overwrite
-	test -f $(BUD)/students/width/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct \
-	    --out $(BUD)/students/width --hidden-size 504 --intermediate-size 1344 --overwrite
+	$(call prune,$(BUD)/students/depth,--remove 6)
+	$(call prune,$(BUD)/students/width,$(WIDTH))
 	$(BIN)/distill ablate configs/budget/recovery.yaml
 
 clean:

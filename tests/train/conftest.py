@@ -74,6 +74,18 @@ def tiny_pair(root: Path) -> tuple[str, str]:
     return teacher, student
 
 
+def tiny_cache(root: Path, extra: list[str]) -> dict:
+    """{root, teacher, student, overrides}: the tiny pair under `root` and a cache built with the base
+    overrides plus `extra` (cache.* settings of the targets under test)."""
+    from pipeline.config import load_config
+    from pipeline.recipes.cache import build_cache
+
+    teacher, student = tiny_pair(root)
+    overrides = base_overrides(root, teacher, student, str(root / "cache")) + extra
+    build_cache(load_config(None, overrides))
+    return {"root": root, "teacher": teacher, "student": student, "overrides": overrides}
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{root, teacher, student, cache, overrides}: a 4-block d=32 teacher, a 2-block d=24 student."""

@@ -18,8 +18,8 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.recipes.train import run_train
 
-from .conftest import base_overrides, tiny_pair
-from .test_parity import _first_log, train_cache_and_online
+from .conftest import tiny_cache
+from .test_parity import _first_log, assert_same_losses_and_update, first_logs_by_chunk, train_cache_and_online
 
 EXACT = ["cache.logits=topk+exact", "cache.exact_codec=fp32", "cache.topk=8"]  # top-8: the top-k targets differ
 KL_ONLY = ["loss.alpha=0", "loss.beta=1", "loss.gamma=0"]
@@ -28,13 +28,7 @@ KL_ONLY = ["loss.alpha=0", "loss.beta=1", "loss.gamma=0"]
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory):
     """{root, teacher, student, overrides}: the tiny pair and a topk+exact cache."""
-    from pipeline.recipes.cache import build_cache
-
-    root = tmp_path_factory.mktemp("exact")
-    teacher, student = tiny_pair(root)
-    overrides = base_overrides(root, teacher, student, str(root / "cache")) + EXACT
-    build_cache(load_config(None, overrides))
-    return {"root": root, "teacher": teacher, "student": student, "overrides": overrides}
+    return tiny_cache(tmp_path_factory.mktemp("exact"), EXACT)
 
 
 def test_the_cache_stores_the_head_once_and_layer_n(exact):
@@ -125,24 +119,12 @@ def test_exact_cache_matches_online(exact, train_overrides):
     """The live teacher's own head and layer n give the same losses and the same update as the cache's."""
     runs = train_cache_and_online(exact["root"], exact["overrides"], ["loss.logits_source=exact", "loss.logits=skew_kl"],
                                   train_overrides, "parity")
-    a, b = _first_log(runs[False]), _first_log(runs[True])
-    keys = [k for k in a if k.startswith("loss")]
-    assert {"loss", "loss_ce", "loss_kl", "loss_hidden"} <= set(keys)
-    for k in keys:
-        assert abs(a[k] - b[k]) <= 1e-6 * abs(b[k]) + 1e-8, (k, a[k], b[k])
-    sa = load_file(str(runs[False] / "student" / "model.safetensors"))
-    sb = load_file(str(runs[True] / "student" / "model.safetensors"))
-    for name in sa:
-        torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6)
+    assert_same_losses_and_update(runs, rel=1e-6)
 
 
 def test_dense_and_chunked_agree(exact, train_overrides):
-    logs = {}
-    for chunk in (0, 7):
-        out = exact["root"] / f"chunk_{chunk}"
-        run_train(load_config(None, exact["overrides"] + train_overrides(out) + [
-            "loss.logits_source=exact", f"loss.chunk_tokens={chunk}", "loss.logits=jsd"]))
-        logs[chunk] = _first_log(out)
+    logs = first_logs_by_chunk(exact["root"], exact["overrides"], ["loss.logits_source=exact", "loss.logits=jsd"],
+                               train_overrides)
     for k in ("loss", "loss_kl", "loss_ce"):
         assert abs(logs[0][k] - logs[7][k]) <= 1e-5 * abs(logs[0][k]), (k, logs[0][k], logs[7][k])
 

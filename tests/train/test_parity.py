@@ -16,6 +16,30 @@ def _first_log(run_dir):
     return next(h for h in state["log_history"] if "loss" in h)
 
 
+def assert_same_losses_and_update(runs: dict, rel: float, weights_rtol: float = 1e-5) -> None:
+    """The cache run and the online run of train_cache_and_online logged the same first losses (each within
+    `rel`, relative) and trained the same student."""
+    a, b = _first_log(runs[False]), _first_log(runs[True])
+    keys = [k for k in a if k.startswith("loss")]
+    assert {"loss", "loss_ce", "loss_kl", "loss_hidden"} <= set(keys)
+    for k in keys:
+        assert abs(a[k] - b[k]) <= rel * abs(b[k]) + 1e-8, (k, a[k], b[k])
+    sa = load_file(str(runs[False] / "student" / "model.safetensors"))
+    sb = load_file(str(runs[True] / "student" / "model.safetensors"))
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=weights_rtol, atol=1e-6)
+
+
+def first_logs_by_chunk(root, overrides: list[str], extra: list[str], train_overrides, chunks=(0, 7)) -> dict:
+    """{chunk_tokens: the first logged losses} of one step per setting (0 = the dense path)."""
+    logs = {}
+    for chunk in chunks:
+        out = root / f"chunk_{chunk}"
+        run_train(load_config(None, overrides + train_overrides(out) + extra + [f"loss.chunk_tokens={chunk}"]))
+        logs[chunk] = _first_log(out)
+    return logs
+
+
 def train_cache_and_online(root, overrides: list[str], extra: list[str], train_overrides, prefix: str) -> dict:
     """The same config (overrides, the training keys, then extra) trained from the cache and with the live
     teacher (--online), SGD at lr 0.5 so that a difference in any term shows in the first logged losses

@@ -7,28 +7,22 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.recipes.train import run_train
 
-from .conftest import base_overrides, tiny_pair
-from .test_parity import _first_log, train_cache_and_online
+from .conftest import tiny_cache
+from .test_parity import _first_log, assert_same_losses_and_update, first_logs_by_chunk, train_cache_and_online
 
 SAMPLED = ["cache.logits=topk+sampled", "cache.samples=16", "cache.proposal_temperature=1.0"]
 
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
-    """{root, overrides}: the tiny pair and a topk+sampled cache (K = 16 at Tp = 1; loss T = 2: weighted)."""
-    from pipeline.recipes.cache import build_cache
-
-    root = tmp_path_factory.mktemp("sampled")
-    teacher, student = tiny_pair(root)
-    overrides = base_overrides(root, teacher, student, str(root / "cache")) + SAMPLED
-    build_cache(load_config(None, overrides))
-    return {"root": root, "overrides": overrides}
+    """{root, teacher, student, overrides}: the tiny pair and a topk+sampled cache (K = 16 at Tp = 1; loss
+    T = 2: weighted)."""
+    return tiny_cache(tmp_path_factory.mktemp("sampled"), SAMPLED)
 
 
 def _history(run_dir):
@@ -57,25 +51,12 @@ def test_sampled_cache_matches_online(sampled, train_overrides):
     """The live teacher draws with the same (seed, sequence index) streams: same losses and the same update."""
     runs = train_cache_and_online(sampled["root"], sampled["overrides"], ["loss.logits_source=sampled"],
                                   train_overrides, "parity")
-    a, b = _first_log(runs[False]), _first_log(runs[True])
-    keys = [k for k in a if k.startswith("loss")]
-    assert {"loss", "loss_ce", "loss_kl", "loss_hidden"} <= set(keys)
-    for k in keys:
-        assert abs(a[k] - b[k]) <= 1e-4 * abs(b[k]) + 1e-7, (k, a[k], b[k])
-    sa = load_file(str(runs[False] / "student" / "model.safetensors"))
-    sb = load_file(str(runs[True] / "student" / "model.safetensors"))
-    for name in sa:
-        torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6)
+    assert_same_losses_and_update(runs, rel=1e-4)
 
 
 def test_dense_and_chunked_agree(sampled, train_overrides):
-    logs = {}
-    for chunk in (0, 7):
-        out = sampled["root"] / f"chunk_{chunk}"
-        cfg = load_config(None, sampled["overrides"] + train_overrides(out) + [
-            "loss.logits_source=sampled", f"loss.chunk_tokens={chunk}", "loss.logits=skew_kl"])
-        run_train(cfg)
-        logs[chunk] = _first_log(out)
+    logs = first_logs_by_chunk(sampled["root"], sampled["overrides"],
+                               ["loss.logits_source=sampled", "loss.logits=skew_kl"], train_overrides)
     for k in ("loss", "loss_kl", "loss_ce"):
         assert abs(logs[0][k] - logs[7][k]) <= 1e-5 * abs(logs[0][k]), (k, logs[0][k], logs[7][k])
     assert abs(logs[0]["grad_norm"] - logs[7]["grad_norm"]) <= 1e-4 * logs[0]["grad_norm"]
