@@ -252,6 +252,22 @@ class Cache:
             acc.add({layer: h[None] for layer, h in row["hidden"].items()}, valid)
         return acc.mean_square(int(self.manifest["teacher"]["hidden_size"]))
 
+    def target_bytes(self) -> dict[str, int]:
+        """{column: stored bytes} of each teacher-target column (top-k ids and logits, the draws' ids, counts and
+        logits) over the whole cache: the compressed blobs, one per chunk, as the side compressor left them."""
+        import pyarrow.compute as pc
+
+        totals: dict[str, int] = {}
+        for s in self.manifest["shards"]:
+            reader = pa.ipc.open_file(self.storage.arrow_source(shard_paths(s["index"])[0]))
+            for name in TARGET_COLUMNS:
+                if name not in reader.schema.names:
+                    continue
+                for i in range(reader.num_record_batches):
+                    lengths = pc.binary_length(reader.get_batch(i).column(name))
+                    totals[name] = totals.get(name, 0) + int(pc.sum(lengths).as_py() or 0)
+        return totals
+
     # ------------------------------------------------------------------ integrity
     def verify(self) -> list[str]:
         """Recompute every checksum; returns the bad files (relative paths), empty when sound."""

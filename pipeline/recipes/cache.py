@@ -74,7 +74,11 @@ def summarize(manifest: dict) -> dict:
 
 
 def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | None = None) -> dict:
-    info = summarize(open_cache(cache_dir, storage_options=storage_options).manifest)
+    cache = open_cache(cache_dir, layers=[], storage_options=storage_options)
+    info = summarize(cache.manifest)
+    positions = info["sequences"] * info["seq_len"]
+    # what each kind of teacher target costs: its columns' blobs, and for exact targets layer n
+    info["bytes_per_token"]["targets"] = {k: v / positions for k, v in cache.target_bytes().items()}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return info
@@ -89,15 +93,19 @@ def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | No
         f"top-k        k={info['topk']}, logits {info['logit_dtype']}, temperatures {info['temperatures']}; "
         f"ids as frequency ranks, {info['side_compressor']} per chunk",
     ]
+    targets = b["targets"]
+    if info["topk"]:
+        lines[-1] += f"; {targets.get('topk_ids', 0) + targets.get('topk_logits', 0):.1f} B/token"
     if info["sampling"]:
         sp = info["sampling"]
+        draws = sum(targets.get(k, 0) for k in ("sample_ids", "sample_counts", "sample_logits"))
         lines.append(f"sampled      K={sp['samples']} draws per position at T={sp['proposal_temperature']:g} "
-                     f"(seed {sp['seed']}), logits {info['logit_dtype']}")
+                     f"(seed {sp['seed']}), logits {info['logit_dtype']}; {draws:.1f} B/token")
     if info["exact"]:
         ex = info["exact"]
         codec = info["layer_codecs"].get(str(ex["layer"]), info["hidden_codec"])
-        lines.append(f"exact        layer {ex['layer']} ({codec}) + the teacher's {ex['norm']} norm and head "
-                     f"({ex['bytes'] / 2**20:.1f} MiB, {ex['file']}, stored once)")
+        lines.append(f"exact        layer {ex['layer']} ({codec}, {per_layer[str(ex['layer'])]:.0f} B/token) + the "
+                     f"teacher's {ex['norm']} norm and head ({ex['bytes'] / 2**20:.1f} MiB, {ex['file']}, stored once)")
     others = "".join(f", layer {k} {v}" for k, v in info["layer_codecs"].items())
     lines += [
         f"layers       {info['layers']} ({info['hidden_codec']}{others}, Blosc {info['hidden_compressor']})",

@@ -42,7 +42,7 @@ def test_the_cache_stores_the_head_once_and_layer_n(exact):
     assert torch.equal(stored["norm.weight"], teacher.model.norm.weight.detach())
     assert CliRunner().invoke(main, ["cache", "verify", str(exact["root"] / "cache")]).exit_code == 0
     info = CliRunner().invoke(main, ["cache", "info", str(exact["root"] / "cache")])
-    assert info.exit_code == 0 and "exact        layer 4 (fp32) + the teacher's rms norm and head" in info.output
+    assert info.exit_code == 0 and "exact        layer 4 (fp32, 117 B/token) + the teacher's rms norm and head" in info.output
 
 
 @pytest.mark.parametrize("encode_on", ["writer", "device"])
@@ -200,6 +200,13 @@ def test_exact_alone_and_all_three_kinds(exact, train_overrides, tmp_path):
         said = []
         run_train(load_config(None, overrides + train_overrides(tmp_path / f"{mode}-auto")), echo=said.append)
         assert any("exact targets" in line for line in said if line.startswith("loss: "))
+        # what each kind costs: the target columns' blobs, inside the side data
+        info = CliRunner().invoke(main, ["cache", "info", str(tmp_path / mode), "--json"])
+        per_token = json.loads(info.output)["bytes_per_token"]
+        columns = {"topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits"} if sources[0] == "topk" \
+            else set()
+        assert set(per_token["targets"]) == columns and all(v > 0 for v in per_token["targets"].values())
+        assert sum(per_token["targets"].values()) < per_token["side_data"]
     with pytest.raises(PipelineError, match="loss.logits_source topk: the cache holds cache.logits exact; set "
                                             "loss.logits_source=exact"):
         run_train(load_config(None, base + [f"cache.dir={tmp_path / 'exact'}", "cache.logits=exact"]
