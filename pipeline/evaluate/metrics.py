@@ -89,6 +89,29 @@ def paired_accuracy(x: dict, y: dict) -> dict[str, float | int | None]:
     return paired_difference(xs, ys)
 
 
+def paired_accuracy_task_mean(x: dict, y: dict) -> dict[str, float | int | None]:
+    """Paired accuracy difference per task both scored, then their mean over tasks (every task weighs the same,
+    as in the mean accuracy and capability retention, whatever its item count) with the standard error
+    sqrt(sum se_t^2) / n_tasks (tasks are independent item sets); n = the tasks. None values when a task has
+    a single item (no standard error) or none is shared."""
+    diffs = []
+    for task, tx in sorted(x.get("tasks", {}).items()):
+        if task not in y.get("tasks", {}):
+            continue
+        metric = primary_metric(tx)
+        ix, iy = _items(x, task, metric), _items(y, task, metric)
+        if ix is None or iy is None:
+            continue
+        if len(ix) != len(iy):
+            raise PipelineError(f"task {task}: {len(ix)} vs {len(iy)} items; evaluate both with the same --limit")
+        diffs.append(paired_difference(ix, iy))
+    if not diffs or any(d["stderr"] is None for d in diffs):
+        return {"diff": None, "stderr": None, "n": len(diffs)}
+    n = len(diffs)
+    return {"diff": sum(d["diff"] for d in diffs) / n, "stderr": math.sqrt(sum(d["stderr"] ** 2 for d in diffs)) / n,
+            "n": n}
+
+
 def task_rows(teacher: dict, pruned: dict | None, model: dict) -> list[dict[str, Any]]:
     """Per task scored by teacher and model: accuracies, stderrs, retention, recovery, paired differences."""
     rows = []

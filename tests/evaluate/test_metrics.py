@@ -8,7 +8,14 @@ import math
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate.metrics import paired_accuracy, paired_difference, paired_heldout, primary_metric, recovery_metrics
+from pipeline.evaluate.metrics import (
+    paired_accuracy,
+    paired_accuracy_task_mean,
+    paired_difference,
+    paired_heldout,
+    primary_metric,
+    recovery_metrics,
+)
 
 
 def _result(ppl, kl, tasks):
@@ -66,6 +73,23 @@ def test_paired_accuracy_pools_items_by_hand():
     short["tasks"]["winogrande"]["items"]["acc"] = [0, 1]
     with pytest.raises(PipelineError, match="same --limit"):
         paired_accuracy(MODEL, short)
+
+
+def test_paired_accuracy_task_mean_by_hand():
+    # unequal task sizes: arc_easy (acc_norm) d = [0,1,1,0]: mean 1/2, sd^2 = 4 (1/2)^2 / 3 = 1/3, se^2 = 1/12;
+    # winogrande (acc) 2 items d = [1, 0]: mean 1/2, sd^2 = 1/2, se^2 = 1/4. Task mean 1/2, se sqrt(1/12 + 1/4) / 2
+    # (the pooled difference would be 3/6 here too, but weighs arc_easy twice)
+    short_m, short_p = copy.deepcopy(MODEL), copy.deepcopy(PRUNED)
+    short_m["tasks"]["winogrande"]["items"]["acc"] = [1, 1]
+    short_p["tasks"]["winogrande"]["items"]["acc"] = [0, 1]
+    d = paired_accuracy_task_mean(short_m, short_p)
+    assert d["n"] == 2 and math.isclose(d["diff"], 0.5)
+    assert math.isclose(d["stderr"], math.sqrt(1 / 12 + 1 / 4) / 2)
+    one = copy.deepcopy(short_m)
+    one["tasks"]["winogrande"]["items"]["acc"] = [1]
+    two = copy.deepcopy(short_p)
+    two["tasks"]["winogrande"]["items"]["acc"] = [0]
+    assert paired_accuracy_task_mean(one, two)["diff"] is None  # a one-item task has no standard error
 
 
 def test_recovery_metrics_by_hand():
