@@ -1,6 +1,7 @@
 """Tables of the chapter-6 experiment (docs/results.md) from its result files.
 
     python scripts/results.py runs/experiments --out docs/results
+    python scripts/results.py runs/budget --budget --out docs/results   # the budget runs (`make budget`)
 
 Reads what `make experiments` leaves under EXP (the two ablations' ablation.json, every model's eval JSON,
 each variant's run.json, the online run's run.json, the main run's report figures), copies the small files
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate.metrics import (  # noqa: E402
     paired_accuracy,
+    paired_accuracy_task_mean,
     paired_heldout,
     primary_metric,
     recovery_metrics,
@@ -126,8 +128,10 @@ def paired(x: dict, y: dict) -> dict:
     return {"nll": paired_heldout(x, y, "nll"), "kl": paired_heldout(x, y, "kl"), "acc": paired_accuracy(x, y)}
 
 
-def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teacher: dict) -> tuple[list[str], dict]:
-    """Rows of variants against `ref` (paired on the same sequences / items) plus their recovery metrics."""
+def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teacher: dict, pair=paired,
+            labels: dict = LABEL) -> tuple[list[str], dict]:
+    """Rows of variants against `ref` (paired on the same sequences / items by `pair`) plus their recovery
+    metrics."""
     head = ["variant", "held-out PPL", "KL to teacher", "mean acc", "PPL recovery", "KL recovery",
             "capability retention", f"ΔNLL vs {ref} (nats)", f"ΔKL vs {ref}", f"Δacc vs {ref} (points)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -135,12 +139,12 @@ def compare(names: list[str], ref: str, ev: dict[str, dict], pruned: dict, teach
     for n in names:
         r = ev[n]
         rec = recovery_metrics(teacher, pruned, r)
-        d = paired(r, ev[ref])
+        d = pair(r, ev[ref])
         data[n] = {"recovery": {k: v for k, v in rec.items() if k != "tasks"}, "vs_" + ref: d}
         h = r["heldout"]
         same = n == ref
         lines.append("| " + " | ".join([
-            LABEL.get(n, n) + (" (reference)" if same else ""), f"{h['perplexity']:.2f}", f"{h['kl_to_teacher']:.4f}",
+            labels.get(n, n) + (" (reference)" if same else ""), f"{h['perplexity']:.2f}", f"{h['kl_to_teacher']:.4f}",
             pct(mean_acc(r)), pct(rec.get("ppl_recovery")), pct(rec.get("kl_recovery")),
             pct(rec.get("capability_retention")),
             "" if same else pm(d["nll"], fmt="+.4f"), "" if same else pm(d["kl"], fmt="+.4f"),
@@ -186,13 +190,237 @@ def plot_paired(results: dict, path: Path) -> Path | None:
     return path
 
 
+# ----------------------------------------------------------------------------- the budget runs
+# configs/budget/recovery.yaml: one ablation, the depth student's objectives, the target kinds at equal steps,
+# the width student, training-seed repeats named <variant>_seed1
+BUDGET_OBJECTIVES = ["ce_only", "logits", "features", "advanced"]
+TARGET_KINDS = [("logits", "top-64 + tail bucket", ("topk_ids", "topk_logits")),
+                ("logits_exact", "exact (full distribution)", ()),
+                ("logits_sampled", "sampled, K = 64", ("sample_ids", "sample_counts", "sample_logits"))]
+GOALS = [("kl_recovery", "KL recovery", 0.60), ("capability_retention", "capability retention", 0.97),
+         ("ppl_retention", "PPL retention", 0.95)]
+BUDGET_LABEL = {**LABEL, "logits": "logits KD (0.5 / 0.5)", "features": "features (depth preset 0.5 / 0.5 / 0.1)",
+                "advanced": "advanced (skew KL + cosine + FDD)", "logits_exact": "logits KD, exact targets",
+                "logits_sampled": "logits KD, sampled targets", "width_features": "width student, features"}
+CURVE_KEYS = ("eval_loss_ce", "eval_loss_kl")
+
+
+def collect_budget(exp: Path, out: Path) -> None:
+    """Copy the small result files of `make budget` (one ablation under `exp`) into `out`: the ablation record,
+    every eval JSON, each variant's run record and held-out curve, and what each target kind costs in the
+    cache (`distill cache info --json` of the ablation's cache)."""
+    for sub in ("evals", "runs", "curves"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    ablation = load(exp / "ablation.json")
+    shutil.copy2(exp / "ablation.json", out / "ablation.json")
+    shutil.copy2(exp / "baseline" / "teacher.json", out / "evals" / "teacher.json")
+    for row in ablation["rows"]:
+        if row["status"] != "done":
+            continue
+        v = row["variant"]
+        shutil.copy2(exp / v / "eval" / "student.json", out / "evals" / f"{v}.json")
+        shutil.copy2(exp / v / "eval" / "pruned.json", out / "evals" / f"pruned-{v}.json")
+        shutil.copy2(exp / v / "run.json", out / "runs" / f"{v}.run.json")
+        history = load(exp / v / "trainer_state.json")["log_history"]
+        curve, steps = [], set()
+        for h in history:  # the periodic evaluations (the run's final one repeats the last step's: kept once)
+            if "eval_loss" in h and h["step"] not in steps:
+                steps.add(h["step"])
+                curve.append({k: h[k] for k in ("step", "eval_runtime", *CURVE_KEYS) if k in h})
+        (out / "curves" / f"{v}.json").write_text(json.dumps(curve, indent=1) + "\n")
+    from pipeline.recipes.cache import cache_info
+
+    info = cache_info(ablation["cache"], as_json=True)
+    (out / "cache.json").write_text(json.dumps({k: info[k] for k in ("bytes_per_token", "bytes", "tokens", "layers",
+                                                                     "exact", "layer_codecs")}, indent=1) + "\n")
+
+
+def paired_budget(x: dict, y: dict) -> dict:
+    """x - y paired: held-out NLL and KL over the same sequences, accuracy as the mean over tasks of each task's
+    paired difference (the full sets differ in size: pooling items would weigh PIQA six times ARC-C)."""
+    return {"nll": paired_heldout(x, y, "nll"), "kl": paired_heldout(x, y, "kl"), "acc": paired_accuracy_task_mean(x, y)}
+
+
+def resolved(d: dict) -> str:
+    """'yes' when a paired difference is more than twice its standard error from 0."""
+    if not d or d.get("diff") is None or not d.get("stderr"):
+        return "-"
+    return "yes" if abs(d["diff"]) > 2 * d["stderr"] else "no"
+
+
+def tokens_per_step(run: dict) -> int:
+    t = run["config"]["training"]
+    return int(t["per_device_train_batch_size"]) * int(t.get("gradient_accumulation_steps", 1)) * int(run["cache"]["seq_len"])
+
+
+def step_seconds(run: dict, curve: list[dict]) -> float | None:
+    """The training loop's seconds per optimizer step, its held-out evaluations taken out."""
+    m = run["metrics"]
+    if not m.get("train_seconds") or not m.get("global_step"):
+        return None
+    return (m["train_seconds"] - sum(c.get("eval_runtime", 0.0) for c in curve)) / m["global_step"]
+
+
+def budget_tables(out: Path) -> tuple[list[str], dict]:
+    ev = {p.stem: load(p) for p in sorted((out / "evals").glob("*.json"))}
+    runs = {p.name[: -len(".run.json")]: load(p) for p in sorted((out / "runs").glob("*.run.json"))}
+    curves = {p.stem: load(p) for p in sorted((out / "curves").glob("*.json"))}
+    cache = load(out / "cache.json")
+    teacher = ev["teacher"]
+    variants = [v for v in runs]
+    depth = [v for v in BUDGET_OBJECTIVES if v in ev]
+    results: dict = {"models": {}, "goals": {}, "objectives": {}, "hidden_term": {}, "targets": {}, "width": {},
+                     "seeds": {}}
+    md: list[str] = []
+
+    # every model: held-out perplexity and KL (exact where the cache holds exact targets), the six benchmarks
+    rows = [("teacher (SmolLM2-135M-Instruct)", teacher)]
+    pruned_seen = set()
+    for v in variants:
+        student = runs[v]["student_source"]
+        if student not in pruned_seen:
+            pruned_seen.add(student)
+            rows.append((f"pruned: {Path(student).name}", ev[f"pruned-{v}"]))
+    rows += [(BUDGET_LABEL.get(v, v), ev[v]) for v in variants]
+    md += ["## Every model", ""] + table_models(rows) + [""]
+
+    # against the goals, depth student
+    if depth:
+        head = ["variant", *(f"{label} (goal {100 * goal:.0f}%)" for _, label, goal in GOALS)]
+        md += ["## Against the goals (depth student)", "", "| " + " | ".join(head) + " |",
+               "|---|" + "---:|" * (len(head) - 1)]
+        for v in depth + [x for x in ("logits_exact", "logits_sampled") if x in ev]:
+            rec = recovery_metrics(teacher, ev[f"pruned-{v}"], ev[v])
+            cells = []
+            for key, _, goal in GOALS:
+                value = rec.get(key)
+                met = value is not None and value >= goal
+                cells.append("-" if value is None else f"{pct(value)} ({'met' if met else f'{pct(goal - value)} short'})")
+            results["goals"][v] = {key: rec.get(key) for key, _, _ in GOALS}
+            md.append("| " + " | ".join([BUDGET_LABEL.get(v, v), *cells]) + " |")
+        md.append("")
+
+    # objectives against CE only; the hidden-state term (features - logits)
+    if "ce_only" in ev and len(depth) > 1:
+        lines, data = compare(depth, "ce_only", ev, ev[f"pruned-{depth[0]}"], teacher, pair=paired_budget,
+                              labels=BUDGET_LABEL)
+        md += ["## Objectives (depth student), paired against CE only", ""] + lines + [""]
+        results["objectives"] = data
+    if "features" in ev and "logits" in ev:
+        d = paired_budget(ev["features"], ev["logits"])
+        results["hidden_term"] = d
+        md += ["## Does the hidden-state term help? features - logits KD (same CE and KL weights, + 0.1 cosine)", "",
+               "| measure | features - logits | resolved (> 2 stderr) |", "|---|---:|---:|",
+               f"| held-out NLL (nats/position) | {pm(d['nll'], fmt='+.4f')} | {resolved(d['nll'])} |",
+               f"| held-out KL to teacher | {pm(d['kl'], fmt='+.4f')} | {resolved(d['kl'])} |",
+               f"| accuracy, mean over tasks (points) | {pm(d['acc'], 100, '+.2f')} | {resolved(d['acc'])} |", ""]
+
+    # the target kinds at equal steps
+    kinds = [(v, label, cols) for v, label, cols in TARGET_KINDS if v in ev]
+    if len(kinds) > 1:
+        per_token = cache["bytes_per_token"]
+        head = ["targets", "bytes/token", "s/step", "KL to teacher", "KL recovery", "PPL retention",
+                "ΔKL vs top-k", "ΔNLL vs top-k", "Δacc vs top-k (points)"]
+        md += ["## Teacher targets at equal steps (logits KD, depth student)", "",
+               "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for v, label, cols in kinds:
+            if cols:
+                nbytes = sum(per_token["targets"].get(c, 0.0) for c in cols)
+            else:  # exact: the last block's output, layer n, at its codec (the head is stored once)
+                nbytes = per_token["hidden_per_layer"][str(cache["exact"]["layer"])]
+            rec = recovery_metrics(teacher, ev[f"pruned-{v}"], ev[v])
+            d = paired_budget(ev[v], ev["logits"]) if v != "logits" else None
+            secs = step_seconds(runs[v], curves.get(v, []))
+            results["targets"][v] = {"bytes_per_token": nbytes, "step_seconds": secs, "kl_recovery": rec.get("kl_recovery"),
+                                     "ppl_retention": rec.get("ppl_retention"), "vs_topk": d}
+            md.append("| " + " | ".join([
+                label, f"{nbytes:.0f}", "-" if secs is None else f"{secs:.2f}", f"{ev[v]['heldout']['kl_to_teacher']:.4f}",
+                pct(rec.get("kl_recovery")), pct(rec.get("ppl_retention")),
+                "" if d is None else pm(d["kl"], fmt="+.4f"), "" if d is None else pm(d["nll"], fmt="+.4f"),
+                "" if d is None else pm(d["acc"], 100, "+.2f")]) + " |")
+        md.append("")
+
+    # the width student
+    width = [v for v in variants if v.startswith("width")]
+    if width:
+        head = ["variant", "PPL retention", "PPL recovery", "KL recovery", "capability retention", "Δacc vs pruned (points)"]
+        md += ["## The width student", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for v in width:
+            rec = recovery_metrics(teacher, ev[f"pruned-{v}"], ev[v])
+            d = paired_budget(ev[v], ev[f"pruned-{v}"])
+            results["width"][v] = {"recovery": {k: x for k, x in rec.items() if k != "tasks"}, "acc_vs_pruned": d["acc"]}
+            md.append("| " + " | ".join([BUDGET_LABEL.get(v, v), pct(rec.get("ppl_retention")), pct(rec.get("ppl_recovery")),
+                                          pct(rec.get("kl_recovery")), pct(rec.get("capability_retention")),
+                                          pm(d["acc"], 100, "+.2f")]) + " |")
+        md.append("")
+
+    # training-seed repeats: <variant>_seed1 against <variant>
+    pairs = [(v[: -len("_seed1")], v) for v in variants if v.endswith("_seed1") and v[: -len("_seed1")] in ev]
+    if pairs:
+        md += ["## Training seed: seed 1 - seed 0 of the same variant", "",
+               "| variant | ΔNLL (nats) | ΔKL | Δacc (points) |", "|---|---:|---:|---:|"]
+        for a, b in pairs:
+            d = paired_budget(ev[b], ev[a])
+            results["seeds"][a] = d
+            md.append(f"| {BUDGET_LABEL.get(a, a)} | {pm(d['nll'], fmt='+.4f')} | {pm(d['kl'], fmt='+.4f')} | "
+                      f"{pm(d['acc'], 100, '+.2f')} |")
+        md.append("")
+
+    for name, r in ev.items():
+        h = r.get("heldout") or {}
+        results["models"][name] = {"model": r.get("model"), "parameters": r.get("parameters"),
+                                   "perplexity": h.get("perplexity"), "kl_to_teacher": h.get("kl_to_teacher"),
+                                   "kl_to_teacher_topk": h.get("kl_to_teacher_topk"), "mean_acc": mean_acc(r)}
+    figure = plot_curves(curves, runs, out / "heldout_curves.png")
+    if figure is not None:
+        md += [f"![Held-out loss per 100k training tokens]({figure.name})", ""]
+    return md, results
+
+
+def plot_curves(curves: dict[str, list[dict]], runs: dict[str, dict], path: Path) -> Path | None:
+    """Held-out CE (every variant) and KL (the distilled ones) against training tokens, one line per variant."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for v, curve in curves.items():
+        tokens = tokens_per_step(runs[v])
+        for ax, key in zip(axes, CURVE_KEYS):
+            points = [(c["step"] * tokens / 1e5, c[key]) for c in curve if key in c]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=BUDGET_LABEL.get(v, v))
+    for ax, title in zip(axes, ("held-out CE (nats/token)", "held-out KL at the loss temperature, x T^2")):
+        ax.set_xlabel("training tokens (x 100k)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Held-out loss during training (the periodic evaluation's held-out sequences)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("exp", nargs="?", default="runs/experiments", help="what `make experiments` wrote")
     ap.add_argument("--out", default="docs/results", help="where the copies, tables.md and results.json go")
     ap.add_argument("--from-copies", action="store_true", help="read OUT's copies only (no runs needed)")
+    ap.add_argument("--budget", action="store_true", help="EXP is `make budget`'s ablation (runs/budget)")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.budget:
+        if not a.from_copies:
+            collect_budget(Path(a.exp), out)
+        md, results = budget_tables(out)
+        (out / "tables.md").write_text("\n".join(md) + "\n")
+        (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print("\n".join(md))
+        return
     if not a.from_copies:
         collect(Path(a.exp), out)
     ev = {p.stem: load(p) for p in sorted((out / "evals").glob("*.json"))}

@@ -1,0 +1,102 @@
+"""scripts/results.py --budget: the budget runs' tables from a real (tiny) ablation of the same shape as
+configs/budget/recovery.yaml: the objectives, the three target kinds of one cache, the goals, the hidden-state
+term's paired difference, the held-out curves; and --from-copies regenerating the same tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.recipes.ablate import run_ablate
+from tests.train.conftest import SEQ_LEN, tiny_pair
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = {
+    "ce_only": {"loss.alpha": 1.0, "loss.beta": 0.0, "loss.gamma": 0.0},
+    "features": {},
+    "logits": {"loss.gamma": 0.0},
+    "logits_exact": {"loss.gamma": 0.0, "loss.logits_source": "exact"},
+    "logits_sampled": {"loss.gamma": 0.0, "loss.logits_source": "sampled"},
+}
+
+
+@pytest.fixture(scope="module")
+def budget(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    teacher, student = tiny_pair(root)
+    words = "rivers carry old stories of kings and scholars who measured the stars at night".split()
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(30 + i % 9))
+                                                 for i in range(60)))
+    config = {
+        "teacher": {"model": teacher}, "student": {"model": student},
+        "data": {"sources": [{"path": str(root / "corpus.txt")}], "seq_len": SEQ_LEN, "num_sequences": 12,
+                 "heldout_fraction": 0.25, "seed": 0, "eval_sequences": 2},
+        "cache": {"dir": str(root / "cache"), "topk": 16, "temperatures": [1.0, 2.0], "layers": "auto",
+                  "logits": "topk+sampled+exact", "samples": 8, "batch_size": 4, "shard_sequences": 8,
+                  "chunk_sequences": 4},
+        "mapping": {"strategy": "uniform"},
+        "loss": {"preset": "depth", "temperature": 2.0, "logits_source": "topk"},
+        "training": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_steps": 2, "logging_steps": 1,
+                     "eval_strategy": "steps", "eval_steps": 1, "save_strategy": "no", "seed": 3, "use_cpu": True},
+        "ablate": {"output_dir": str(root / "ablate"), "variants": VARIANTS},
+    }
+    (root / "budget.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_ablate(root / "budget.yaml")
+    assert result["failed"] == []
+    out = root / "results"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), str(root / "ablate"), "--budget",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "out": out}
+
+
+def _per_position(result: dict, key: str) -> list[float]:
+    p = result["heldout"]["per_sequence"]
+    return [s / n for s, n in zip(p[key], p["tokens"]) if n]
+
+
+def test_tables_and_their_numbers(budget):
+    out = budget["out"]
+    tables = (out / "tables.md").read_text()
+    for title in ("## Every model", "## Against the goals (depth student)", "## Objectives (depth student)",
+                  "## Does the hidden-state term help?", "## Teacher targets at equal steps"):
+        assert title in tables, title
+    results = json.loads((out / "results.json").read_text())
+    evals = {p.stem: json.loads(p.read_text()) for p in (out / "evals").glob("*.json")}
+
+    # the hidden-state term: features - logits, per held-out sequence, by hand from the eval JSONs
+    f, g = _per_position(evals["features"], "kl"), _per_position(evals["logits"], "kl")
+    d = [a - b for a, b in zip(f, g)]
+    assert results["hidden_term"]["kl"]["diff"] == pytest.approx(sum(d) / len(d), rel=1e-12)
+    # the held-out KL is the exact one (the cache holds exact targets), the top-k bucket's beside it
+    h = evals["logits"]["heldout"]
+    assert h["kl_support"] == "full vocabulary (exact targets)" and h["kl_to_teacher_topk"] <= h["kl_to_teacher"]
+
+    # what each kind costs: its columns' blobs, and layer n for exact targets
+    cache = json.loads((out / "cache.json").read_text())["bytes_per_token"]
+    targets = results["targets"]
+    assert targets["logits"]["bytes_per_token"] == pytest.approx(
+        cache["targets"]["topk_ids"] + cache["targets"]["topk_logits"])
+    assert targets["logits_exact"]["bytes_per_token"] == pytest.approx(cache["hidden_per_layer"]["4"])
+    assert set(targets) == {"logits", "logits_exact", "logits_sampled"} and targets["logits"]["vs_topk"] is None
+    # the goals table holds the recovery metrics of each depth variant
+    for v in ("ce_only", "features", "logits"):
+        assert set(results["goals"][v]) == {"kl_recovery", "capability_retention", "ppl_retention"}
+    assert (out / "heldout_curves.png").stat().st_size > 0
+    curve = json.loads((out / "curves" / "features.json").read_text())
+    assert [c["step"] for c in curve] == [0, 1, 2] and all("eval_loss_kl" in c for c in curve)
+
+
+def test_from_copies_regenerates_the_same_tables(budget):
+    out = budget["out"]
+    before = (out / "tables.md").read_text()
+    (out / "tables.md").unlink()
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--budget", "--from-copies",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "tables.md").read_text() == before
