@@ -267,7 +267,7 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
     curves = {p.stem: load(p) for p in sorted((out / "curves").glob("*.json"))}
     cache = load(out / "cache.json")
     teacher = ev["teacher"]
-    variants = [v for v in runs]
+    variants = [r["variant"] for r in load(out / "ablation.json")["rows"] if r["variant"] in runs]  # run order
     depth = [v for v in BUDGET_OBJECTIVES if v in ev]
     results: dict = {"models": {}, "goals": {}, "objectives": {}, "hidden_term": {}, "targets": {}, "width": {},
                      "seeds": {}}
@@ -371,7 +371,7 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
         results["models"][name] = {"model": r.get("model"), "parameters": r.get("parameters"),
                                    "perplexity": h.get("perplexity"), "kl_to_teacher": h.get("kl_to_teacher"),
                                    "kl_to_teacher_topk": h.get("kl_to_teacher_topk"), "mean_acc": mean_acc(r)}
-    figure = plot_curves(curves, runs, out / "heldout_curves.png")
+    figure = plot_curves(curves, {v: runs[v] for v in variants}, out / "heldout_curves.png")
     if figure is not None:
         md += [f"![Held-out loss per 100k training tokens]({figure.name})", ""]
     return md, results
@@ -387,13 +387,16 @@ def plot_curves(curves: dict[str, list[dict]], runs: dict[str, dict], path: Path
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for v, curve in curves.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(v for v in runs if v in curves):  # one color per variant in both panels
         tokens = tokens_per_step(runs[v])
         for ax, key in zip(axes, CURVE_KEYS):
-            points = [(c["step"] * tokens / 1e5, c[key]) for c in curve if key in c]
+            points = [(c["step"] * tokens / 1e5, c[key]) for c in curves[v] if key in c]
             if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=BUDGET_LABEL.get(v, v))
-    for ax, title in zip(axes, ("held-out CE (nats/token)", "held-out KL at the loss temperature, x T^2")):
+                ax.plot(*zip(*points), marker="o", ms=3, color=colors[i % len(colors)], label=BUDGET_LABEL.get(v, v))
+    for ax, title in zip(axes, ("held-out CE (nats/token)",
+                                "held-out KL term x T^2, as each variant's targets measure it\n"
+                                "(top-k bucket, exact or sampled: compare within a kind)")):
         ax.set_xlabel("training tokens (x 100k)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
