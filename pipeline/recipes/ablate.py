@@ -91,7 +91,8 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
     from pipeline.cache.build import resolve_layers
-    from pipeline.recipes.train import check_dynamics_map, has_tokenizer, loss_spec, training_arguments
+    from pipeline.recipes.train import (check_dynamics_map, has_tokenizer, loss_spec, resolve_logits_source,
+                                        training_arguments)
     from pipeline.sources.digest import tokenizer_digest
     from pipeline.student.projectors import PROJECTOR_INITS, PROJECTOR_KINDS
     from pipeline.train import checks
@@ -129,7 +130,8 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             raise PipelineError(f"{run_dir} exists and was not written by `distill ablate`; choose another "
                                 "ablate.output_dir or variant name")
         try:
-            loss = loss_spec(cfg.loss)
+            loss = resolve_logits_source(loss_spec(cfg.loss), base.cache, manifest)
+            exact = loss.logits_source == "exact"  # any loss temperature: the logits are rebuilt from layer n
             PROJECTOR_INITS.get(cfg.mapping.projector_init)
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
             if cfg.student.model is None:
@@ -145,11 +147,12 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             if manifest is not None:
                 checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
                                  layer_map=layer_map, need_hidden=loss.needs_states, temperature=cfg.loss.temperature,
-                                 need_logits=True, seq_len=None,
+                                 need_logits=not exact, seq_len=None,
                                  student_positions=getattr(scfg, "max_position_embeddings", None))
             else:
                 checks.check_vocab(scfg.vocab_size, teacher_vocab)
-                checks.check_temperature(cfg.loss.temperature, temperatures)
+                if not exact:
+                    checks.check_temperature(cfg.loss.temperature, temperatures)
                 checks.check_tokenizer(student_tok, teacher_tok)
                 if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and loss.needs_states:
                     checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))

@@ -140,7 +140,7 @@ def resolve_logits_source(loss, cache_cfg=None, manifest: dict | None = None):
         where = f"the cache holds cache.logits {mode}"
     else:
         mode, proposal = cache_cfg.logits, cache_cfg.proposal_temperature
-        where = f"the online teacher is configured with cache.logits {mode}"
+        where = f"cache.logits is {mode}"  # the online teacher's, or a cache still to be built
     source = loss.logits_source
     if source == "auto":
         source = "exact" if "exact" in mode else "sampled" if mode == "sampled" else "topk"
@@ -335,7 +335,8 @@ def _check_compatibility(cfg, online: bool, args, loss, student: _Student, teach
     checks.check_all(
         manifest=manifest, student_vocab=student.config.vocab_size,
         student_tokenizer_digest=tokenizer_digest(student.tokenizer) if student.tokenizer is not None else None,
-        layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature, need_logits=True,
+        layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature,
+        need_logits=loss.logits_source != "exact",  # exact targets take any temperature: the logits are rebuilt
         seq_len=None, student_positions=getattr(student.config, "max_position_embeddings", None),
     )
     if not online and int(cfg.data.seq_len) != int(manifest["seq_len"]) and args.should_save:

@@ -106,7 +106,8 @@ class CacheDataset(Dataset):
         self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
         cache = self._open()  # the mapped layers only (and layer n for exact targets)
         self.indices = list(cache.indices(split))
-        self.temperature = cached_temperature(cache.temperatures, temperature)
+        # exact targets rebuild the logits: any loss temperature, cached or not
+        self.temperature = float(temperature) if source == "exact" else cached_temperature(cache.temperatures, temperature)
         self.proposal_temperature = None
         if source == "sampled":
             if not cache.samples:

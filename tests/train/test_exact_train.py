@@ -115,6 +115,22 @@ def test_eval_reports_the_exact_heldout_kl(exact, tmp_path):
     assert h["kl_to_teacher_topk"] < 0.9 * want  # the top-8 bucket KL misses the tail's shape
 
 
+def test_any_loss_temperature_with_exact_targets(exact, train_overrides):
+    """Exact targets rebuild the logits: T = 3, which the cache did not store, trains, and the step-0 held-out
+    KL is the live models' fp64 one at T = 3. Top-k targets at T = 3 stay a one-line error."""
+    out = exact["root"] / "t3"
+    cfg = load_config(None, exact["overrides"] + train_overrides(out, eval_strategy="steps", eval_steps=1) + KL_ONLY
+                      + ["loss.logits_source=exact", "loss.temperature=3.0"])
+    run_train(cfg)
+    state = json.loads((out / "trainer_state.json").read_text())
+    before = next(h for h in state["log_history"] if h.get("step") == 0 and "eval_loss_kl" in h)
+    want = 3.0**2 * _fp64_heldout_kl(exact, exact["student"], 3.0)
+    assert abs(before["eval_loss_kl"] - want) <= 1e-5 * want, (before["eval_loss_kl"], want)
+    with pytest.raises(PipelineError, match="loss.temperature 3 is not in the cache; cached temperatures: 1, 2"):
+        run_train(load_config(None, exact["overrides"] + train_overrides(exact["root"] / "t3topk") + [
+            "loss.logits_source=topk", "loss.temperature=3.0"]))
+
+
 def test_exact_cache_matches_online(exact, train_overrides):
     """The live teacher's own head and layer n give the same losses and the same update as the cache's."""
     runs = train_cache_and_online(exact["root"], exact["overrides"], ["loss.logits_source=exact", "loss.logits=skew_kl"],
