@@ -38,11 +38,17 @@ from pipeline.losses.sampled import sampled_logits_loss, sampled_pair
 CPU_CHUNK_TOKENS = 512
 GPU_BUFFER_SHARE = 1 / 64
 CHUNK_ALIGN = 128
+# exact targets hold about this many [chunk, V] fp32 tensors at once (the teacher's logits, both sides' log
+# probabilities and probabilities, the divergence's terms and its gradient through autograd): on a GPU the
+# auto chunk divides the share among them
+EXACT_BUFFERS = 10
 
 
-def chunk_rows(setting: int | str, vocab: int, device: torch.device | str, total_memory: int | None = None) -> int:
+def chunk_rows(setting: int | str, vocab: int, device: torch.device | str, total_memory: int | None = None,
+               buffers: int = 1) -> int:
     """Rows per chunk for `loss.chunk_tokens` = `setting` (a number, or auto) on `device`; `total_memory`
-    (bytes) stands in for the CUDA device's own."""
+    (bytes) stands in for the CUDA device's own; `buffers`: the [chunk, V] fp32 tensors the loss holds at
+    once (EXACT_BUFFERS for exact targets)."""
     if setting != "auto":
         return int(setting)
     device = torch.device(device)
@@ -50,7 +56,7 @@ def chunk_rows(setting: int | str, vocab: int, device: torch.device | str, total
         return CPU_CHUNK_TOKENS
     if total_memory is None:
         total_memory = torch.cuda.get_device_properties(device).total_memory
-    rows = int(total_memory * GPU_BUFFER_SHARE) // (4 * int(vocab)) // CHUNK_ALIGN * CHUNK_ALIGN
+    rows = int(total_memory * GPU_BUFFER_SHARE) // (4 * int(vocab) * buffers) // CHUNK_ALIGN * CHUNK_ALIGN
     return max(CPU_CHUNK_TOKENS, rows)
 
 

@@ -29,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import PipelineError
 from pipeline.head import TeacherHead, final_hidden, head_spec
-from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss, dense_vocab_loss
+from pipeline.losses.chunked import EXACT_BUFFERS, VocabTerms, chunk_rows, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.spec import LossSpec
@@ -139,7 +139,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._chunk = 0
         if self.loss_spec.chunk_tokens:
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device)
+            buffers = EXACT_BUFFERS if self.exact is not None else 1
+            self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device, buffers=buffers)
             self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
 
     def _keep_final_hidden(self, module, args, output):

@@ -257,6 +257,9 @@ def test_chunk_rows_by_device():
     assert chunk_rows("auto", 262144, "cuda", total_memory=80 * gib) == 1280  # 80 GiB / 64 / (4 x 262,144)
     assert chunk_rows("auto", 49152, "cuda", total_memory=80 * gib) == 6784  # 6,826 rounded down to 128s
     assert chunk_rows("auto", 262144, "cuda", total_memory=16 * gib) == 512
+    # exact targets: the share divided among their ~10 [chunk, V] tensors (6,826 / 10 -> 640), floored at 512
+    assert chunk_rows("auto", 49152, "cuda", total_memory=80 * gib, buffers=10) == 640
+    assert chunk_rows("auto", 262144, "cuda", total_memory=80 * gib, buffers=10) == 512
 
 
 def test_chunk_tokens_setting():
