@@ -14,6 +14,10 @@ weight. Those ([M, d], and [V, d] fp32) are kept and scaled by the incoming grad
 logits are computed once and no tensor larger than [chunk, V] lives at any time, forward or backward.
 Without gradients (evaluation, no_grad) the same loop runs without them.
 
+With exact targets (VocabTerms.teacher_last and teacher_head) there is no top-k: each chunk rebuilds the
+teacher's [c, V] logits in fp32 from its last block's output, and the divergence runs through autograd on
+the full [c, V] distributions (`_exact_divergence`), its gradient added to CE's.
+
 The result is divided by M (the number of valid next-token positions), as the dense path's means are.
 """
 
