@@ -58,6 +58,17 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def done_variants(ablation_dir: Path, out: Path) -> list[str]:
+    """Copy each finished variant's eval JSONs and run record from one ablation's folder into `out`'s evals/
+    and runs/; returns those variants in run order."""
+    done = [r["variant"] for r in load(ablation_dir / "ablation.json")["rows"] if r["status"] == "done"]
+    for v in done:
+        shutil.copy2(ablation_dir / v / "eval" / "student.json", out / "evals" / f"{v}.json")
+        shutil.copy2(ablation_dir / v / "eval" / "pruned.json", out / "evals" / f"pruned-{v}.json")
+        shutil.copy2(ablation_dir / v / "run.json", out / "runs" / f"{v}.run.json")
+    return done
+
+
 def collect(exp: Path, out: Path) -> None:
     """Copy the small result files of the runs under `exp` into `out` (the layout --from-copies reads)."""
     (out / "evals").mkdir(parents=True, exist_ok=True)
@@ -67,13 +78,7 @@ def collect(exp: Path, out: Path) -> None:
         if not (src / "ablation.json").is_file() and ablation in OPTIONAL:
             continue
         shutil.copy2(src / "ablation.json", out / f"{ablation}.ablation.json")
-        for row in load(src / "ablation.json")["rows"]:
-            if row["status"] != "done":
-                continue
-            v = row["variant"]
-            shutil.copy2(src / v / "eval" / "student.json", out / "evals" / f"{v}.json")
-            shutil.copy2(src / v / "eval" / "pruned.json", out / "evals" / f"pruned-{v}.json")
-            shutil.copy2(src / v / "run.json", out / "runs" / f"{v}.run.json")
+        done_variants(src, out)
         shutil.copy2(src / "baseline" / "teacher.json", out / "evals" / "teacher.json")
     if (exp / "online" / "run.json").is_file():
         shutil.copy2(exp / "online" / "run.json", out / "runs" / "online.run.json")
@@ -214,13 +219,7 @@ def collect_budget(exp: Path, out: Path) -> None:
     ablation = load(exp / "ablation.json")
     shutil.copy2(exp / "ablation.json", out / "ablation.json")
     shutil.copy2(exp / "baseline" / "teacher.json", out / "evals" / "teacher.json")
-    for row in ablation["rows"]:
-        if row["status"] != "done":
-            continue
-        v = row["variant"]
-        shutil.copy2(exp / v / "eval" / "student.json", out / "evals" / f"{v}.json")
-        shutil.copy2(exp / v / "eval" / "pruned.json", out / "evals" / f"pruned-{v}.json")
-        shutil.copy2(exp / v / "run.json", out / "runs" / f"{v}.run.json")
+    for v in done_variants(exp, out):
         history = load(exp / v / "trainer_state.json")["log_history"]
         curve, steps = [], set()
         for h in history:  # the periodic evaluations (the run's final one repeats the last step's: kept once)

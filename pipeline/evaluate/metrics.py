@@ -70,31 +70,10 @@ def _items(result: dict, task: str, metric: str) -> list[float] | None:
     return [float(v) for v in items] if items is not None else None
 
 
-def paired_accuracy(x: dict, y: dict) -> dict[str, float | int | None]:
-    """Paired difference of two models' accuracy pooled over every benchmark item both scored (each task's
-    primary metric): with equal items per task, the difference of the mean accuracies over tasks."""
-    xs, ys = [], []
-    for task, tx in sorted(x.get("tasks", {}).items()):
-        ty = y.get("tasks", {}).get(task)
-        if ty is None:
-            continue
-        metric = primary_metric(tx)
-        ix, iy = _items(x, task, metric), _items(y, task, metric)
-        if ix is None or iy is None:
-            continue
-        if len(ix) != len(iy):
-            raise PipelineError(f"task {task}: {len(ix)} vs {len(iy)} items; evaluate both with the same --limit")
-        xs += ix
-        ys += iy
-    return paired_difference(xs, ys)
-
-
-def paired_accuracy_task_mean(x: dict, y: dict) -> dict[str, float | int | None]:
-    """Paired accuracy difference per task both scored, then their mean over tasks (every task weighs the same,
-    as in the mean accuracy and capability retention, whatever its item count) with the standard error
-    sqrt(sum se_t^2) / n_tasks (tasks are independent item sets); n = the tasks. None values when a task has
-    a single item (no standard error) or none is shared."""
-    diffs = []
+def _shared_items(x: dict, y: dict) -> list[tuple[list[float], list[float]]]:
+    """Per task both scored (sorted by name), the two models' per-item results on its primary metric; a task
+    scored on different items is refused."""
+    pairs = []
     for task, tx in sorted(x.get("tasks", {}).items()):
         if task not in y.get("tasks", {}):
             continue
@@ -104,7 +83,23 @@ def paired_accuracy_task_mean(x: dict, y: dict) -> dict[str, float | int | None]
             continue
         if len(ix) != len(iy):
             raise PipelineError(f"task {task}: {len(ix)} vs {len(iy)} items; evaluate both with the same --limit")
-        diffs.append(paired_difference(ix, iy))
+        pairs.append((ix, iy))
+    return pairs
+
+
+def paired_accuracy(x: dict, y: dict) -> dict[str, float | int | None]:
+    """Paired difference of two models' accuracy pooled over every benchmark item both scored (each task's
+    primary metric): with equal items per task, the difference of the mean accuracies over tasks."""
+    pairs = _shared_items(x, y)
+    return paired_difference([v for ix, _ in pairs for v in ix], [v for _, iy in pairs for v in iy])
+
+
+def paired_accuracy_task_mean(x: dict, y: dict) -> dict[str, float | int | None]:
+    """Paired accuracy difference per task both scored, then their mean over tasks (every task weighs the same,
+    as in the mean accuracy and capability retention, whatever its item count) with the standard error
+    sqrt(sum se_t^2) / n_tasks (tasks are independent item sets); n = the tasks. None values when a task has
+    a single item (no standard error) or none is shared."""
+    diffs = [paired_difference(ix, iy) for ix, iy in _shared_items(x, y)]
     if not diffs or any(d["stderr"] is None for d in diffs):
         return {"diff": None, "stderr": None, "n": len(diffs)}
     n = len(diffs)
