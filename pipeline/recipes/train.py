@@ -410,7 +410,8 @@ def _online_datasets(cfg, loss, model, tokenizer, needed: list[int]):
     eval_ds = SequenceDataset(seqs.input_ids, seqs.lengths, range(seqs.n_train, len(seqs)), cc.shard_sequences, cc.chunk_sequences)
     sampled = loss.logits_source == "sampled"
     temps = sorted({float(loss.temperature), float(loss.proposal_temperature)} if sampled else {float(loss.temperature)})
-    # exact targets read the captured layer n (in `needed`); the top-1 kept is what the capture cannot do without
+    # exact targets read the captured layer n (in `needed`); top-1 only because the online collator always fills the
+    # top-k batch keys, which the exact loss does not read
     topk = 0 if sampled else 1 if loss.logits_source == "exact" else cc.topk
     capture = TeacherCapture(model, needed, topk, temps, cc.logit_dtype,
                              samples=cc.samples if sampled else 0, proposal_temperature=cc.proposal_temperature,
