@@ -36,7 +36,7 @@ from pipeline.errors import PipelineError
 
 class Cache:
     def __init__(self, root: str | Path | Storage, chunk_cache: int = 4, layers: list[int] | None = None,
-                 logits: bool = True, storage_options: dict | None = None):
+                 logits: bool = True, storage_options: dict | None = None, exact: bool = False):
         self.storage = as_storage(root, storage_options)
         # a local cache's folder as a Path; an fsspec URL as given
         self.root = self.storage.path if self.storage.local else self.storage.display()
@@ -64,6 +64,8 @@ class Cache:
             missing = [x for x in self.decoded_layers if x not in self.layers]
             if missing:
                 raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
+        if exact and self.exact_layer is not None and self.exact_layer not in self.decoded_layers:
+            self.decoded_layers = sorted(self.decoded_layers + [self.exact_layer])
         self.padded: bool = not m.get("packing", True)
         self._codecs = {layer: HIDDEN_CODECS.get(layer_codec(m, layer)) for layer in self.layers}
         self._starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
@@ -330,7 +332,9 @@ class _HiddenArray:
 
 
 def open_cache(root: str | Path | Storage, layers: list[int] | None = None, logits: bool = True,
-               storage_options: dict | None = None) -> Cache:
+               storage_options: dict | None = None, exact: bool = False) -> Cache:
     """The cache at `root` (a folder or an fsspec URL, opened with `storage_options`); `layers` limits the
-    hidden layers decoded per sequence (default: all cached); logits=False reads no top-k ids, logits or lse."""
-    return Cache(root, layers=layers, logits=logits, storage_options=storage_options)
+    hidden layers decoded per sequence (default: all cached); logits=False reads no top-k ids, logits or lse;
+    exact=True also decodes layer n where the cache holds exact targets (the layer the teacher's logits are
+    rebuilt from, `Cache.exact_layer`)."""
+    return Cache(root, layers=layers, logits=logits, storage_options=storage_options, exact=exact)

@@ -174,9 +174,8 @@ def run_eval(
     if heldout:
         from pipeline.cache import open_cache
 
-        cache = open_cache(heldout, layers=[])
-        if cache.exact_layer is not None:  # exact targets: the KL over the whole vocabulary, from layer n
-            cache = open_cache(heldout, layers=[cache.exact_layer])
+        cache = open_cache(heldout, layers=[], exact=True)  # exact targets: the KL over the whole vocabulary
+        if cache.exact_layer is not None:
             cache.teacher_head()  # a damaged head file fails here, before the model loads
         if not len(cache.indices("heldout")):
             raise PipelineError(f"--heldout {heldout}: the cache has no held-out sequences")

@@ -97,14 +97,13 @@ class CacheDataset(Dataset):
         self.storage_options = dict(storage_options or {})
         self.source = source  # topk | sampled | exact: which teacher targets an item carries
         self.layers = sorted(set(int(x) for x in layers))
-        if source == "exact" and logits:  # the teacher's layer n stands in for the logits (hidden_<n>)
-            probe = open_cache(self.cache_dir, layers=[], logits=False, storage_options=self.storage_options)
-            if probe.exact_layer is None:
-                probe.teacher_head()  # the one-line error of a cache without exact targets
-            self.layers = sorted(set(self.layers) | {probe.exact_layer})
-            logits = False  # no top-k ids, logits or lse: the full distribution comes from layer n
-        self.logits = bool(logits)  # False: no top-k ids, logits or lse are read (a run with beta = 0)
+        self.exact = source == "exact" and bool(logits)  # the teacher's layer n stands in for the logits
+        self.logits = bool(logits) and not self.exact  # False: no top-k ids, logits or lse are read
         cache = self._open()  # the mapped layers only (and layer n for exact targets)
+        if self.exact:
+            if cache.exact_layer is None:
+                cache.teacher_head()  # the one-line error of a cache without exact targets
+            self.layers = cache.decoded_layers
         self.indices = list(cache.indices(split))
         # exact targets rebuild the logits: any loss temperature, cached or not
         self.temperature = float(temperature) if source == "exact" else cached_temperature(cache.temperatures, temperature)
@@ -114,7 +113,7 @@ class CacheDataset(Dataset):
                 raise PipelineError(f"{self.cache_dir} holds no sampled teacher targets (cache.logits "
                                     f"{cache.manifest.get('logits', 'topk')}): set loss.logits_source=topk or rebuild")
             self.proposal_temperature = cached_temperature(cache.temperatures, cache.sampling["proposal_temperature"])
-        elif logits and not cache.topk:
+        elif self.logits and not cache.topk:
             raise PipelineError(f"{self.cache_dir} holds no top-k teacher targets (cache.logits sampled): "
                                 "set loss.logits_source=sampled or rebuild")
         self.padded = cache.padded
@@ -123,7 +122,8 @@ class CacheDataset(Dataset):
 
     def _open(self) -> Cache:
         self._pid = os.getpid()
-        return open_cache(self.cache_dir, layers=self.layers, logits=self.logits, storage_options=self.storage_options)
+        return open_cache(self.cache_dir, layers=self.layers, logits=self.logits, storage_options=self.storage_options,
+                          exact=self.exact)
 
     def __getstate__(self):
         state = dict(self.__dict__)
