@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test demo bench experiments budget clean
+.PHONY: setup test demo bench experiments budget experiments-toy clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,24 @@ bench: setup
 prune = test -f $(1)/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct --out $(1) $(2) --overwrite
 WIDTH := --hidden-size 504 --intermediate-size 1344
 
-# The chapter-6 experiment (docs/results.md): three pruned students, one cache, the ablations, an online run
-# for the cost table, the main run's report, then the tables. Finished steps are kept and skipped on rerun.
+# Recovery at a real budget (docs/results.md): two pruned students, one cache of the whole packaged
+# Wikipedia leads, 1M training tokens per variant, then the page's tables from the finished runs. Hours on
+# a CPU: run it in the background; rerunning resumes (the cache and finished variants are kept, an
+# interrupted variant continues from its last checkpoint). `make budget` runs the ablation alone.
+BUD := runs/budget
+experiments: budget
+	$(BIN)/python scripts/results.py $(BUD) --budget --out docs/results
+
+budget: setup
+	$(call prune,$(BUD)/students/depth,--remove 6)
+	$(call prune,$(BUD)/students/width,$(WIDTH))
+	$(BIN)/distill ablate configs/budget/recovery.yaml
+
+# The chapter-6 experiment at a toy budget (docs/results-toy.md): three pruned students, one cache, the
+# ablations, an online run for the cost table, the main run's report, then the tables. Finished steps are
+# kept and skipped on rerun.
 EXP := runs/experiments
-experiments: setup
+experiments-toy: setup
 	$(call prune,$(EXP)/students/depth,--remove 6)
 	$(call prune,$(EXP)/students/width,$(WIDTH))
 	$(call prune,$(EXP)/students/depth_width,--remove 6 $(WIDTH))
@@ -51,16 +65,7 @@ experiments: setup
 	test -f $(EXP)/online/run.json || $(BIN)/distill train configs/experiments/objectives.yaml --online \
 	    --set training.output_dir=$(EXP)/online
 	$(BIN)/distill report $(EXP)/objectives/features --out $(EXP)/report
-	$(BIN)/python scripts/results.py $(EXP) --out docs/results
-
-# Recovery at a real budget (docs/results.md): two pruned students, one cache of the whole packaged
-# Wikipedia leads, 1M training tokens per variant. Hours on a CPU: run it in the background; rerunning
-# resumes (finished variants are skipped, an interrupted one continues from its last checkpoint).
-BUD := runs/budget
-budget: setup
-	$(call prune,$(BUD)/students/depth,--remove 6)
-	$(call prune,$(BUD)/students/width,$(WIDTH))
-	$(BIN)/distill ablate configs/budget/recovery.yaml
+	$(BIN)/python scripts/results.py $(EXP) --out docs/results-toy
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs

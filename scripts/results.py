@@ -1,12 +1,13 @@
-"""Tables of the chapter-6 experiment (docs/results.md) from its result files.
+"""Tables of the results pages from their result files.
 
-    python scripts/results.py runs/experiments --out docs/results
-    python scripts/results.py runs/budget --budget --out docs/results   # the budget runs (`make budget`)
+    python scripts/results.py runs/budget --budget --out docs/results        # docs/results.md (`make experiments`)
+    python scripts/results.py runs/experiments --out docs/results-toy        # docs/results-toy.md (`make experiments-toy`)
 
-Reads what `make experiments` leaves under EXP (the two ablations' ablation.json, every model's eval JSON,
-each variant's run.json, the online run's run.json, the main run's report figures), copies the small files
-next to the tables (no weights, no cache) and writes OUT/tables.md and OUT/results.json. Reading the copies
-instead (`--from-copies`) regenerates the same tables without the runs.
+Reads what the runs leave under EXP (the ablations' ablation.json, every model's eval JSON, each variant's
+run record; the budget runs' held-out curves and the cache's bytes per target kind; the toy experiment's
+online run and report figures), copies the small files next to the tables (no weights, no cache) and writes
+OUT/tables.md and OUT/results.json. Reading the copies instead (`--from-copies`) regenerates the same tables
+without the runs.
 
 Every number is computed here from those files with pipeline.evaluate.metrics: recovery metrics from the
 teacher, pruned and recovered eval JSONs, and paired differences (same held-out sequences, same benchmark
@@ -409,12 +410,15 @@ def plot_curves(curves: dict[str, list[dict]], runs: dict[str, dict], path: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("exp", nargs="?", default="runs/experiments", help="what `make experiments` wrote")
-    ap.add_argument("--out", default="docs/results", help="where the copies, tables.md and results.json go")
+    ap.add_argument("exp", nargs="?", default=None,
+                    help="what the runs wrote (default: runs/budget with --budget, else runs/experiments)")
+    ap.add_argument("--out", default=None, help="where the copies, tables.md and results.json go "
+                    "(default: docs/results with --budget, else docs/results-toy)")
     ap.add_argument("--from-copies", action="store_true", help="read OUT's copies only (no runs needed)")
-    ap.add_argument("--budget", action="store_true", help="EXP is `make budget`'s ablation (runs/budget)")
+    ap.add_argument("--budget", action="store_true", help="EXP is `make budget`'s ablation (docs/results.md)")
     a = ap.parse_args()
-    out = Path(a.out)
+    a.exp = a.exp or ("runs/budget" if a.budget else "runs/experiments")
+    out = Path(a.out or ("docs/results" if a.budget else "docs/results-toy"))
     if a.budget:
         if not a.from_copies:
             collect_budget(Path(a.exp), out)
