@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -256,11 +257,11 @@ def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, t
     marker = run_dir / MARKER
     overrides = base.ablate.variants[name] or {}
     identity = variant_identity(data, base.ablate.eval, digest)
+    done = _finished(run_dir, identity)
+    if done is not None:
+        echo(f"variant {name}: finished earlier, skipped")
+        return done
     if marker.is_file():
-        done = read_json(marker)
-        if done.get("identity") == identity:
-            echo(f"variant {name}: finished earlier, skipped")
-            return done
         echo(f"variant {name}: its config, the eval settings or the cache changed since it ran: running it again")
     checkpoint = _resumable(run_dir, identity)
     if checkpoint is None:  # a new variant, or one interrupted before its first checkpoint: from scratch
@@ -311,6 +312,16 @@ def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, t
     return record
 
 
+def _finished(run_dir: Path, identity: Any) -> dict | None:
+    """The record of a variant that finished with this same identity (config, eval settings, cache); None
+    when it has not, or finished with another."""
+    marker = run_dir / MARKER
+    if not marker.is_file():
+        return None
+    done = read_json(marker)
+    return done if done.get("identity") == identity else None
+
+
 def _resumable(run_dir: Path, identity: Any) -> Path | None:
     """The newest checkpoint of an interrupted variant that started with this same identity; None otherwise."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -329,6 +340,8 @@ def _row(record: dict, out: Path) -> dict:
     from pipeline.evaluate.metrics import recovery_metrics
 
     row = {k: record.get(k) for k in ("variant", "overrides", "status", "train_seconds", "eval_seconds")}
+    if record.get("status") == "pending":
+        return row
     if record.get("status") != "done":
         row.update(stage=record.get("stage"), log_tail=record.get("log_tail"))
         return row
@@ -376,6 +389,9 @@ def ablation_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for r in result["rows"]:
         overrides = ", ".join(f"{k}={v}" for k, v in (r["overrides"] or {}).items()) or "(base)"
+        if r["status"] == "pending":
+            lines.append(f"| {r['variant']} | {overrides} | not finished yet |" + " |" * (len(head) - 3))
+            continue
         if r["status"] != "done":
             lines.append(f"| {r['variant']} | {overrides} | failed in {r.get('stage')} |" + " |" * (len(head) - 3))
             continue
@@ -389,7 +405,7 @@ def ablation_markdown(result: dict) -> str:
     if result["failed"]:
         lines += ["", "Failed variants (rerun `distill ablate` to retry them):", ""]
         for r in result["rows"]:
-            if r["status"] != "done":
+            if r["status"] == "failed":
                 lines += [f"- {r['variant']} ({r.get('stage')}):", "", "```", r.get("log_tail") or "", "```"]
     return "\n".join(lines) + "\n"
 
@@ -438,15 +454,29 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
         raise PipelineError(f"evaluating the teacher {base.teacher.model} failed; see "
                             f"{teacher_json.with_suffix('.log')}:\n{tail}")
 
-    # 4. the variants, each in its own processes
-    records = []
+    # 4. the variants, each in its own processes; the summary is rewritten before the first and after each, so
+    # a long ablation shows what finished (and a stopped one keeps it) while the rest are still pending
+    records = {name: _finished(out / name, variant_identity(data, base.ablate.eval, digest))
+               or {"variant": name, "overrides": base.ablate.variants[name] or {}, "status": "pending"}
+               for name, data in variants.items()}
+    summary = partial(_write_summary, config, base, out, digest, teacher_json, students)
+    result = summary(list(records.values()))
     for i, (name, data) in enumerate(variants.items(), 1):
         echo(f"[{i}/{len(variants)}] {name}")
         student = student_of[name]
-        records.append(_run_variant(name, data, student, base, out, teacher_json,
-                                    _pruned_path(out, students, student), digest, echo))
+        records[name] = _run_variant(name, data, student, base, out, teacher_json,
+                                     _pruned_path(out, students, student), digest, echo)
+        result = summary(list(records.values()))
+    click.echo(ablation_markdown(result))
+    echo(f"{out}: ablation.json, ablation.md{', ablation.png' if any(r['status'] == 'done' for r in result['rows']) else ''} "
+         f"written; {len(result['failed'])} failed")
+    return result
 
-    # 5. tables and figure
+
+def _write_summary(config, base: Config, out: Path, digest: str | None, teacher_json: Path, students: list[str],
+                   records: list[dict]) -> dict:
+    """ablation.json, ablation.md and ablation.png from the variants' records so far (status done, failed or
+    pending); returns what ablation.json holds."""
     teacher = read_json(teacher_json)
     pruned_files = [_pruned_path(out, students, s) for s in students]
     pruned = next((read_json(p) for p in pruned_files if p.is_file()), None)
@@ -459,7 +489,8 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
                      "pruned": _summary_metrics(pruned) if pruned is not None else None,
                      "files": {"teacher": str(teacher_json),
                                **{s: str(p) for s, p in zip(students, pruned_files) if p.is_file()}}},
-        "rows": rows, "failed": [r["variant"] for r in rows if r["status"] != "done"],
+        "rows": rows, "failed": [r["variant"] for r in rows if r["status"] == "failed"],
+        "pending": [r["variant"] for r in rows if r["status"] == "pending"],
         "cache_build": _build_record(out, digest),
     }
     write_json_atomic(out / "ablation.json", result)
@@ -473,7 +504,4 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
         os.replace(out / "ablation.tmp.png", figure)
     else:
         figure.unlink(missing_ok=True)  # never a figure of an earlier run beside this run's table
-    click.echo(ablation_markdown(result))
-    echo(f"{out}: ablation.json, ablation.md{', ablation.png' if any(r['status'] == 'done' for r in rows) else ''} "
-         f"written; {len(result['failed'])} failed")
     return result

@@ -19,6 +19,7 @@ from pipeline.cache import open_cache
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.config import AblateEvalConfig
+from pipeline.recipes import ablate as ablate_recipe
 from pipeline.recipes.ablate import run_ablate, variant_identity
 from tests.train.conftest import SEQ_LEN, tiny_pair
 
@@ -62,7 +63,7 @@ def _ppl(model_dir, ids) -> float:
         return math.exp(model(input_ids=x, labels=x).loss.item())
 
 
-def test_ablation_over_one_cache(models, tmp_path):
+def test_ablation_over_one_cache(models, tmp_path, monkeypatch):
     shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
     variants = {
         "ce_only": {"loss.beta": 0, "loss.gamma": 0},
@@ -71,8 +72,23 @@ def test_ablation_over_one_cache(models, tmp_path):
         "broken": {"student.model": models["broken"]},
     }
     config = _config(tmp_path, models["teacher"], models["student"], variants)
-    result = run_ablate(config)
     out = tmp_path / "ablate"
+    # what ablation.json says as each variant starts: the finished ones done (or failed), the rest pending
+    seen, run_variant = {}, ablate_recipe._run_variant
+
+    def spy(name, *args):
+        summary = json.loads((out / "ablation.json").read_text())
+        seen[name] = ({r["variant"]: r["status"] for r in summary["rows"]}, summary["pending"],
+                      (out / "ablation.md").read_text())
+        return run_variant(name, *args)
+
+    monkeypatch.setattr(ablate_recipe, "_run_variant", spy)
+    result = run_ablate(config)
+    assert seen["ce_only"][:2] == ({n: "pending" for n in variants}, list(variants))
+    assert seen["kd_last"][:2] == ({"ce_only": "done", "kd_uniform": "done", "kd_last": "pending", "broken": "pending"},
+                                   ["kd_last", "broken"])
+    assert "| kd_last | mapping.strategy=last | not finished yet |" in seen["kd_last"][2]
+    assert "| kd_uniform | (base) | not finished yet |" not in seen["kd_last"][2]
 
     # one cache, built once, holding the union of what the variants with a hidden loss map
     cache = open_cache(tmp_path / "cache")
