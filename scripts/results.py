@@ -209,6 +209,44 @@ BUDGET_LABEL = {**LABEL, "logits": "logits KD (0.5 / 0.5)", "features": "feature
                 "advanced": "advanced (skew KL + cosine + FDD)", "logits_exact": "logits KD, exact targets",
                 "logits_sampled": "logits KD, sampled targets", "width_features": "width student, features"}
 CURVE_KEYS = ("eval_loss_ce", "eval_loss_kl")
+DOUBLINGS = (100_000, 200_000, 400_000, 800_000)  # training tokens: the curve's points per doubling
+EXTRAPOLATE = 10  # the budget multiple the log-linear trend is carried to
+
+
+def curve_trend(curve: list[dict], tokens: int, key: str) -> dict | None:
+    """One variant's periodic held-out `key` at 0, ~100k, ~200k, ~400k and ~800k training tokens (the nearest
+    evaluation) and at the end, its least-squares change per doubling of tokens over the four doublings, and
+    that trend carried from the end to EXTRAPOLATE x the tokens (a log-linear extrapolation)."""
+    points = [(c["step"] * tokens, c[key]) for c in curve if key in c]
+    if len(points) < 2 or not points[0][0] == 0:
+        return None
+    at = [min(points[1:], key=lambda p: abs(math.log2(p[0] / t))) for t in DOUBLINGS]
+    if len({p[0] for p in at}) < len(at):
+        return None  # the curve is too coarse to place four doublings
+    x, y = np.log2([p[0] for p in at]), np.array([p[1] for p in at])
+    slope = float(np.polyfit(x, y, 1)[0])
+    end = points[-1]
+    return {"start": points[0][1], "doublings": [{"tokens": t, "value": v} for t, v in at], "end_tokens": end[0],
+            "end": end[1], "per_doubling": slope,
+            "extrapolated": {"tokens": EXTRAPOLATE * end[0], "value": end[1] + slope * math.log2(EXTRAPOLATE)}}
+
+
+def table_trends(curves: dict[str, list[dict]], runs: dict[str, dict], variants: list[str]) -> tuple[list[str], dict]:
+    head = ["variant", "held-out measure", "0", *(f"{t // 1000}k" for t in DOUBLINGS), "end", "per doubling",
+            f"{EXTRAPOLATE}x (log-linear)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    data: dict = {}
+    for v in variants:
+        for key, what in zip(CURVE_KEYS, ("CE", "KL term x T^2")):
+            trend = curve_trend(curves.get(v, []), tokens_per_step(runs[v]), key)
+            if trend is None:
+                continue
+            data.setdefault(v, {})[key] = trend
+            lines.append("| " + " | ".join([BUDGET_LABEL.get(v, v), what, f"{trend['start']:.3f}",
+                                             *(f"{d['value']:.3f}" for d in trend["doublings"]), f"{trend['end']:.3f}",
+                                             f"{trend['per_doubling']:+.3f}",
+                                             f"{trend['extrapolated']['value']:.3f}"]) + " |")
+    return lines, data
 
 
 def collect_budget(exp: Path, out: Path) -> None:
@@ -371,6 +409,10 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
         results["models"][name] = {"model": r.get("model"), "parameters": r.get("parameters"),
                                    "perplexity": h.get("perplexity"), "kl_to_teacher": h.get("kl_to_teacher"),
                                    "kl_to_teacher_topk": h.get("kl_to_teacher_topk"), "mean_acc": mean_acc(r)}
+    lines, results["trends"] = table_trends(curves, runs, variants)
+    if results["trends"]:
+        md += ["## The held-out curve per doubling of training tokens (the periodic evaluation's sequences)", ""]
+        md += lines + [""]
     figure = plot_curves(curves, {v: runs[v] for v in variants}, out / "heldout_curves.png")
     if figure is not None:
         md += [f"![Held-out loss per 100k training tokens]({figure.name})", ""]

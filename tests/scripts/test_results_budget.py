@@ -5,6 +5,7 @@ term's paired difference, the held-out curves; and --from-copies regenerating th
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,25 @@ def test_from_copies_regenerates_the_same_tables(budget):
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "tables.md").read_text() == before
+
+
+def test_curve_trend_per_doubling():
+    """The trend of a curve that is exactly a + b log2(tokens) (plus its step-0 point and an end off the trend):
+    the nearest evaluation to each of 100k/200k/400k/800k tokens, the slope b per doubling, and the end value
+    carried by b x log2(10) to 10x the tokens."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import results
+
+    tokens, a, b = 1024, 5.0, -0.07
+    curve = [{"step": 0, "eval_loss_ce": 9.0}]
+    curve += [{"step": s, "eval_loss_ce": a + b * math.log2(s * tokens)} for s in range(98, 977, 98)]
+    curve += [{"step": 977, "eval_loss_ce": 3.5}]
+    trend = results.curve_trend(curve, tokens, "eval_loss_ce")
+    assert [d["tokens"] for d in trend["doublings"]] == [98 * tokens, 196 * tokens, 392 * tokens, 784 * tokens]
+    assert trend["start"] == 9.0 and trend["end"] == 3.5 and trend["end_tokens"] == 977 * tokens
+    assert abs(trend["per_doubling"] - b) < 1e-12
+    assert trend["extrapolated"] == {"tokens": 9770 * tokens, "value": pytest.approx(3.5 + b * math.log2(10), abs=1e-12)}
+    # too coarse a curve to place four doublings, or no step-0 point: no trend
+    assert results.curve_trend(curve[:1] + curve[8:], tokens, "eval_loss_ce") is None
+    assert results.curve_trend(curve[1:], tokens, "eval_loss_ce") is None
+    assert results.curve_trend(curve, tokens, "eval_loss_kl") is None
