@@ -292,11 +292,15 @@ def tokens_per_step(run: dict) -> int:
 
 
 def step_seconds(run: dict, curve: list[dict]) -> float | None:
-    """The training loop's seconds per optimizer step, its held-out evaluations taken out."""
+    """The training loop's seconds per optimizer step, its held-out evaluations taken out. A resumed run's
+    train_seconds cover only the steps its last process ran (after the checkpoint it resumed from)."""
     m = run["metrics"]
-    if not m.get("train_seconds") or not m.get("global_step"):
+    steps = m.get("steps_this_run", m.get("global_step"))
+    if not m.get("train_seconds") or not steps:
         return None
-    return (m["train_seconds"] - sum(c.get("eval_runtime", 0.0) for c in curve)) / m["global_step"]
+    first = m["global_step"] - steps  # the step this process started at
+    evals = sum(c.get("eval_runtime", 0.0) for c in curve if c["step"] > first or first == 0)
+    return (m["train_seconds"] - evals) / steps
 
 
 def budget_tables(out: Path) -> tuple[list[str], dict]:

@@ -339,7 +339,7 @@ def _resumable(run_dir: Path, identity: Any) -> Path | None:
 def _row(record: dict, out: Path) -> dict:
     from pipeline.evaluate.metrics import recovery_metrics
 
-    row = {k: record.get(k) for k in ("variant", "overrides", "status", "train_seconds", "eval_seconds")}
+    row = {k: record.get(k) for k in ("variant", "overrides", "status", "train_seconds", "eval_seconds", "resumed_from")}
     if record.get("status") == "pending":
         return row
     if record.get("status") != "done":
@@ -376,9 +376,12 @@ def ablation_markdown(result: dict) -> str:
             "PPL recovery", "KL recovery", "capability retention", "train s"]
     lines = [f"# Ablation over one cache ({result['cache']})", "",
              f"Held-out perplexity and KL(teacher || model) at T = 1 on the cache's {result['heldout_sequences']} "
-             "held-out sequences (KL on the top-k ids plus an exact tail bucket); benchmarks: lm-eval stock tasks, "
+             f"held-out sequences (KL over {result.get('heldout_kl_support') or 'the top-k ids plus an exact tail bucket'}); "
+             "benchmarks: lm-eval stock tasks, "
              f"packaged validation splits, limit {result['limit']}, primary metric (acc_norm where reported) ± stderr. "
-             "eval loss is each variant's own held-out compound loss (not comparable across loss settings).", "",
+             "eval loss is each variant's own held-out compound loss (not comparable across loss settings); "
+             "train s is the training process's wall time (a resumed variant's: its last process, after the "
+             "checkpoint).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     b = result["baseline"]
     for label, m in (("teacher", b["teacher"]), ("pruned (untrained)", b["pruned"])):
@@ -400,7 +403,7 @@ def ablation_markdown(result: dict) -> str:
                  _num(m["eval_loss"], ".4f")]
         cells += [_pct(m.get(t)) + (f" ± {100 * m[t + '_stderr']:.1f}" if m.get(t + "_stderr") else "") for t in tasks]
         cells += [_pct(rec.get("ppl_recovery")), _pct(rec.get("kl_recovery")), _pct(rec.get("capability_retention")),
-                  _num(r["train_seconds"], ".0f")]
+                  _num(r["train_seconds"], ".0f") + (" (resumed)" if r.get("resumed_from") else "")]
         lines.append("| " + " | ".join(cells) + " |")
     if result["failed"]:
         lines += ["", "Failed variants (rerun `distill ablate` to retry them):", ""]
@@ -485,6 +488,7 @@ def _write_summary(config, base: Config, out: Path, digest: str | None, teacher_
         "config": str(config), "cache": base.cache.dir, "cache_fingerprint": digest,
         "limit": base.ablate.eval.limit, "tasks": list(base.ablate.eval.tasks),
         "heldout_sequences": (teacher.get("heldout") or {}).get("sequences"),
+        "heldout_kl_support": (teacher.get("heldout") or {}).get("kl_support"),
         "baseline": {"teacher": _summary_metrics(teacher),
                      "pruned": _summary_metrics(pruned) if pruned is not None else None,
                      "files": {"teacher": str(teacher_json),

@@ -465,6 +465,8 @@ def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, st
             metrics["eval_loss_before"] = start[0]
         metrics["train_loss"] = result.training_loss
         metrics["global_step"] = result.global_step
+        # the optimizer steps this process ran (all of them, unless it resumed): train_seconds covers only those
+        metrics["steps_this_run"] = result.global_step - (_checkpoint_step(resume) if resume else 0)
         if len(data.eval):
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     finally:
@@ -472,6 +474,13 @@ def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, st
         if data.capture is not None:
             data.capture.close()
     return trainer, metrics
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    """The global step a Trainer checkpoint was saved at."""
+    from transformers.trainer_callback import TrainerState
+
+    return int(TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step)
 
 
 def _summary(cfg, online: bool, resume: str | None, student: _Student, teacher: _Teacher, layer_map: dict[int, int],

@@ -235,6 +235,10 @@ def test_interrupted_variant_resumes_from_its_checkpoint(models, tmp_path):
     assert again["failed"] == []
     marker = json.loads((out / "variant.json").read_text())
     assert marker["resumed_from"] == str(out / "checkpoint-1")
+    assert again["rows"][0]["resumed_from"] == str(out / "checkpoint-1")
+    assert again["heldout_kl_support"] == "top-16 + tail bucket"
+    row = next(line for line in (out.parent / "ablation.md").read_text().splitlines() if line.startswith("| kd |"))
+    assert row.endswith(" (resumed) |")
     resumed = load_file(out / "student" / "model.safetensors")
     for name, tensor in finished.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)

@@ -33,7 +33,8 @@ def test_resume_reproduces_curve(tiny, train_overrides):
     extra = dict(max_steps=6, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3,
                  lr_scheduler_type="linear", warmup_steps=1)
     full = tiny["root"] / "resume_full"
-    run_train(load_config(None, tiny["overrides"] + train_overrides(full, **extra)))
+    whole = run_train(load_config(None, tiny["overrides"] + train_overrides(full, **extra)))
+    assert whole["metrics"]["global_step"] == 6 and whole["metrics"]["steps_this_run"] == 6
 
     cut = tiny["root"] / "resume_cut"
     cfg = load_config(None, tiny["overrides"] + train_overrides(cut, **extra))
@@ -44,6 +45,7 @@ def test_resume_reproduces_curve(tiny, train_overrides):
     assert not (cut / "student").exists()  # no half-written outputs
     summary = run_train(cfg, resume="latest")
     assert summary["resumed_from"].endswith("checkpoint-3")
+    assert summary["metrics"]["global_step"] == 6 and summary["metrics"]["steps_this_run"] == 3  # what its seconds cover
 
     a, b = _curve(full), _curve(cut)
     assert [h["step"] for h in a] == [1, 2, 3, 4, 5, 6] and [h["step"] for h in b] == [1, 2, 3, 4, 5, 6]
