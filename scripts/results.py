@@ -266,9 +266,9 @@ def collect_budget(exp: Path, out: Path) -> None:
                 steps.add(h["step"])
                 curve.append({k: h[k] for k in ("step", "eval_runtime", *CURVE_KEYS) if k in h})
         (out / "curves" / f"{v}.json").write_text(json.dumps(curve, indent=1) + "\n")
-    from pipeline.recipes.cache import cache_info
+    from pipeline.recipes.cache import cache_facts
 
-    info = cache_info(ablation["cache"], as_json=True)
+    info = cache_facts(ablation["cache"])
     (out / "cache.json").write_text(json.dumps({k: info[k] for k in ("bytes_per_token", "bytes", "tokens", "layers",
                                                                      "exact", "layer_codecs")}, indent=1) + "\n")
 

@@ -13,7 +13,7 @@ from pipeline.cache.manifest import layer_codec
 from pipeline.cache.reader import open_cache
 from pipeline.errors import PipelineError
 
-__all__ = ["build_cache", "cache_info", "summarize", "verify_cache"]
+__all__ = ["build_cache", "cache_facts", "cache_info", "summarize", "verify_cache"]
 
 
 # ----------------------------------------------------------------------------- verify / info
@@ -73,12 +73,18 @@ def summarize(manifest: dict) -> dict:
     }
 
 
-def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | None = None) -> dict:
+def cache_facts(cache_dir: str, storage_options: dict | None = None) -> dict:
+    """What `distill cache info --json` prints: the manifest's summary and what each kind of teacher target
+    costs per token (its columns' blobs; for exact targets, layer n among the hidden layers)."""
     cache = open_cache(cache_dir, layers=[], storage_options=storage_options)
     info = summarize(cache.manifest)
     positions = info["sequences"] * info["seq_len"]
-    # what each kind of teacher target costs: its columns' blobs, and for exact targets layer n
     info["bytes_per_token"]["targets"] = {k: v / positions for k, v in cache.target_bytes().items()}
+    return info
+
+
+def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | None = None) -> dict:
+    info = cache_facts(cache_dir, storage_options)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return info
