@@ -337,7 +337,8 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
             for key, _, goal in GOALS:
                 value = rec.get(key)
                 met = value is not None and value >= goal
-                cells.append("-" if value is None else f"{pct(value)} ({'met' if met else f'{pct(goal - value)} short'})")
+                cells.append("-" if value is None else
+                             f"{pct(value)} ({'met' if met else f'{100 * (goal - value):.1f} points short'})")
             results["goals"][v] = {key: rec.get(key) for key, _, _ in GOALS}
             md.append("| " + " | ".join([BUDGET_LABEL.get(v, v), *cells]) + " |")
         md.append("")
@@ -417,10 +418,36 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
     if results["trends"]:
         md += ["## The held-out curve per doubling of training tokens (the periodic evaluation's sequences)", ""]
         md += lines + [""]
+        lines, results["projected"] = table_projected(results["trends"], ev, variants)
+        if results["projected"]:
+            md += [f"## {EXTRAPOLATE}x the tokens, projected: the exact held-out KL scaled by its curve's trend", ""]
+            md += lines + [""]
     figure = plot_curves(curves, {v: runs[v] for v in variants}, out / "heldout_curves.png")
     if figure is not None:
         md += [f"![Held-out loss per 100k training tokens]({figure.name})", ""]
     return md, results
+
+
+def table_projected(trends: dict, ev: dict[str, dict], variants: list[str]) -> tuple[list[str], dict]:
+    """Each distilled variant's exact held-out KL (T = 1, all held-out sequences) carried to EXTRAPOLATE x the
+    tokens in the proportion its periodic KL curve's log-linear trend falls (extrapolated / end), and the KL
+    recovery that would give against its pruned student's KL."""
+    head = ["variant", "KL to teacher", "KL recovery", f"curve's KL term: {EXTRAPOLATE}x / end",
+            f"KL to teacher at {EXTRAPOLATE}x", f"KL recovery at {EXTRAPOLATE}x"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    data: dict = {}
+    for v in variants:
+        trend = trends.get(v, {}).get("eval_loss_kl")
+        kl, pruned = ev[v]["heldout"].get("kl_to_teacher"), ev[f"pruned-{v}"]["heldout"].get("kl_to_teacher")
+        if trend is None or kl is None or not pruned or trend["end"] <= 0:
+            continue
+        ratio = trend["extrapolated"]["value"] / trend["end"]
+        data[v] = {"kl": kl, "kl_recovery": 1 - kl / pruned, "ratio": ratio, "kl_projected": kl * ratio,
+                   "kl_recovery_projected": 1 - kl * ratio / pruned}
+        d = data[v]
+        lines.append("| " + " | ".join([BUDGET_LABEL.get(v, v), f"{kl:.4f}", pct(d["kl_recovery"]), f"{ratio:.3f}",
+                                         f"{d['kl_projected']:.4f}", pct(d["kl_recovery_projected"])]) + " |")
+    return lines, data
 
 
 def plot_curves(curves: dict[str, list[dict]], runs: dict[str, dict], path: Path) -> Path | None:

@@ -123,3 +123,17 @@ def test_curve_trend_per_doubling():
     assert results.curve_trend(curve[:1] + curve[8:], tokens, "eval_loss_ce") is None
     assert results.curve_trend(curve[1:], tokens, "eval_loss_ce") is None
     assert results.curve_trend(curve, tokens, "eval_loss_kl") is None
+
+
+def test_projected_kl_by_hand():
+    """The exact KL carried by its curve's trend: 0.5 x (0.15 / 0.2) = 0.375 against a pruned KL of 1.0."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import results
+
+    trends = {"kd": {"eval_loss_kl": {"end": 0.2, "extrapolated": {"value": 0.15}}}}
+    ev = {"kd": {"heldout": {"kl_to_teacher": 0.5}}, "pruned-kd": {"heldout": {"kl_to_teacher": 1.0}}}
+    lines, data = results.table_projected(trends, {**ev, "ce": {"heldout": {"kl_to_teacher": 0.8}},
+                                                   "pruned-ce": {"heldout": {"kl_to_teacher": 1.0}}}, ["ce", "kd"])
+    assert data == {"kd": {"kl": 0.5, "kl_recovery": 0.5, "ratio": pytest.approx(0.75), "kl_projected": pytest.approx(0.375),
+                           "kl_recovery_projected": pytest.approx(0.625)}}
+    assert lines[-1] == "| kd | 0.5000 | 50.0% | 0.750 | 0.3750 | 62.5% |"
