@@ -257,11 +257,7 @@ def _run_variant(name: str, data: dict, student: str, base: Config, out: Path, t
     marker = run_dir / MARKER
     overrides = base.ablate.variants[name] or {}
     identity = variant_identity(data, base.ablate.eval, digest)
-    done = _finished(run_dir, identity)
-    if done is not None:
-        echo(f"variant {name}: finished earlier, skipped")
-        return done
-    if marker.is_file():
+    if marker.is_file():  # finished, but under another identity (run_ablate skips those that finished under this one)
         echo(f"variant {name}: its config, the eval settings or the cache changed since it ran: running it again")
     checkpoint = _resumable(run_dir, identity)
     if checkpoint is None:  # a new variant, or one interrupted before its first checkpoint: from scratch
@@ -466,6 +462,9 @@ def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callab
     result = summary(list(records.values()))
     for i, (name, data) in enumerate(variants.items(), 1):
         echo(f"[{i}/{len(variants)}] {name}")
+        if records[name]["status"] == "done":
+            echo(f"variant {name}: finished earlier, skipped")
+            continue
         student = student_of[name]
         records[name] = _run_variant(name, data, student, base, out, teacher_json,
                                      _pruned_path(out, students, student), digest, echo)
