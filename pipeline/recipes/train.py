@@ -335,9 +335,7 @@ def _check_compatibility(cfg, online: bool, args, loss, student: _Student, teach
     checks.check_all(
         manifest=manifest, student_vocab=student.config.vocab_size,
         student_tokenizer_digest=tokenizer_digest(student.tokenizer) if student.tokenizer is not None else None,
-        layer_map=layer_map, need_hidden=loss.needs_states, temperature=loss.temperature,
-        need_logits=loss.logits_source != "exact",  # exact targets take any temperature: the logits are rebuilt
-        seq_len=None, student_positions=getattr(student.config, "max_position_embeddings", None),
+        layer_map=layer_map, loss=loss, seq_len=None, student_positions=getattr(student.config, "max_position_embeddings", None),
     )
     if not online and int(cfg.data.seq_len) != int(manifest["seq_len"]) and args.should_save:
         echo(f"note: data.seq_len {cfg.data.seq_len} is not used; the cache holds {manifest['seq_len']}-token sequences")

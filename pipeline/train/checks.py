@@ -47,6 +47,13 @@ def check_temperature(temperature: float, cached: Sequence[float]) -> None:
     cached_temperature(cached, temperature)
 
 
+def check_loss_temperature(loss, cached: Sequence[float]) -> None:
+    """The loss's temperature must be cached for top-k or sampled targets; exact targets take any temperature,
+    since their logits are rebuilt from layer n (`loss`: a LossSpec)."""
+    if loss.logits_source != "exact":
+        check_temperature(loss.temperature, cached)
+
+
 def check_seq_len(seq_len: int | None, cache_seq_len: int) -> None:
     if seq_len is not None and int(seq_len) != int(cache_seq_len):
         raise PipelineError(
@@ -70,19 +77,17 @@ def check_all(
     student_vocab: int,
     student_tokenizer_digest: str | None,
     layer_map: dict[int, int],
-    need_hidden: bool,
-    temperature: float,
-    need_logits: bool,
+    loss,
     seq_len: int | None,
     student_positions: int | None = None,
 ) -> None:
-    """All checks against a cache manifest, cheapest first. `seq_len` (None: not checked) is a length the
-    caller needs the cache to have; `student_positions` the student's max_position_embeddings."""
+    """All checks against a cache manifest, cheapest first. `loss` (a LossSpec) says which targets are read:
+    hidden layers only when it needs states. `seq_len` (None: not checked) is a length the caller needs the
+    cache to have; `student_positions` the student's max_position_embeddings."""
     check_vocab(student_vocab, int(manifest["teacher"]["vocab_size"]))
     check_seq_len(seq_len, manifest["seq_len"])
     check_positions(student_positions, manifest["seq_len"])
-    if need_logits:
-        check_temperature(temperature, manifest["temperatures"])
-    if need_hidden:
+    check_loss_temperature(loss, manifest["temperatures"])
+    if loss.needs_states:
         check_layers(layer_map, manifest["layers"])
     check_tokenizer(student_tokenizer_digest, manifest.get("fingerprint", {}).get("tokenizer_digest"))

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.losses.spec import LossSpec
 from pipeline.recipes.train import run_train, training_arguments
 from pipeline.train import checks
 
@@ -33,6 +34,12 @@ def test_check_functions():
     with pytest.raises(PipelineError) as e:
         checks.check_temperature(3.0, [1.0, 2.0])
     assert "cached temperatures: 1, 2" in _one_line(e)
+    for source in ("topk", "sampled"):
+        with pytest.raises(PipelineError) as e:
+            checks.check_loss_temperature(LossSpec(temperature=3.0, logits_source=source), [1.0, 2.0])
+        assert "cached temperatures: 1, 2" in _one_line(e)
+    # exact targets rebuild the logits from layer n, so any temperature is servable
+    checks.check_loss_temperature(LossSpec(temperature=3.0, logits_source="exact"), [1.0, 2.0])
     with pytest.raises(PipelineError) as e:
         checks.check_seq_len(64, 32)
     assert "data.seq_len" in _one_line(e)
