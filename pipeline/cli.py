@@ -243,7 +243,8 @@ def ablate(config: str, overrides: tuple[str, ...]) -> None:
     Checks every variant before anything runs; builds the cache once if it is missing (the union of the
     teacher layers all variants' maps need); trains and evaluates each variant in its own process into
     ablate.output_dir/<variant>/; scores the teacher and the untrained student once
-    (ablate.output_dir/baseline/). A finished variant is skipped on rerun; an interrupted one restarts.
+    (ablate.output_dir/baseline/). A finished variant is skipped on rerun; an interrupted one resumes
+    from its last checkpoint (stopping `distill ablate` stops the variant's process too).
     Writes ablation.json, ablation.md and ablation.png in ablate.output_dir.
     """
     from pipeline.recipes.ablate import run_ablate

@@ -19,6 +19,7 @@ Top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,8 +27,10 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -52,6 +55,7 @@ MARKER = "variant.json"  # a finished variant
 STARTED = "variant-started.json"  # the identity an unfinished variant started with: its checkpoints resume it
 BUILD_RECORD = "cache_build.json"
 LOG_TAIL = 15
+CHILD_STOP_SECONDS = 30  # a stopped child gets this long to exit on SIGTERM before SIGKILL
 
 
 def _variant_data(base: dict, name: str, overrides: Any) -> dict:
@@ -132,7 +136,6 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
                                 "ablate.output_dir or variant name")
         try:
             loss = resolve_logits_source(loss_spec(cfg.loss), base.cache, manifest)
-            exact = loss.logits_source == "exact"  # any loss temperature: the logits are rebuilt from layer n
             PROJECTOR_INITS.get(cfg.mapping.projector_init)
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
             if cfg.student.model is None:
@@ -147,13 +150,11 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
                 student_tok = tokenizer_digest(models.load_tokenizer(cfg.student.model))
             if manifest is not None:
                 checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
-                                 layer_map=layer_map, need_hidden=loss.needs_states, temperature=cfg.loss.temperature,
-                                 need_logits=not exact, seq_len=None,
+                                 layer_map=layer_map, loss=loss, seq_len=None,
                                  student_positions=getattr(scfg, "max_position_embeddings", None))
             else:
                 checks.check_vocab(scfg.vocab_size, teacher_vocab)
-                if not exact:
-                    checks.check_temperature(cfg.loss.temperature, temperatures)
+                checks.check_loss_temperature(loss, temperatures)
                 checks.check_tokenizer(student_tok, teacher_tok)
                 if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and loss.needs_states:
                     checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
@@ -183,13 +184,43 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
 
 
 def _run(args: list[str], log: Path, append: bool = False) -> tuple[int, float]:
-    """Run `python -m pipeline.cli ARGS` in its own process, output to `log` (or after it); (exit code, seconds)."""
+    """Run `python -m pipeline.cli ARGS` in its own process, output to `log` (or after it); (exit code, seconds).
+    When this process is stopped (Ctrl-C, or SIGTERM through `_stop_children_on_sigterm`), the child is stopped
+    too: an orphaned training would go on writing into the variant's folder beside the next run's."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     with open(log, "a" if append else "w") as fh:
-        rc = subprocess.call([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                             env=env, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                 env=env, stdin=subprocess.DEVNULL)
+        try:
+            rc = child.wait()
+        except BaseException:
+            child.terminate()
+            try:
+                child.wait(timeout=CHILD_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
     return rc, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _stop_children_on_sigterm():
+    """SIGTERM ends this process by SystemExit (exit status 143) instead of at once, so `_run` stops its child
+    first. Only the main thread can set a handler; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _eval_args(model: str, cache_dir: str, ev, out: Path, dtype: str = "float32", revision: str | None = None
@@ -410,8 +441,14 @@ def ablation_markdown(result: dict) -> str:
 
 
 def run_ablate(config: str | Path, overrides: tuple[str, ...] = (), echo: Callable[[str], None] | None = None) -> dict:
-    """Run (or resume) the ablation; returns what it writes to ablation.json."""
-    echo = echo or (lambda msg: click.echo(msg, err=True))
+    """Run (or resume) the ablation; returns what it writes to ablation.json. Stopped by SIGTERM or Ctrl-C, it
+    stops its running child first; a rerun resumes (finished variants kept, the interrupted one from its last
+    checkpoint)."""
+    with _stop_children_on_sigterm():
+        return _ablate(config, overrides, echo or (lambda msg: click.echo(msg, err=True)))
+
+
+def _ablate(config: str | Path, overrides: tuple[str, ...], echo: Callable[[str], None]) -> dict:
     # 1. base config and every variant, checked before anything runs
     base_data = load_config_data(config, overrides)
     base = config_from_dict(copy.deepcopy(base_data))

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +254,40 @@ def test_interrupted_variant_resumes_from_its_checkpoint(models, tmp_path):
     (out / "checkpoint-1").mkdir()
     run_ablate(config, steps + ("loss.temperature=1.0",))
     assert json.loads((out / "variant.json").read_text())["resumed_from"] is None
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """The live processes whose parent is `pid`, with their command lines."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc to find the child process")
+def test_sigterm_stops_the_running_variant(models, tmp_path):
+    """`kill` of `distill ablate` (SIGTERM) stops the variant's training process too, instead of leaving it
+    training into the variant's folder beside the next run."""
+    shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
+    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}})
+    ablate = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ablate", config, "--set",
+                               "training.max_steps=1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, train = time.monotonic() + 240, None
+    try:
+        while train is None and time.monotonic() < deadline and ablate.poll() is None:
+            train = next((pid for pid, cmd in _children(ablate.pid).items() if b"\0train\0" in cmd), None)
+            time.sleep(0.2)
+        assert train is not None, "distill ablate never started the variant's training"
+        ablate.send_signal(signal.SIGTERM)
+        assert ablate.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not Path(f"/proc/{train}").exists()
+    finally:
+        ablate.kill()
+        ablate.wait()
+        if train is not None and Path(f"/proc/{train}").exists():
+            os.kill(train, signal.SIGKILL)  # the failure above: no orphan left training
