@@ -286,6 +286,21 @@ def resolved(d: dict) -> str:
     return "yes" if abs(d["diff"]) > 2 * d["stderr"] else "no"
 
 
+def across_seeds(diffs: list[dict]) -> dict:
+    """One paired difference measured at several training seeds (each over the same items): their mean, with the
+    seeds' standard error sd / sqrt(n) as its stderr (training noise: the items are the same at every seed), and
+    'yes' in `consistent` when every seed's difference is resolved (> 2 stderr over items) with the same sign."""
+    values = [d["diff"] for d in diffs]
+    if len(values) < 2 or any(v is None for v in values):
+        return {"diff": None, "stderr": None, "n": len(values), "consistent": "-"}
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    signs = {math.copysign(1.0, v) for v in values}
+    consistent = "yes" if len(signs) == 1 and all(resolved(d) == "yes" for d in diffs) else "no"
+    return {"diff": mean, "stderr": se, "n": n, "consistent": consistent}
+
+
 def tokens_per_step(run: dict) -> int:
     t = run["config"]["training"]
     return int(t["per_device_train_batch_size"]) * int(t.get("gradient_accumulation_steps", 1)) * int(run["cache"]["seq_len"])
@@ -312,7 +327,7 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
     variants = [r["variant"] for r in load(out / "ablation.json")["rows"] if r["variant"] in runs]  # run order
     depth = [v for v in BUDGET_OBJECTIVES if v in ev]
     results: dict = {"models": {}, "goals": {}, "objectives": {}, "hidden_term": {}, "targets": {}, "width": {},
-                     "seeds": {}}
+                     "seeds": {}, "hidden_term_seeds": {}}
     md: list[str] = []
 
     # every model: held-out perplexity and KL (exact where the cache holds exact targets), the six benchmarks
@@ -357,6 +372,19 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
                f"| held-out NLL (nats/position) | {pm(d['nll'], fmt='+.4f')} | {resolved(d['nll'])} |",
                f"| held-out KL to teacher | {pm(d['kl'], fmt='+.4f')} | {resolved(d['kl'])} |",
                f"| accuracy, mean over tasks (points) | {pm(d['acc'], 100, '+.2f')} | {resolved(d['acc'])} |", ""]
+    if all(v in ev for v in ("features", "logits", "features_seed1", "logits_seed1")):
+        per_seed = [paired_budget(ev["features"], ev["logits"]), paired_budget(ev["features_seed1"], ev["logits_seed1"])]
+        results["hidden_term_seeds"] = {k: across_seeds([d[k] for d in per_seed]) for k in ("nll", "kl", "acc")}
+        md += ["## The hidden-state term across training seeds: features - logits KD at seeds 0 and 1", "",
+               "| measure | seed 0 | seed 1 | mean of the seeds ± seed spread | same sign, resolved at every seed |",
+               "|---|---:|---:|---:|---:|"]
+        for key, label, scale, fmt in (("nll", "held-out NLL (nats/position)", 1.0, "+.4f"),
+                                       ("kl", "held-out KL to teacher", 1.0, "+.4f"),
+                                       ("acc", "accuracy, mean over tasks (points)", 100, "+.2f")):
+            a = results["hidden_term_seeds"][key]
+            md.append(f"| {label} | {pm(per_seed[0][key], scale, fmt)} | {pm(per_seed[1][key], scale, fmt)} | "
+                      f"{pm(a, scale, fmt)} | {a['consistent']} |")
+        md.append("")
 
     # the target kinds at equal steps
     kinds = [(v, label, cols) for v, label, cols in TARGET_KINDS if v in ev]

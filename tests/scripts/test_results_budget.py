@@ -1,6 +1,6 @@
 """scripts/results.py --budget: the budget runs' tables from a real (tiny) ablation of the same shape as
 configs/budget/recovery.yaml: the objectives, the three target kinds of one cache, the goals, the hidden-state
-term's paired difference, the held-out curves; and --from-copies regenerating the same tables."""
+term's paired difference (at one seed and across two), the held-out curves; and --from-copies regenerating the same tables."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ VARIANTS = {
     "logits": {"loss.gamma": 0.0},
     "logits_exact": {"loss.gamma": 0.0, "loss.logits_source": "exact"},
     "logits_sampled": {"loss.gamma": 0.0, "loss.logits_source": "sampled"},
+    "features_seed1": {"training.seed": 4},
+    "logits_seed1": {"loss.gamma": 0.0, "training.seed": 4},
 }
 
 
@@ -65,7 +67,8 @@ def test_tables_and_their_numbers(budget):
     out = budget["out"]
     tables = (out / "tables.md").read_text()
     for title in ("## Every model", "## Against the goals (depth student)", "## Objectives (depth student)",
-                  "## Does the hidden-state term help?", "## Teacher targets at equal steps"):
+                  "## Does the hidden-state term help?", "## The hidden-state term across training seeds",
+                  "## Training seed: seed 1 - seed 0", "## Teacher targets at equal steps"):
         assert title in tables, title
     results = json.loads((out / "results.json").read_text())
     evals = {p.stem: json.loads(p.read_text()) for p in (out / "evals").glob("*.json")}
@@ -74,6 +77,10 @@ def test_tables_and_their_numbers(budget):
     f, g = _per_position(evals["features"], "kl"), _per_position(evals["logits"], "kl")
     d = [a - b for a, b in zip(f, g)]
     assert results["hidden_term"]["kl"]["diff"] == pytest.approx(sum(d) / len(d), rel=1e-12)
+    # and across the two training seeds: the mean of the seeds' mean differences
+    f1, g1 = _per_position(evals["features_seed1"], "kl"), _per_position(evals["logits_seed1"], "kl")
+    d1 = [a - b for a, b in zip(f1, g1)]
+    assert results["hidden_term_seeds"]["kl"]["diff"] == pytest.approx((sum(d) / len(d) + sum(d1) / len(d1)) / 2, rel=1e-12)
     # the held-out KL is the exact one (the cache holds exact targets), the top-k bucket's beside it
     h = evals["logits"]["heldout"]
     assert h["kl_support"] == "full vocabulary (exact targets)" and h["kl_to_teacher_topk"] <= h["kl_to_teacher"]
@@ -137,3 +144,18 @@ def test_projected_kl_by_hand():
     assert data == {"kd": {"kl": 0.5, "kl_recovery": 0.5, "ratio": pytest.approx(0.75), "kl_projected": pytest.approx(0.375),
                            "kl_recovery_projected": pytest.approx(0.625)}}
     assert lines[-1] == "| kd | 0.5000 | 50.0% | 0.750 | 0.3750 | 62.5% |"
+
+
+def test_across_seeds_by_hand():
+    """Two seeds' differences -0.003 and -0.001: mean -0.002, seed stderr sd / sqrt(2) = 0.001; consistent only
+    when both are resolved over items with the same sign."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import results
+
+    a = results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": -0.001, "stderr": 0.0002}])
+    assert a["diff"] == pytest.approx(-0.002, abs=1e-15) and a["stderr"] == pytest.approx(0.001, abs=1e-15)
+    assert a["n"] == 2 and a["consistent"] == "yes"
+    # one seed unresolved (|diff| < 2 stderr), or the signs differ: not consistent
+    assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": -0.0003, "stderr": 0.0002}])["consistent"] == "no"
+    assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": 0.001, "stderr": 0.0002}])["consistent"] == "no"
+    assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}])["diff"] is None
