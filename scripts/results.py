@@ -231,16 +231,24 @@ def curve_trend(curve: list[dict], tokens: int, key: str) -> dict | None:
             "extrapolated": {"tokens": EXTRAPOLATE * end[0], "value": end[1] + slope * math.log2(EXTRAPOLATE)}}
 
 
+def divergence(run: dict) -> str:
+    """The divergence a run's KL term measured (`loss.logits`: kl, skew_kl, ...): only KL curves carry the KL."""
+    return run["config"]["loss"].get("logits", "kl")
+
+
 def table_trends(curves: dict[str, list[dict]], runs: dict[str, dict], variants: list[str]) -> tuple[list[str], dict]:
     head = ["variant", "held-out measure", "0", *(f"{t // 1000}k" for t in DOUBLINGS), "end", "per doubling",
             f"{EXTRAPOLATE}x (log-linear)"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     data: dict = {}
     for v in variants:
-        for key, what in zip(CURVE_KEYS, ("CE", "KL term x T^2")):
+        name = divergence(runs[v])
+        for key, what in zip(CURVE_KEYS, ("CE", "KL term x T^2" if name == "kl" else f"{name} term x T^2")):
             trend = curve_trend(curves.get(v, []), tokens_per_step(runs[v]), key)
             if trend is None:
                 continue
+            if key == "eval_loss_kl":
+                trend["divergence"] = name
             data.setdefault(v, {})[key] = trend
             lines.append("| " + " | ".join([BUDGET_LABEL.get(v, v), what, f"{trend['start']:.3f}",
                                              *(f"{d['value']:.3f}" for d in trend["doublings"]), f"{trend['end']:.3f}",
@@ -459,13 +467,16 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
 def table_projected(trends: dict, ev: dict[str, dict], variants: list[str]) -> tuple[list[str], dict]:
     """Each distilled variant's exact held-out KL (T = 1, all held-out sequences) carried to EXTRAPOLATE x the
     tokens in the proportion its periodic KL curve's log-linear trend falls (extrapolated / end), and the KL
-    recovery that would give against its pruned student's KL."""
+    recovery that would give against its pruned student's KL. A variant trained on another divergence (skew KL)
+    is left out: its curve is not the KL's."""
     head = ["variant", "KL to teacher", "KL recovery", f"curve's KL term: {EXTRAPOLATE}x / end",
             f"KL to teacher at {EXTRAPOLATE}x", f"KL recovery at {EXTRAPOLATE}x"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     data: dict = {}
     for v in variants:
         trend = trends.get(v, {}).get("eval_loss_kl")
+        if trend is not None and trend.get("divergence", "kl") != "kl":
+            continue  # another divergence's curve (skew KL) does not fall in proportion to the KL
         kl, pruned = ev[v]["heldout"].get("kl_to_teacher"), ev[f"pruned-{v}"]["heldout"].get("kl_to_teacher")
         if trend is None or kl is None or not pruned or trend["end"] <= 0:
             continue
@@ -489,15 +500,20 @@ def plot_curves(curves: dict[str, list[dict]], runs: dict[str, dict], path: Path
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    others = []
     for i, v in enumerate(v for v in runs if v in curves):  # one color per variant in both panels
         tokens = tokens_per_step(runs[v])
         for ax, key in zip(axes, CURVE_KEYS):
+            if key == "eval_loss_kl" and divergence(runs[v]) != "kl":
+                others.append(BUDGET_LABEL.get(v, v))  # another divergence's scale: in the trend table only
+                continue
             points = [(c["step"] * tokens / 1e5, c[key]) for c in curves[v] if key in c]
             if points:
                 ax.plot(*zip(*points), marker="o", ms=3, color=colors[i % len(colors)], label=BUDGET_LABEL.get(v, v))
     for ax, title in zip(axes, ("held-out CE (nats/token)",
                                 "held-out KL term x T^2, as each variant's targets measure it\n"
-                                "(top-k bucket, exact or sampled: compare within a kind)")):
+                                "(top-k bucket, exact or sampled: compare within a kind)"
+                                + (f"\nnot shown: {', '.join(others)} (another divergence)" if others else ""))):
         ax.set_xlabel("training tokens (x 100k)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

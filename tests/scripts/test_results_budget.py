@@ -159,3 +159,26 @@ def test_across_seeds_by_hand():
     assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": -0.0003, "stderr": 0.0002}])["consistent"] == "no"
     assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": 0.001, "stderr": 0.0002}])["consistent"] == "no"
     assert results.across_seeds([{"diff": -0.003, "stderr": 0.0002}])["diff"] is None
+
+
+def test_other_divergence_labelled_and_not_projected():
+    """A skew-KL variant's periodic KL term is labelled by its divergence in the trend table, and the exact KL is
+    not carried by it (its curve is not the KL's); a KL variant with the same curve is."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import results
+
+    curve = [{"step": 0, "eval_loss_ce": 4.0, "eval_loss_kl": 0.9}]
+    curve += [{"step": s, "eval_loss_ce": 3.0, "eval_loss_kl": 0.3 - 0.01 * math.log2(s)} for s in range(98, 977, 98)]
+    curve += [{"step": 977, "eval_loss_ce": 2.9, "eval_loss_kl": 0.2}]
+
+    def run(name):
+        return {"config": {"loss": {"logits": name}, "training": {"per_device_train_batch_size": 4}},
+                "cache": {"seq_len": 256}}
+
+    runs = {"kd": run("kl"), "adv": run("skew_kl")}
+    lines, trends = results.table_trends({"kd": curve, "adv": curve}, runs, ["kd", "adv"])
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["CE", "KL term x T^2", "CE", "skew_kl term x T^2"]
+    ev = {v: {"heldout": {"kl_to_teacher": 0.5}} for v in ("kd", "adv")}
+    ev.update({f"pruned-{v}": {"heldout": {"kl_to_teacher": 1.0}} for v in ("kd", "adv")})
+    _, projected = results.table_projected(trends, ev, ["kd", "adv"])
+    assert set(projected) == {"kd"}
