@@ -454,6 +454,8 @@ def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, st
              f"({teacher.n_layers} blocks); map {layer_map}; "
              f"{len(data.train)} train / {len(data.eval)} held-out sequences")
     metrics: dict = {}
+    # the step it resumes at, read now: with save_total_limit the Trainer deletes that checkpoint as it saves newer ones
+    first_step = _checkpoint_step(resume) if resume else 0
     try:
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
@@ -464,7 +466,7 @@ def _train_loop(cfg, online: bool, args, resume: str | None, callbacks, loss, st
         metrics["train_loss"] = result.training_loss
         metrics["global_step"] = result.global_step
         # the optimizer steps this process ran (all of them, unless it resumed): train_seconds covers only those
-        metrics["steps_this_run"] = result.global_step - (_checkpoint_step(resume) if resume else 0)
+        metrics["steps_this_run"] = result.global_step - first_step
         if len(data.eval):
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     finally:

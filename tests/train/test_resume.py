@@ -30,7 +30,8 @@ def _curve(run_dir):
 
 def test_resume_reproduces_curve(tiny, train_overrides):
     # 6 optimizer steps of 2 x 2 sequences over 12 train sequences: crosses two epoch boundaries
-    extra = dict(max_steps=6, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3,
+    # save_total_limit 1: the checkpoint a run resumes from is deleted when it saves the next one
+    extra = dict(max_steps=6, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3, save_total_limit=1,
                  lr_scheduler_type="linear", warmup_steps=1)
     full = tiny["root"] / "resume_full"
     whole = run_train(load_config(None, tiny["overrides"] + train_overrides(full, **extra)))
@@ -43,6 +44,7 @@ def test_resume_reproduces_curve(tiny, train_overrides):
     ckpt = cut / "checkpoint-3"
     assert (ckpt / "projectors.safetensors").is_file() and (ckpt / "projectors.json").is_file()
     assert not (cut / "student").exists()  # no half-written outputs
+    start = load_file(str(ckpt / "projectors.safetensors"))  # before the resumed run rotates the checkpoint away
     summary = run_train(cfg, resume="latest")
     assert summary["resumed_from"].endswith("checkpoint-3")
     assert summary["metrics"]["global_step"] == 6 and summary["metrics"]["steps_this_run"] == 3  # what its seconds cover
@@ -59,6 +61,5 @@ def test_resume_reproduces_curve(tiny, train_overrides):
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
     # the projectors kept training after the checkpoint (restored and optimized, not frozen)
-    start = load_file(str(ckpt / "projectors.safetensors"))
     end = load_file(str(full / "projectors.safetensors"))
     assert any(not torch.equal(start[k], end[k]) for k in start)
