@@ -207,7 +207,8 @@ GOALS = [("kl_recovery", "KL recovery", 0.60), ("capability_retention", "capabil
          ("ppl_retention", "PPL retention", 0.95)]
 BUDGET_LABEL = {**LABEL, "logits": "logits KD (0.5 / 0.5)", "features": "features (depth preset 0.5 / 0.5 / 0.1)",
                 "advanced": "advanced (skew KL + cosine + FDD)", "logits_exact": "logits KD, exact targets",
-                "logits_sampled": "logits KD, sampled targets", "width_features": "width student, features"}
+                "logits_sampled": "logits KD, sampled targets", "width_features": "width student, features",
+                "features_seed1": "features, training seed 1", "logits_seed1": "logits KD, training seed 1"}
 CURVE_KEYS = ("eval_loss_ce", "eval_loss_kl")
 DOUBLINGS = (100_000, 200_000, 400_000, 800_000)  # training tokens: the curve's points per doubling
 EXTRAPOLATE = 10  # the budget multiple the log-linear trend is carried to
