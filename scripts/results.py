@@ -210,6 +210,9 @@ BUDGET_LABEL = {**LABEL, "logits": "logits KD (0.5 / 0.5)", "features": "feature
                 "logits_sampled": "logits KD, sampled targets", "width_features": "width student, features",
                 "features_seed1": "features, training seed 1", "logits_seed1": "logits KD, training seed 1"}
 CURVE_KEYS = ("eval_loss_ce", "eval_loss_kl")
+# paired_budget's differences as table rows: key, label, scale, format
+PAIRED_MEASURES = (("nll", "held-out NLL (nats/position)", 1.0, "+.4f"), ("kl", "held-out KL to teacher", 1.0, "+.4f"),
+                   ("acc", "accuracy, mean over tasks (points)", 100, "+.2f"))
 DOUBLINGS = (100_000, 200_000, 400_000, 800_000)  # training tokens: the curve's points per doubling
 EXTRAPOLATE = 10  # the budget multiple the log-linear trend is carried to
 
@@ -377,19 +380,16 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
         d = paired_budget(ev["features"], ev["logits"])
         results["hidden_term"] = d
         md += ["## Does the hidden-state term help? features - logits KD (same CE and KL weights, + 0.1 cosine)", "",
-               "| measure | features - logits | resolved (> 2 stderr) |", "|---|---:|---:|",
-               f"| held-out NLL (nats/position) | {pm(d['nll'], fmt='+.4f')} | {resolved(d['nll'])} |",
-               f"| held-out KL to teacher | {pm(d['kl'], fmt='+.4f')} | {resolved(d['kl'])} |",
-               f"| accuracy, mean over tasks (points) | {pm(d['acc'], 100, '+.2f')} | {resolved(d['acc'])} |", ""]
+               "| measure | features - logits | resolved (> 2 stderr) |", "|---|---:|---:|"]
+        md += [f"| {label} | {pm(d[key], scale, fmt)} | {resolved(d[key])} |" for key, label, scale, fmt in PAIRED_MEASURES]
+        md.append("")
     if all(v in ev for v in ("features", "logits", "features_seed1", "logits_seed1")):
         per_seed = [paired_budget(ev["features"], ev["logits"]), paired_budget(ev["features_seed1"], ev["logits_seed1"])]
         results["hidden_term_seeds"] = {k: across_seeds([d[k] for d in per_seed]) for k in ("nll", "kl", "acc")}
         md += ["## The hidden-state term across training seeds: features - logits KD at seeds 0 and 1", "",
                "| measure | seed 0 | seed 1 | mean of the seeds ± seed spread | same sign, resolved at every seed |",
                "|---|---:|---:|---:|---:|"]
-        for key, label, scale, fmt in (("nll", "held-out NLL (nats/position)", 1.0, "+.4f"),
-                                       ("kl", "held-out KL to teacher", 1.0, "+.4f"),
-                                       ("acc", "accuracy, mean over tasks (points)", 100, "+.2f")):
+        for key, label, scale, fmt in PAIRED_MEASURES:
             a = results["hidden_term_seeds"][key]
             md.append(f"| {label} | {pm(per_seed[0][key], scale, fmt)} | {pm(per_seed[1][key], scale, fmt)} | "
                       f"{pm(a, scale, fmt)} | {a['consistent']} |")
