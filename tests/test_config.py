@@ -32,6 +32,26 @@ def test_reference_config_lists_valid_keys():
     assert loss_spec(cfg.loss).logits_args == {}  # the reference's loss passes the recipe's checks
 
 
+def test_reference_config_is_every_key_at_its_default():
+    """configs/reference.yaml (the README's "every key with its default") against the dataclasses' own
+    defaults and the train recipe's TrainingArguments defaults, section by section."""
+    import dataclasses
+
+    import yaml
+
+    from pipeline.config import Config
+    from pipeline.recipes.train import TRAINING_DEFAULTS
+
+    ref = yaml.safe_load(open("configs/reference.yaml"))
+    defaults = dataclasses.asdict(Config())
+    training = ref.pop("training")
+    assert defaults.pop("training") == {}
+    assert set(ref) == set(defaults)
+    for section, keys in ref.items():
+        assert keys == defaults[section], section
+    assert training == TRAINING_DEFAULTS
+
+
 @pytest.mark.parametrize("path", ["configs/depth.yaml", "configs/width.yaml", "configs/depth_width.yaml"])
 def test_example_configs_load(path):
     from pipeline.recipes.train import loss_spec
