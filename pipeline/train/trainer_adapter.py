@@ -1,9 +1,12 @@
 """The one place that reaches into `transformers.Trainer`'s private methods.
 
-The distillation trainer needs three things the Trainer offers no public argument or callback for:
+The distillation trainer needs four things the Trainer offers no public argument or callback for:
 - its own train sampler (whole cache chunks shuffled, `ChunkShuffleSampler`): `_get_train_sampler`;
 - one global gradient norm over the student and the projectors, which live beside the model and are
   clipped with it: `_clip_grad_norm` and `_get_grad_norm` (the Trainer's own norm covers the model only);
+- a resume from a checkpoint saved at max_steps that takes no step: the Trainer checks max_steps only after
+  a step, so it would take one more (at a constant learning rate that moves the weights); `train` loads the
+  checkpoint's weights with `_load_from_checkpoint` and its state instead;
 - nothing else: checkpoints, the best model, evaluation prefixes and gradient-accumulation scaling go through
   public methods, callbacks and the documented `loss_is_scaled_for_ga` attribute.
 
@@ -17,9 +20,12 @@ fails loudly in the suite rather than silently skipping the projectors' clipping
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput
 
 # [lowest, first untested): the versions these seams were tested on; pyproject.toml pins the same range
 TESTED_TRANSFORMERS = ("5.25.0", "5.26.0")
@@ -29,7 +35,9 @@ SEAMS = {
     "_get_train_sampler": ("train_dataset",),
     "_clip_grad_norm": ("model",),
     "_get_grad_norm": ("model", "grad_norm"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
 }
+CALLED_ONLY = ("_load_from_checkpoint",)  # the seams this module calls without overriding
 
 
 def check_trainer_seams(trainer_cls: type = Trainer) -> list[str]:
@@ -64,6 +72,17 @@ class TrainerAdapter(Trainer):
     def before_grad_norm(self) -> None:
         """Runs before the norm is taken, once or more per optimizer step (e.g. to all-reduce gradients the
         DDP wrapper does not see)."""
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """The Trainer's train(), except that resuming from a checkpoint at or past max_steps finishes at once:
+        the checkpoint's weights and state, no step (train_loss None: none was taken in this process)."""
+        if isinstance(resume_from_checkpoint, str) and self.args.max_steps > 0:
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            if state.global_step >= self.args.max_steps:
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, None, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ---- the private methods, as hooks
     def _get_train_sampler(self, train_dataset=None):

@@ -63,3 +63,25 @@ def test_resume_reproduces_curve(tiny, train_overrides):
     # the projectors kept training after the checkpoint (restored and optimized, not frozen)
     end = load_file(str(full / "projectors.safetensors"))
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_resume_from_the_final_checkpoint_takes_no_step(tiny, train_overrides):
+    """A run that died after its last checkpoint resumes to the same weights: no optimizer step beyond
+    max_steps (the Trainer alone would take one before checking; with a constant learning rate it moves them)."""
+    extra = dict(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1, lr_scheduler_type="constant")
+    full = tiny["root"] / "final_full"
+    run_train(load_config(None, tiny["overrides"] + train_overrides(full, **extra)))
+
+    cut = tiny["root"] / "final_cut"
+    cfg = load_config(None, tiny["overrides"] + train_overrides(cut, **extra))
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, callbacks=[Interrupt(4)])
+    summary = run_train(cfg, resume="latest")
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    assert summary["metrics"]["global_step"] == 4 and summary["metrics"]["steps_this_run"] == 0
+    assert [h["step"] for h in _curve(cut)] == [h["step"] for h in _curve(full)]
+    for name in ("projectors.safetensors", "student/model.safetensors"):
+        wa, wb = load_file(str(full / name)), load_file(str(cut / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0)
