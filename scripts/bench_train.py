@@ -32,6 +32,14 @@ fastest round's median (anything else on the machine only ever adds time).
 
     python scripts/bench_train.py --objectives [--steps 6]
 
+`--targets` times logits KD (alpha .4, beta .4, gamma 0, kl at T = 2) on each kind of teacher target, from
+one cache that holds all three (cache.logits=topk+sampled+exact): the top-64 logits with the exact tail
+bucket, exact full-distribution targets (the teacher's head applied to its cached last layer, the dense
+divergence over the whole vocabulary), and K = 64 sampled draws. Three rounds as --objectives, the step
+time and peak memory against the top-k step, and each kind's bytes per token in that cache.
+
+    python scripts/bench_train.py --targets [--bf16] [--steps 6]
+
 `--vs-finetune` puts distillation next to a plain fine-tune of the same student: one child per
 configuration, one at a time, the same student, batches (batch size x seq len), dtype, number of steps
 and optimizer settings (the same TrainingArguments):
@@ -191,6 +199,14 @@ OBJECTIVES = [
     ("jsd", ["loss.logits=jsd"]),
     ("gjsd (beta 0.5)", ["loss.logits=gjsd"]),
 ]
+
+
+# --targets: (name, overrides) of logits KD on each kind of target of one cache holding all three; the first
+# is the reference of the ratios
+TARGET_CACHE = ["cache.logits=topk+sampled+exact", "cache.samples=64"]
+TARGETS = [(name, [*TARGET_CACHE, "loss.gamma=0.0", f"loss.logits_source={kind}"])
+           for name, kind in (("top-64 + tail bucket", "topk"), ("exact (full distribution)", "exact"),
+                              ("sampled, K = 64", "sampled"))]
 
 
 # --vs-finetune: (name, child, loss overrides, description); the first is the reference of the ratios
@@ -823,43 +839,69 @@ def run_vs_finetune(args, runner: Runner) -> None:
 # ----------------------------------------------------------------------------- --objectives, default
 
 
-def run_objectives(args, runner: Runner) -> None:
-    runs: dict[str, list[dict]] = {name: [] for name, _ in OBJECTIVES}
+def run_rounds(runner: Runner, variants: list[tuple[str, list[str]]], column: str,
+               extra: dict[str, str] | None = None) -> dict[str, float]:
+    """Each variant in three rounds (ABC ABC ABC), one cache child at a time; prints each child as it ends,
+    then a table of the best of the three median step times and the largest peak memory, both against the
+    first variant (anything else on the machine only ever adds time). `extra`: one more column, by variant.
+    Returns the step times of the variants that finished."""
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for i in range(1, 4):
-        for name, loss in OBJECTIVES:
+        for name, loss in variants:
             r = runner.child(f"{name}, round {i}", "cache", loss)
             if ok(r):
                 runs[name].append(r)
                 print(f"  {name}, round {i}: {r['step_s']:.2f} s/step, {r[mem_key(r)]:.0f} MiB peak "
                       f"({r['child_s']:.0f} s child)")
-    fdd_s, cosine_s, n_mapped, d_teacher = term_cost(args, runner.work)
-
-    ref = OBJECTIVES[0][0]
+    ref = variants[0][0]
     done = [r for rs in runs.values() for r in rs]
     if not done:
         print("every child failed")
-        return
+        return {}
     mem = mem_key(done[0])
     step = {name: min(r["step_s"] for r in rs) for name, rs in runs.items() if rs}
     peak = {name: max(r[mem] for r in rs) for name, rs in runs.items() if rs}
-    print(f"\n| objective | step s (best of 3 medians) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |")
-    print("|---|---:|---:|---:|---:|")
-    for name, _ in OBJECTIVES:
+    more = f" {extra['']} |" if extra else ""
+    print(f"\n| {column} | step s (best of 3 medians) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |{more}")
+    print("|---|---:|---:|---:|---:|" + ("---:|" if extra else ""))
+    for name, _ in variants:
+        cell = f" {extra.get(name, '')} |" if extra else ""
         if name not in step:
-            print(f"| {name} | failed | | | |")
+            print(f"| {name} | failed | | | |{cell}")
         elif ref not in step:
-            print(f"| {name} | {step[name]:.2f} | n/a | {peak[name]:.0f} | n/a |")
+            print(f"| {name} | {step[name]:.2f} | n/a | {peak[name]:.0f} | n/a |{cell}")
         else:
             print(f"| {name} | {step[name]:.2f} | {step[name] / step[ref]:.3f} | {peak[name]:.0f} | "
-                  f"{peak[name] / peak[ref]:.2f} |")
+                  f"{peak[name] / peak[ref]:.2f} |{cell}")
     print("steps (s): " + "; ".join(f"{name}: " + " ".join(f"{s:.2f}" for r in rs for s in r["steps"])
                                      for name, rs in runs.items() if rs))
+    return step
+
+
+def run_objectives(args, runner: Runner) -> None:
+    step = run_rounds(runner, OBJECTIVES, "objective")
+    fdd_s, cosine_s, n_mapped, d_teacher = term_cost(args, runner.work)
+    ref = OBJECTIVES[0][0]
     if ref in step:
         print(f"\nthe terms alone (forward + backward on this step's tensors: {args.batch_size * args.seq_len} tokens, "
               f"{n_mapped} mapped layers, d_teacher {d_teacher}; median of 20):\n"
               f"  fdd    {fdd_s * 1e3:.1f} ms = {fdd_s / step[ref]:.4f} of the {ref} step -> "
               f"fdd step / plain step = {1 + fdd_s / step[ref]:.3f} (goal <= 1.05)\n"
               f"  cosine hidden loss {cosine_s * 1e3:.1f} ms = {cosine_s / step[ref]:.4f} of the step")
+
+
+def target_bytes(cache_dir: Path) -> dict[str, str]:
+    """Bytes per token of each kind of target in the cache, by TARGETS name (the exact targets' input is
+    layer n among the hidden layers; the head is stored once per cache)."""
+    from pipeline.recipes.cache import cache_facts, target_kind_bytes
+
+    info = cache_facts(str(cache_dir))
+    kinds = {name: loss[-1].split("=", 1)[1] for name, loss in TARGETS}
+    return {"": "bytes/token", **{name: f"{target_kind_bytes(info, kind):.0f}" for name, kind in kinds.items()}}
+
+
+def run_targets(args, runner: Runner) -> None:
+    run_rounds(runner, TARGETS, "targets (logits KD, gamma 0)", target_bytes(runner.work / "cache"))
 
 
 def run_compare(args, runner: Runner) -> None:
@@ -912,6 +954,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="135m: the packaged SmolLM2 teacher; others: a random-init teacher of that shape")
     ap.add_argument("--objectives", action="store_true",
                     help="time FDD and each divergence against the plain kl step (cache mode only)")
+    ap.add_argument("--targets", action="store_true",
+                    help="time logits KD on top-k, exact and sampled targets of one cache (cache mode only)")
     ap.add_argument("--vs-finetune", action="store_true",
                     help="finetune (stock Trainer, CE) vs kd-dense, kd-chunked, ce-only and online: step time, "
                          "peak memory, ratios against finetune, per-phase step breakdown; then the cache loader "
@@ -942,8 +986,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--teacher-path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.objectives and args.vs_finetune:
-        ap.error("--objectives and --vs-finetune are separate runs")
+    if args.objectives + args.vs_finetune + args.targets > 1:
+        ap.error("--objectives, --targets and --vs-finetune are separate runs")
     if args.quick and not args.vs_finetune:
         ap.error("--quick is a --vs-finetune size")
     if args.student_vocab is not None and args.student_vocab < PACKAGED_VOCAB:
@@ -988,7 +1032,7 @@ def setup(args, work: Path) -> str:
         run_prune("smollm2-135m-instruct", str(work / "student"), method="importance", remove="6",
                   calibration_sequences=16, heldout_sequences=0, progress=False, echo=lambda m: None)
         models = f"teacher {args.teacher_size} ({args.teacher_path}), student = SmolLM2-135M minus 6 blocks"
-    build_cache(load_config(DEMO, overrides(args, work, args.teacher_path)))
+    build_cache(load_config(DEMO, overrides(args, work, args.teacher_path) + (TARGET_CACHE if args.targets else [])))
     return models
 
 
@@ -1014,10 +1058,12 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         models = setup(args, work)
-        run = "objectives" if args.objectives else "vs-finetune" if args.vs_finetune else "compare"
+        run = ("objectives" if args.objectives else "targets" if args.targets else "vs-finetune" if args.vs_finetune
+               else "compare")
         runner = Runner(args, work, run)
         runner.header(models, time.perf_counter() - started)
-        {"objectives": run_objectives, "vs-finetune": run_vs_finetune, "compare": run_compare}[run](args, runner)
+        {"objectives": run_objectives, "targets": run_targets, "vs-finetune": run_vs_finetune,
+         "compare": run_compare}[run](args, runner)
     finally:
         if args.keep:
             print(f"work folder kept: {work}")

@@ -200,9 +200,8 @@ def plot_paired(results: dict, path: Path) -> Path | None:
 # configs/budget/recovery.yaml: one ablation, the depth student's objectives, the target kinds at equal steps,
 # the width student, training-seed repeats named <variant>_seed1
 BUDGET_OBJECTIVES = ["ce_only", "logits", "features", "advanced"]
-TARGET_KINDS = [("logits", "top-64 + tail bucket", ("topk_ids", "topk_logits")),
-                ("logits_exact", "exact (full distribution)", ()),
-                ("logits_sampled", "sampled, K = 64", ("sample_ids", "sample_counts", "sample_logits"))]
+TARGET_KINDS = [("logits", "top-64 + tail bucket", "topk"), ("logits_exact", "exact (full distribution)", "exact"),
+                ("logits_sampled", "sampled, K = 64", "sampled")]
 GOALS = [("kl_recovery", "KL recovery", 0.60), ("capability_retention", "capability retention", 0.97),
          ("ppl_retention", "PPL retention", 0.95)]
 BUDGET_LABEL = {**LABEL, "logits": "logits KD (0.5 / 0.5)", "features": "features (depth preset 0.5 / 0.5 / 0.1)",
@@ -396,18 +395,16 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
         md.append("")
 
     # the target kinds at equal steps
-    kinds = [(v, label, cols) for v, label, cols in TARGET_KINDS if v in ev]
+    kinds = [(v, label, kind) for v, label, kind in TARGET_KINDS if v in ev]
     if len(kinds) > 1:
-        per_token = cache["bytes_per_token"]
+        from pipeline.recipes.cache import target_kind_bytes
+
         head = ["targets", "bytes/token", "s/step", "KL to teacher", "KL recovery", "PPL retention",
                 "ΔKL vs top-k", "ΔNLL vs top-k", "Δacc vs top-k (points)"]
         md += ["## Teacher targets at equal steps (logits KD, depth student)", "",
                "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        for v, label, cols in kinds:
-            if cols:
-                nbytes = sum(per_token["targets"].get(c, 0.0) for c in cols)
-            else:  # exact: the last block's output, layer n, at its codec (the head is stored once)
-                nbytes = per_token["hidden_per_layer"][str(cache["exact"]["layer"])]
+        for v, label, kind in kinds:
+            nbytes = target_kind_bytes(cache, kind)
             rec = recovery_metrics(teacher, ev[f"pruned-{v}"], ev[v])
             d = paired_budget(ev[v], ev["logits"]) if v != "logits" else None
             secs = step_seconds(runs[v], curves.get(v, []))

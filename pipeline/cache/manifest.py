@@ -65,8 +65,10 @@ def shard_paths(index: int) -> tuple[str, str, str]:
     return f"{base}.arrow", f"{base}.zarr", f"{base}.json"
 
 
-# the teacher-target columns, one compressed blob per chunk each ([n, T, k] top-k, [n, T, K] draws)
-TARGET_COLUMNS = ("topk_ids", "topk_logits", "sample_ids", "sample_counts", "sample_logits")
+# the teacher-target columns by kind of target, one compressed blob per chunk each ([n, T, k] top-k, [n, T, K]
+# draws); exact targets have none (layer n among the hidden layers, the head once per cache)
+TARGET_KIND_COLUMNS = {"topk": ("topk_ids", "topk_logits"), "sampled": ("sample_ids", "sample_counts", "sample_logits")}
+TARGET_COLUMNS = tuple(c for cols in TARGET_KIND_COLUMNS.values() for c in cols)
 
 
 def id_table_record(packed: bytes) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.cache.build import build_cache
 from pipeline.cache.codecs import STORED_LOGIT_DTYPES
-from pipeline.cache.manifest import layer_codec
+from pipeline.cache.manifest import TARGET_KIND_COLUMNS, layer_codec
 from pipeline.cache.reader import open_cache
 from pipeline.errors import PipelineError
 
@@ -81,6 +81,16 @@ def cache_facts(cache_dir: str, storage_options: dict | None = None) -> dict:
     positions = info["sequences"] * info["seq_len"]
     info["bytes_per_token"]["targets"] = {k: v / positions for k, v in cache.target_bytes().items()}
     return info
+
+
+def target_kind_bytes(info: dict, kind: str) -> float:
+    """Bytes per token that one kind of teacher target (topk | sampled | exact) costs in a cache, from
+    `cache_facts`' dict: its columns, or for exact targets layer n among the hidden layers (the head is
+    stored once per cache, not per token)."""
+    per_token = info["bytes_per_token"]
+    if kind == "exact":
+        return per_token["hidden_per_layer"][str(info["exact"]["layer"])]
+    return sum(per_token["targets"].get(c, 0.0) for c in TARGET_KIND_COLUMNS[kind])
 
 
 def cache_info(cache_dir: str, as_json: bool = False, storage_options: dict | None = None) -> dict:

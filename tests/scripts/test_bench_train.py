@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bench_train.py"
 TRAINING = ("finetune", "kd-dense", "kd-chunked", "ce-only", "online")
@@ -111,3 +113,26 @@ def test_failed_children_leave_the_others_printed(capsys):
     assert printed.count("| kd-chunked (demo loss, chunk 4) | 0.700 | n/a |") == 2
     assert "= 4.4x what kd-chunked consumes (23 tokens/s = 16 tokens / 0.700 s per step); goal >= 3x: met" in printed
     assert "| hidden layer 3 (bf16, zarr) | 2.00 | 2.00 | 500000 |" in printed
+
+
+def test_targets_mode_is_its_own_run():
+    bench = _load_script()
+    assert bench.parse_args(["--targets"]).targets
+    for other in ("--objectives", "--vs-finetune"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--targets", other])
+    # one child per kind of target, each reading it from the one cache that holds all three
+    assert [loss[-1] for _, loss in bench.TARGETS] == [f"loss.logits_source={k}" for k in ("topk", "exact", "sampled")]
+    assert all(loss[: len(bench.TARGET_CACHE)] == bench.TARGET_CACHE for _, loss in bench.TARGETS)
+
+
+def test_target_kind_bytes_by_hand():
+    from pipeline.recipes.cache import target_kind_bytes
+
+    info = {"exact": {"layer": 30},
+            "bytes_per_token": {"targets": {"topk_ids": 60.0, "topk_logits": 80.0, "sample_ids": 30.0,
+                                            "sample_counts": 5.0, "sample_logits": 20.0},
+                                "hidden_per_layer": {"15": 700.0, "30": 2100.0}}}
+    assert target_kind_bytes(info, "topk") == 140.0
+    assert target_kind_bytes(info, "sampled") == 55.0
+    assert target_kind_bytes(info, "exact") == 2100.0
