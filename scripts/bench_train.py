@@ -204,9 +204,8 @@ OBJECTIVES = [
 # --targets: (name, overrides) of logits KD on each kind of target of one cache holding all three; the first
 # is the reference of the ratios
 TARGET_CACHE = ["cache.logits=topk+sampled+exact", "cache.samples=64"]
-TARGETS = [(name, [*TARGET_CACHE, "loss.gamma=0.0", f"loss.logits_source={kind}"])
-           for name, kind in (("top-64 + tail bucket", "topk"), ("exact (full distribution)", "exact"),
-                              ("sampled, K = 64", "sampled"))]
+TARGET_KINDS = (("top-64 + tail bucket", "topk"), ("exact (full distribution)", "exact"), ("sampled, K = 64", "sampled"))
+TARGETS = [(name, [*TARGET_CACHE, "loss.gamma=0.0", f"loss.logits_source={kind}"]) for name, kind in TARGET_KINDS]
 
 
 # --vs-finetune: (name, child, loss overrides, description); the first is the reference of the ratios
@@ -840,10 +839,11 @@ def run_vs_finetune(args, runner: Runner) -> None:
 
 
 def run_rounds(runner: Runner, variants: list[tuple[str, list[str]]], column: str,
-               extra: dict[str, str] | None = None) -> dict[str, float]:
+               extra: tuple[str, dict[str, str]] | None = None) -> dict[str, float]:
     """Each variant in three rounds (ABC ABC ABC), one cache child at a time; prints each child as it ends,
     then a table of the best of the three median step times and the largest peak memory, both against the
-    first variant (anything else on the machine only ever adds time). `extra`: one more column, by variant.
+    first variant (anything else on the machine only ever adds time). `extra`: one more column (its header,
+    its cell by variant).
     Returns the step times of the variants that finished."""
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for i in range(1, 4):
@@ -861,11 +861,11 @@ def run_rounds(runner: Runner, variants: list[tuple[str, list[str]]], column: st
     mem = mem_key(done[0])
     step = {name: min(r["step_s"] for r in rs) for name, rs in runs.items() if rs}
     peak = {name: max(r[mem] for r in rs) for name, rs in runs.items() if rs}
-    more = f" {extra['']} |" if extra else ""
+    more = f" {extra[0]} |" if extra else ""
     print(f"\n| {column} | step s (best of 3 medians) | vs {ref} | {mem.replace('_', ' ')} | vs {ref} |{more}")
     print("|---|---:|---:|---:|---:|" + ("---:|" if extra else ""))
     for name, _ in variants:
-        cell = f" {extra.get(name, '')} |" if extra else ""
+        cell = f" {extra[1].get(name, '')} |" if extra else ""
         if name not in step:
             print(f"| {name} | failed | | | |{cell}")
         elif ref not in step:
@@ -896,12 +896,11 @@ def target_bytes(cache_dir: Path) -> dict[str, str]:
     from pipeline.recipes.cache import cache_facts, target_kind_bytes
 
     info = cache_facts(str(cache_dir))
-    kinds = {name: loss[-1].split("=", 1)[1] for name, loss in TARGETS}
-    return {"": "bytes/token", **{name: f"{target_kind_bytes(info, kind):.0f}" for name, kind in kinds.items()}}
+    return {name: f"{target_kind_bytes(info, kind):.0f}" for name, kind in TARGET_KINDS}
 
 
 def run_targets(args, runner: Runner) -> None:
-    run_rounds(runner, TARGETS, "targets (logits KD, gamma 0)", target_bytes(runner.work / "cache"))
+    run_rounds(runner, TARGETS, "targets (logits KD, gamma 0)", ("bytes/token", target_bytes(runner.work / "cache")))
 
 
 def run_compare(args, runner: Runner) -> None:
