@@ -29,7 +29,8 @@ from pipeline.cache import open_cache  # noqa: E402
 from pipeline.cache.codecs import HIDDEN_CODECS, zarr_compressor  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.recipes.cache import build_cache, summarize  # noqa: E402
+from pipeline.cache.info import summarize  # noqa: E402
+from pipeline.phase_one import build_cache  # noqa: E402
 from pipeline.sources.models import load_model  # noqa: E402
 from pipeline.teacher.capture import TeacherCapture  # noqa: E402
 

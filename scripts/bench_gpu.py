@@ -68,8 +68,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
 from pipeline.teacher.capture import TeacherCapture  # noqa: E402
 
-from pipeline.cache.build import build_cache  # noqa: E402
-from pipeline.recipes.cache import summarize  # noqa: E402
+from pipeline.phase_one import build_cache  # noqa: E402
+from pipeline.cache.info import summarize  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 BLOCK = 64 << 20  # disk probe: bytes per write

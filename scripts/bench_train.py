@@ -409,7 +409,7 @@ def child_finetune(args, work: Path, breakdown: bool = False) -> dict:
     from transformers import Trainer
 
     from pipeline.config import load_config
-    from pipeline.recipes.train import training_arguments
+    from pipeline.train.arguments import training_arguments
     from pipeline.sources import models
     from pipeline.train.dataset import CacheDataset
 
@@ -465,7 +465,7 @@ def child_loader(args, work: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from pipeline.config import load_config
-    from pipeline.recipes.train import training_arguments
+    from pipeline.train.arguments import training_arguments
     from pipeline.train.dataset import CacheDataset, ChunkShuffleSampler, collate
     from pipeline.train.trainer import SHUFFLE_WINDOW
 
@@ -893,7 +893,7 @@ def run_objectives(args, runner: Runner) -> None:
 def target_bytes(cache_dir: Path) -> dict[str, str]:
     """Bytes per token of each kind of target in the cache, by TARGETS name (the exact targets' input is
     layer n among the hidden layers; the head is stored once per cache)."""
-    from pipeline.recipes.cache import cache_facts, target_kind_bytes
+    from pipeline.cache.info import cache_facts, target_kind_bytes
 
     info = cache_facts(str(cache_dir))
     return {name: f"{target_kind_bytes(info, kind):.0f}" for name, kind in TARGET_KINDS}

@@ -31,7 +31,7 @@ def main() -> None:
     from pipeline.data.sequences import sequences_from_config
     from pipeline.head import teacher_head
     from pipeline.sources import models
-    from pipeline.teacher.capture import decoder_layers
+    from pipeline.blocks import decoder_layers
 
     torch.manual_seed(0)
     model, tok = models.load_model(args.model)

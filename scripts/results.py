@@ -277,7 +277,7 @@ def collect_budget(exp: Path, out: Path) -> None:
                 steps.add(h["step"])
                 curve.append({k: h[k] for k in ("step", "eval_runtime", *CURVE_KEYS) if k in h})
         (out / "curves" / f"{v}.json").write_text(json.dumps(curve, indent=1) + "\n")
-    from pipeline.recipes.cache import cache_facts
+    from pipeline.cache.info import cache_facts
 
     info = cache_facts(ablation["cache"])
     (out / "cache.json").write_text(json.dumps({k: info[k] for k in ("bytes_per_token", "bytes", "tokens", "layers",
@@ -397,7 +397,7 @@ def budget_tables(out: Path) -> tuple[list[str], dict]:
     # the target kinds at equal steps
     kinds = [(v, label, kind) for v, label, kind in TARGET_KINDS if v in ev]
     if len(kinds) > 1:
-        from pipeline.recipes.cache import target_kind_bytes
+        from pipeline.cache.info import target_kind_bytes
 
         head = ["targets", "bytes/token", "s/step", "KL to teacher", "KL recovery", "PPL retention",
                 "ΔKL vs top-k", "ΔNLL vs top-k", "Δacc vs top-k (points)"]

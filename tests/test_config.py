@@ -40,7 +40,7 @@ def test_reference_config_is_every_key_at_its_default():
     import yaml
 
     from pipeline.config import Config
-    from pipeline.recipes.train import TRAINING_DEFAULTS
+    from pipeline.train.arguments import TRAINING_DEFAULTS
 
     ref = yaml.safe_load(open("configs/reference.yaml"))
     defaults = dataclasses.asdict(Config())

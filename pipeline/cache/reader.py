@@ -27,7 +27,7 @@ from pipeline.cache.codecs import (
     logits_from_numpy, unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, HEAD_FILE, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
+    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
     lse_column, shard_files, shard_paths, validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage

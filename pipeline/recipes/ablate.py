@@ -95,7 +95,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
     hold for all of them."""
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
-    from pipeline.cache.build import resolve_layers
+    from pipeline.phase_one import resolve_layers
     from pipeline.recipes.train import (check_dynamics_map, has_tokenizer, loss_spec, resolve_logits_source,
                                         training_arguments)
     from pipeline.sources.digest import tokenizer_digest

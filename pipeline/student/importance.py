@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.registry import Registry
 from pipeline.student.architectures import ArchSpec, head_dim
-from pipeline.teacher.capture import decoder_layers
+from pipeline.blocks import decoder_layers
 
 
 @dataclass

@@ -19,19 +19,12 @@ import numpy as np
 import torch
 
 from pipeline.cache.codecs import HIDDEN_CODECS, LOGIT_DTYPES, count_dtype, host_array, id_dtype, logits_from_numpy
+from pipeline.blocks import decoder_layers
 from pipeline.errors import PipelineError
 from pipeline.head import check_capture, head_spec
 
 CPU_HEAD_CHUNK = 1024  # LM-head tokens per chunk on a CPU (on a GPU: sized by free memory, _head_chunk)
 CHECK_TOKENS = 128  # tokens the build's first-batch check runs through the model's own forward (~1% of a batch)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise PipelineError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return layers
 
 
 def tail_sums(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, temperatures: list[float],

@@ -34,7 +34,7 @@ from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
-from pipeline.teacher.capture import decoder_layers
+from pipeline.blocks import decoder_layers
 from pipeline.train.dataset import ChunkShuffleSampler, hidden_key
 from pipeline.train.trainer_adapter import TrainerAdapter
 

@@ -410,7 +410,7 @@ def test_bad_input_one_line_no_cache(tiny_config, tmp_path, overrides, message):
 
 
 def test_seq_len_beyond_positions_refused_before_the_teacher_loads(tiny_config, monkeypatch):
-    from pipeline.cache import build
+    from pipeline import phase_one as build
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded before data.seq_len was checked")

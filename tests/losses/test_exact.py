@@ -13,7 +13,7 @@ from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCau
 from pipeline.head import HALF_ULP, HeadSpec, TeacherHead, final_norm, teacher_head
 from pipeline.losses.chunked import VocabTerms, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.logits import LOGIT_LOSSES
-from pipeline.teacher.capture import decoder_layers
+from pipeline.blocks import decoder_layers
 from tests.losses.test_chunked import ARGS, _reference_divergence
 
 V, D_T, D_S, T = 96, 32, 24, 2.0

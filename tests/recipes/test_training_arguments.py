@@ -11,8 +11,8 @@ import torch
 
 from pipeline.config import coerce, load_config
 from pipeline.errors import PipelineError
-from pipeline.recipes import train as train_mod
-from pipeline.recipes.train import TRAINING_DEFAULTS, loader_defaults, training_arguments
+from pipeline.train import arguments as train_mod
+from pipeline.train.arguments import TRAINING_DEFAULTS, loader_defaults, training_arguments
 
 
 def _args(tmp_path, **training):

@@ -33,7 +33,7 @@ def test_tiny_cpu_run_reports_every_stage(tmp_path, capsys):
     assert "| shape | stage | tok/s |" in printed and "| teacher shape | forward tok/s |" in printed
 
     from pipeline.cache import open_cache
-    from pipeline.recipes.cache import summarize
+    from pipeline.cache.info import summarize
 
     by = {(r["shape"], r["stage"]): r for r in rows}
     for shape in SHAPES:

@@ -127,7 +127,7 @@ def test_targets_mode_is_its_own_run():
 
 
 def test_target_kind_bytes_by_hand():
-    from pipeline.recipes.cache import target_kind_bytes
+    from pipeline.cache.info import target_kind_bytes
 
     info = {"exact": {"layer": 30},
             "bytes_per_token": {"targets": {"topk_ids": 60.0, "topk_logits": 80.0, "sample_ids": 30.0,

@@ -10,7 +10,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.losses.spec import LossSpec
-from pipeline.recipes.train import run_train, training_arguments
+from pipeline.recipes.train import run_train
+from pipeline.train.arguments import training_arguments
 from pipeline.train import checks
 
 

@@ -50,7 +50,7 @@ def test_layer_n_at_its_own_codec(exact, tmp_path, encode_on):
     """hidden_codec bf16 with exact_codec fp32: layer n is stored at fp32 (the teacher's own block output, bit
     for bit), the other layers at bf16, whether the writer or the teacher's device encodes."""
     from pipeline.recipes.cache import build_cache
-    from pipeline.teacher.capture import decoder_layers
+    from pipeline.blocks import decoder_layers
 
     overrides = [o for o in exact["overrides"] if not o.startswith(("cache.dir=", "cache.hidden_codec="))] + [
         f"cache.dir={tmp_path / 'c'}", "cache.hidden_codec=bf16", f"cache.encode_on={encode_on}"]

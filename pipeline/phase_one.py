@@ -140,7 +140,8 @@ def make_capture(cc, teacher, layers: list[int], device):
     """The teacher's capture hooks. Hidden states are encoded where the teacher runs when that is a GPU
     (only the encoded bytes cross to the host) or by the writer's threads: the same shard data files either
     way (the records' sums of squares agree to float32 rounding)."""
-    from pipeline.teacher.capture import TeacherCapture, decoder_layers
+    from pipeline.blocks import decoder_layers
+    from pipeline.teacher.capture import TeacherCapture
 
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
     topk, samples = stored_targets(cc)

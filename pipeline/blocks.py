@@ -1,0 +1,16 @@
+"""Where a decoder model keeps its blocks: the one lookup the capture, the trainer's hooks and the pruner share."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder blocks, in order (block i is `decoder_layers(model)[i - 1]`)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise PipelineError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return layers
