@@ -13,16 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
 
+from pipeline import targets
 from pipeline.errors import PipelineError
+from pipeline.losses.spec import LossSpec
 from pipeline.registry import Registry
+from pipeline.schema import bounded, choice
 
 DTYPES = ("float32", "bfloat16", "float16")
-# cache.logits: which teacher targets a cache stores, one kind or several joined by "+"
-LOGITS_MODES = ("topk", "sampled", "exact", "topk+sampled", "topk+exact", "sampled+exact", "topk+sampled+exact")
 
 
 class _Loader(yaml.SafeLoader):
@@ -40,18 +41,10 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _choice(*values: str) -> dict:
-    return {"choices": values}
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open, hi_open)}
-
-
 @dataclass
 class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # packaged name | hub id | local HF dir | .gguf file
-    dtype: str = field(default="float32", metadata=_choice(*DTYPES))
+    dtype: str = field(default="float32", metadata=choice(*DTYPES))
     revision: Union[str, None] = None
     device: str = "auto"  # auto (the process's GPU when there is one, else CPU) | cpu | cuda | cuda:N
 
@@ -59,7 +52,7 @@ class TeacherConfig:
 @dataclass
 class SourceConfig:
     path: str = "wiki-vital"  # packaged corpus | hub dataset id | .jsonl/.json/.parquet/.txt
-    weight: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    weight: float = field(default=1.0, metadata=bounded(0.0, None, lo_open=True))
     name: Union[str, None] = None  # hub dataset config/subset name
     split: str = "train"
     streaming: bool = False  # hub datasets only: stream instead of downloading the whole split
@@ -70,58 +63,58 @@ class SourceConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     text_field: str = "text"
-    seq_len: int = field(default=256, metadata=_range(2, None))
-    num_sequences: int = field(default=512, metadata=_range(1, None))
-    heldout_fraction: float = field(default=0.05, metadata=_range(0.0, 0.5))
+    seq_len: int = field(default=256, metadata=bounded(2, None))
+    num_sequences: int = field(default=512, metadata=bounded(1, None))
+    heldout_fraction: float = field(default=0.05, metadata=bounded(0.0, 0.5))
     packing: bool = True
     seed: int = 0
     # held-out sequences that training's periodic evaluation scores (the first N; null = all of them). Not part
     # of the cache: `distill eval --heldout` always scores the whole held-out split.
-    eval_sequences: Union[int, None] = field(default=None, metadata=_range(1, None))
+    eval_sequences: Union[int, None] = field(default=None, metadata=bounded(1, None))
 
 
 @dataclass
 class StudentConfig:
     model: Union[str, None] = None  # HF folder (a pruning.json beside it enables mapping.strategy=selected)
-    dtype: str = field(default="float32", metadata=_choice(*DTYPES))
+    dtype: str = field(default="float32", metadata=choice(*DTYPES))
 
 
 @dataclass
 class CacheConfig:
     dir: str = "cache/demo"  # a folder, or any fsspec URL: s3://bucket/prefix, gs://..., memory://...
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for cache.dir (endpoint_url, ...)
-    topk: int = field(default=64, metadata=_range(1, None))
+    topk: int = field(default=64, metadata=bounded(1, None))
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     layers: Union[str, list[int]] = "auto"  # auto | all | [1, 15, 30]
     hidden_codec: str = "bf16"  # registry name, checked against pipeline.cache.codecs
-    logit_dtype: str = field(default="fp16", metadata=_choice("fp16", "bf16", "fp32"))
+    logit_dtype: str = field(default="fp16", metadata=choice("fp16", "bf16", "fp32"))
     # the teacher's distribution per position: the top-k logits, K draws from it (Sparse Logit Sampling,
     # pipeline/teacher/sampling.py), or both
-    logits: str = field(default="topk", metadata=_choice(*LOGITS_MODES))
+    logits: str = field(default="topk", metadata=choice(*targets.LOGITS_MODES))
     # exact full-distribution targets: the codec of the teacher's last block output (layer n); fp32 rebuilds
     # its logits bit for bit, fp16 within KL 4e-7, bf16 within 3e-5 (scripts/exact_error.py, docs/cache.md)
-    exact_codec: str = field(default="fp32", metadata=_choice("fp32", "fp16", "bf16"))
-    samples: int = field(default=64, metadata=_range(1, 65535))  # K draws per position (logits sampled | topk+sampled)
-    proposal_temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # draws from softmax(z / this)
+    exact_codec: str = field(default="fp32", metadata=choice("fp32", "fp16", "bf16"))
+    samples: int = field(default=64, metadata=bounded(1, 65535))  # K draws per position (logits sampled | topk+sampled)
+    proposal_temperature: float = field(default=1.0, metadata=bounded(0.0, None, lo_open=True))  # draws from softmax(z / this)
     sample_seed: int = 0  # the draws of sequence i come from the generator seeded with (sample_seed, i)
-    batch_size: int = field(default=8, metadata=_range(1, None))
-    shard_sequences: int = field(default=64, metadata=_range(1, None))
-    chunk_sequences: int = field(default=8, metadata=_range(1, None))
-    compression_level: int = field(default=1, metadata=_range(1, 22))  # of the hidden states (Blosc caps it at 9)
-    hidden_compressor: str = field(default="zstd", metadata=_choice("zstd", "lz4"))
+    batch_size: int = field(default=8, metadata=bounded(1, None))
+    shard_sequences: int = field(default=64, metadata=bounded(1, None))
+    chunk_sequences: int = field(default=8, metadata=bounded(1, None))
+    compression_level: int = field(default=1, metadata=bounded(1, 22))  # of the hidden states (Blosc caps it at 9)
+    hidden_compressor: str = field(default="zstd", metadata=choice("zstd", "lz4"))
     # top-k ids and logits; auto: brotli without hidden layers, zstd with them (pipeline/cache/spec.py)
-    side_compressor: str = field(default="auto", metadata=_choice("auto", "brotli", "zstd"))
-    writer_threads: int = field(default=0, metadata=_range(0, None))  # encode/compress threads; 0 = every core
-    encode_on: str = field(default="auto", metadata=_choice("auto", "device", "writer"))  # where hidden states are encoded
+    side_compressor: str = field(default="auto", metadata=choice("auto", "brotli", "zstd"))
+    writer_threads: int = field(default=0, metadata=bounded(0, None))  # encode/compress threads; 0 = every core
+    encode_on: str = field(default="auto", metadata=choice("auto", "device", "writer"))  # where hidden states are encoded
 
 
 @dataclass
 class MappingConfig:
     strategy: Union[str, dict[int, int]] = "uniform"  # uniform | last | selected | {1: 2, 2: 4, ...}
-    stride: int = field(default=1, metadata=_range(1, None))  # map every stride-th student layer
-    projector: str = field(default="auto", metadata=_choice("auto", "linear", "identity"))
+    stride: int = field(default=1, metadata=bounded(1, None))  # map every stride-th student layer
+    projector: str = field(default="auto", metadata=choice("auto", "linear", "identity"))
     projector_init: str = "xavier"
-    projector_lr_multiplier: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))  # projector LR = this x training.learning_rate
+    projector_lr_multiplier: float = field(default=1.0, metadata=bounded(0.0, None, lo_open=True))  # projector LR = this x training.learning_rate
 
 
 # The chapter's starting points (6.4, 6.5.1) by pruning kind: `loss.preset: NAME` fills these keys, then
@@ -140,46 +133,20 @@ _DIVERGENCE_KEYS = ("logits", "logits_args", "skew_lambda", "skew_alpha")
 
 
 @dataclass
-class LossConfig:
-    preset: Union[str, None] = None  # LOSS_PRESETS name; resolved from the raw mapping in config_from_dict
-    alpha: float = field(default=0.4, metadata=_range(0.0, None))
-    beta: float = field(default=0.4, metadata=_range(0.0, None))
-    gamma: float = field(default=0.2, metadata=_range(0.0, None))
-    delta: float = field(default=0.0, metadata=_range(0.0, None))  # feature-dynamics (FDD) loss weight
-    temperature: float = field(default=2.0, metadata=_range(0.0, None, lo_open=True))
-    logits: str = "kl"  # divergence: registry name, checked (with logits_args) before anything loads
-    logits_args: dict[str, float] = field(default_factory=dict)  # the divergence's parameters, e.g. {beta: 0.3}
-    tail: str = field(default="bucket", metadata=_choice("bucket", "renormalize"))
-    hidden: str = "cosine"
-    dynamics: str = "fdd"  # dynamics loss: registry name
-    # CE and the divergence from the final hidden states, this many valid tokens at a time (the full
-    # [tokens, vocab] logits never exist); auto = sized for the device (pipeline/losses/chunked.py: 512 on a
-    # CPU, on a GPU a [chunk, vocab] fp32 buffer of 1/64 of its memory); 0 = the dense path (the reference)
-    chunk_tokens: Union[int, Literal["auto"]] = "auto"
-    # which cached teacher targets the divergence reads: auto = exact when the cache holds them, else its only
-    # kind (top-k when it holds top-k and draws); topk (tail bucket / renormalize), sampled (the unbiased
-    # importance-weighted estimate, kl and skew_kl), exact (the full distribution, every divergence)
-    logits_source: str = field(default="auto", metadata=_choice("auto", "topk", "sampled", "exact"))
-    # accepted spellings of logits_args.lambda (folded into it at load): DistiLLM's lambda, the book's s = 1 - lambda
-    skew_lambda: Union[float, None] = None  # [0, 1); 0 = plain KL
-    skew_alpha: Union[float, None] = None  # (0, 1]; 1 = plain KL
-
-
-@dataclass
 class EvalConfig:
     # lm-eval stock tasks on the packaged validation splits (pipeline/evaluate/benchmarks.py); [] = none
     tasks: list[str] = field(default_factory=lambda: [
         "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "piqa"])
     # lm-eval's first N items of each task, or {task: N} (the tasks not named are scored whole)
     limit: Union[int, dict[str, int], None] = None
-    batch_size: int = field(default=8, metadata=_range(1, None))
+    batch_size: int = field(default=8, metadata=bounded(1, None))
 
 
 @dataclass
 class AblateEvalConfig:
     tasks: list[str] = field(default_factory=list)  # benchmarks per variant (default none: held-out only)
     limit: Union[int, dict[str, int], None] = None  # as eval.limit
-    batch_size: int = field(default=8, metadata=_range(1, None))
+    batch_size: int = field(default=8, metadata=bounded(1, None))
 
 
 @dataclass
@@ -197,7 +164,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossSpec = field(default_factory=LossSpec)
     training: dict[str, Any] = field(default_factory=dict)  # handed to transformers.TrainingArguments
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
@@ -346,7 +313,7 @@ def _apply_loss_preset(data: dict) -> dict:
     return {**data, "loss": {**preset, **loss}}
 
 
-def _resolve_skew(loss: LossConfig) -> None:
+def _resolve_skew(loss: LossSpec) -> None:
     """Fold skew_lambda / skew_alpha (lambda = 1 - skew_alpha) into logits_args["lambda"], each given once."""
     if loss.skew_alpha is not None and loss.skew_lambda is not None:
         raise PipelineError("loss.skew_alpha and loss.skew_lambda are two spellings of one setting "
@@ -386,8 +353,8 @@ def _validate(cfg: Config) -> None:
                 raise PipelineError(f"cache.layers[{i}]: {layer} must be >= 0 (0 = embedding output)")
     if not cfg.data.sources:
         raise PipelineError("data.sources: at least one source is needed")
-    if "sampled" in cfg.cache.logits and not any(
-            abs(t - cfg.cache.proposal_temperature) <= 1e-6 * max(1.0, t) for t in cfg.cache.temperatures):
+    if (targets.stores(cfg.cache.logits, targets.SAMPLED)
+            and targets.find_temperature(cfg.cache.temperatures, cfg.cache.proposal_temperature) is None):
         cached = ", ".join(f"{t:g}" for t in cfg.cache.temperatures)
         raise PipelineError(f"cache.proposal_temperature {cfg.cache.proposal_temperature:g} must be one of "
                             f"cache.temperatures ({cached}): the draws' probabilities need its lse")

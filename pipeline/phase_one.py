@@ -27,10 +27,11 @@ from pipeline.cache.codecs import frequency_order, id_dtype
 from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
 from pipeline.cache.reader import open_cache
 from pipeline.cache.manifest import HEAD_FILE
-from pipeline.cache.spec import CacheSpec, TeacherInfo, stored_targets, stores_exact
+from pipeline.cache.spec import CacheSpec, TeacherInfo
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, writer_threads
 from pipeline.data.sequences import sequences_from_config
+from pipeline import targets
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.digest import model_digest, tokenizer_digest
@@ -49,7 +50,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
     tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
     check_teacher_config(cfg, tcfg)
     layers = resolve_layers(cfg.cache.layers, cfg.mapping, cfg.student.model, tcfg.num_hidden_layers)
-    if stores_exact(cfg.cache):  # exact targets rebuild the logits from the last block's output, layer n
+    if targets.stores(cfg.cache.logits, targets.EXACT):  # exact targets rebuild the logits from the last block's output, layer n
         layers = sorted(set(layers) | {tcfg.num_hidden_layers})
 
     tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
@@ -94,7 +95,7 @@ def check_teacher_config(cfg, tcfg) -> None:
         raise PipelineError(f"data.seq_len: {cfg.data.seq_len} is beyond the teacher's max_position_embeddings "
                             f"({max_positions})")
     vocab = getattr(tcfg, "vocab_size", None)
-    if stored_targets(cfg.cache)[0] and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
+    if targets.stores(cfg.cache.logits, targets.TOPK) and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
         raise PipelineError(f"cache.topk: {cfg.cache.topk} must be between 1 and the vocabulary size {vocab}")
 
 
@@ -120,7 +121,7 @@ def exact_head(cc, teacher, n_layers: int) -> tuple[bytes | None, dict | None]:
     """Exact targets: (the head file's bytes, its manifest record), the teacher's final norm and head that
     rebuild its logits from layer n; (None, None) without exact targets. A teacher whose norm or head we do
     not reproduce is refused in one line, before anything is written."""
-    if not stores_exact(cc):
+    if not targets.stores(cc.logits, targets.EXACT):
         return None, None
     import safetensors.torch
 
@@ -144,12 +145,12 @@ def make_capture(cc, teacher, layers: list[int], device):
     from pipeline.teacher.capture import TeacherCapture
 
     on_device = cc.encode_on == "device" or (cc.encode_on == "auto" and torch.device(device).type == "cuda")
-    topk, samples = stored_targets(cc)
+    topk, samples = targets.stored_counts(cc.logits, cc.topk, cc.samples)
     n = len(decoder_layers(teacher))
     return TeacherCapture(teacher, layers, topk, cc.temperatures, cc.logit_dtype,
                           hidden_codec=cc.hidden_codec if on_device else None, samples=samples,
                           proposal_temperature=cc.proposal_temperature, sample_seed=cc.sample_seed,
-                          layer_codecs={n: cc.exact_codec} if stores_exact(cc) else None)
+                          layer_codecs={n: cc.exact_codec} if targets.stores(cc.logits, targets.EXACT) else None)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -274,10 +275,9 @@ def _hand_over(writer: CacheWriter, seqs, capture, x: _Launched, check: bool) ->
     batch = {"input_ids": seqs.input_ids[b:e], "lse": cap.lse}
     if seqs.lengths is not None:
         batch["length"] = seqs.lengths[b:e]
-    if cap.topk_ids is not None:
-        batch.update(topk_ids=cap.topk_ids, topk_logits=cap.topk_logits)
-    if cap.sample_ids is not None:
-        batch.update(sample_ids=cap.sample_ids, sample_counts=cap.sample_counts, sample_logits=cap.sample_logits)
+    for column in targets.COLUMNS:  # the captured arrays of every kind the cache stores, by column name
+        if getattr(cap, column) is not None:
+            batch[column] = getattr(cap, column)
     if cap.encoded is not None:
         batch.update(encoded=cap.encoded, token_squares=cap.token_squares)
     else:

@@ -110,6 +110,30 @@ class TargetSource:
         return self.kind.describe(self, tail)
 
 
+# ----------------------------------------------------------------------------- cached temperatures
+
+TEMPERATURE_REL = 1e-6  # a temperature read back from YAML or JSON matches its cached value to this (relative)
+
+
+def same_temperature(a: float, b: float) -> bool:
+    """Whether two temperatures name the same cached lse (float spellings of one setting, e.g. 2 and 2.0)."""
+    return abs(float(a) - float(b)) <= TEMPERATURE_REL * max(1.0, abs(float(a)))
+
+
+def find_temperature(temperatures, temperature: float) -> float | None:
+    """The cached temperature (the lse dict's key) equal to `temperature`, else None."""
+    return next((t for t in temperatures if same_temperature(t, temperature)), None)
+
+
+def cached_temperature(temperatures, temperature: float) -> float:
+    """The cached temperature equal to `temperature`, else a one-line error listing the cached ones."""
+    found = find_temperature(temperatures, temperature)
+    if found is None:
+        cached = ", ".join(f"{float(t):g}" for t in temperatures)
+        raise PipelineError(f"loss.temperature {temperature:g} is not in the cache; cached temperatures: {cached}")
+    return found
+
+
 # ----------------------------------------------------------------------------- the kinds
 
 

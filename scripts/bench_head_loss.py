@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pipeline.head import HeadSpec  # noqa: E402
 from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss  # noqa: E402
+from pipeline.targets import TopkTargets  # noqa: E402
 from pipeline.losses.logits import cross_entropy, logits_loss  # noqa: E402
 
 TOPK = 64
@@ -64,7 +65,7 @@ def runs(h, w, targets, ids, tl, lse, chunk: int):
         return lambda: chunked_head_loss(h, HeadSpec(w), terms, chunk)[0]
 
     def kd(T: float):
-        return chunked(alpha=0.4, beta=0.4, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse[T])
+        return chunked(alpha=0.4, beta=0.4, temperature=T, teacher=TopkTargets(ids, tl, lse[T]))
 
     def dense():
         z = F.linear(h, w).float()

@@ -22,14 +22,13 @@ def test_reference_config_lists_valid_keys():
 
     import yaml
 
-    from pipeline.config import LossConfig
-    from pipeline.recipes.train import loss_spec
+    from pipeline.losses.spec import LossSpec
 
     cfg = load_config("configs/reference.yaml")
     assert cfg.cache.dir and cfg.data.sources[0].path == "wiki-vital"
     loss_keys = set(yaml.safe_load(open("configs/reference.yaml"))["loss"])
-    assert loss_keys == {f.name for f in dataclasses.fields(LossConfig)}
-    assert loss_spec(cfg.loss).logits_args == {}  # the reference's loss passes the recipe's checks
+    assert loss_keys == {f.name for f in dataclasses.fields(LossSpec)}
+    assert cfg.loss.checked().logits_args == {}  # the reference's loss passes the recipe's checks
 
 
 def test_reference_config_is_every_key_at_its_default():
@@ -54,11 +53,9 @@ def test_reference_config_is_every_key_at_its_default():
 
 @pytest.mark.parametrize("path", ["configs/depth.yaml", "configs/width.yaml", "configs/depth_width.yaml"])
 def test_example_configs_load(path):
-    from pipeline.recipes.train import loss_spec
-
     cfg = load_config(path)
     assert cfg.loss.preset == path.split("/")[1][: -len(".yaml")]
-    assert loss_spec(cfg.loss).describe()
+    assert cfg.loss.checked().describe()
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ Arrow columns per sequence row: input_ids [T], length (padded mode only), lse_<j
 ([T] float32 as byte planes, codecs.encode_lse): the normaliser of the stored top-k logits, so that
 1 - sum_I exp(z_i / T - lse) is the true full-vocabulary tail (teacher/capture.py, stored_lse; the
 full-vocabulary lse when there is no top-k). The teacher targets are one blob per chunk, in the chunk's
-first row (null in the others): topk_ids and topk_logits ([n, T, k]; cache.logits topk | topk+sampled),
-sample_ids, sample_counts and sample_logits ([n, T, K]; cache.logits sampled | topk+sampled), byte
+first row (null in the others): the columns of each kind cache.logits stores (pipeline/targets.py): topk_ids and topk_logits ([n, T, k]),
+sample_ids, sample_counts and sample_logits ([n, T, K]), byte
 planes of frequency ranks / logit keys / counts compressed with cache.side_compressor (see codecs.py).
 The ranks' id table (order[rank] = id, codecs.frequency_order of the corpus) is stored once, in the
 manifest: `id_order` {packed (base64 of codecs.pack_order), bytes, checksum}; readers check the checksum.
@@ -65,10 +65,6 @@ def shard_paths(index: int) -> tuple[str, str, str]:
     return f"{base}.arrow", f"{base}.zarr", f"{base}.json"
 
 
-# the teacher-target columns by kind of target, one compressed blob per chunk each ([n, T, k] top-k, [n, T, K]
-# draws); exact targets have none (layer n among the hidden layers, the head once per cache)
-TARGET_KIND_COLUMNS = {"topk": ("topk_ids", "topk_logits"), "sampled": ("sample_ids", "sample_counts", "sample_logits")}
-TARGET_COLUMNS = tuple(c for cols in TARGET_KIND_COLUMNS.values() for c in cols)
 
 
 def id_table_record(packed: bytes) -> dict:

@@ -22,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from pipeline import targets
 from pipeline.cache.codecs import (
     HIDDEN_CODECS, STORED_LOGIT_DTYPES, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, from_planes,
     logits_from_numpy, unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, MANIFEST, SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
+    BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
     lse_column, shard_files, shard_paths, validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
@@ -223,7 +224,7 @@ class Cache:
         c = self.read_chunk(pos, chunk)
         s = {"input_ids": c["input_ids"][row], "hidden": {layer: h[row] for layer, h in c["hidden"].items()}}
         if self.with_logits:
-            s.update({key: c[key][row] for key in TARGET_COLUMNS if key in c},
+            s.update({key: c[key][row] for key in targets.COLUMNS if key in c},
                      lse={temp: v[row] for temp, v in c["lse"].items()})
         if "length" in c:
             s["length"] = int(c["length"][row])
@@ -262,7 +263,7 @@ class Cache:
         totals: dict[str, int] = {}
         for s in self.manifest["shards"]:
             reader = pa.ipc.open_file(self.storage.arrow_source(shard_paths(s["index"])[0]))
-            for name in TARGET_COLUMNS:
+            for name in targets.COLUMNS:
                 if name not in reader.schema.names:
                     continue
                 for i in range(reader.num_record_batches):

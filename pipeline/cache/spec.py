@@ -20,21 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline import targets
 from pipeline.cache.codecs import HIDDEN_CODECS, SIDE_LEVELS, count_dtype, id_dtype, pack_order
 from pipeline.cache.manifest import FORMAT_VERSION, fingerprint_digest, id_table_record
 from pipeline.cache.writer import ShardLayout
 
 LOGITS_LEVEL = 9  # zstd level of the Arrow record batches (input ids, lse planes; the target blobs are compressed already)
-
-
-def stores_exact(cc) -> bool:
-    """Whether cache.logits stores exact full-distribution targets (the teacher's head + its layer n)."""
-    return "exact" in cc.logits
-
-
-def stored_targets(cc) -> tuple[int, int]:
-    """(top-k, draws per position) that cache.logits stores; 0 = none of that kind."""
-    return (cc.topk if "topk" in cc.logits else 0), (cc.samples if "sampled" in cc.logits else 0)
 
 
 def side_compressor(setting: str, layers: list[int]) -> str:
@@ -69,7 +60,7 @@ class CacheSpec:
     packing: bool
     layers: tuple[int, ...]
     temperatures: tuple[float, ...]
-    logits: str  # topk | sampled | topk+sampled
+    logits: str  # cache.logits: the kinds of teacher target stored (pipeline/targets.py LOGITS_MODES)
     topk: int  # 0: no top-k targets
     samples: int  # 0: no sampled targets
     proposal_temperature: float
@@ -92,7 +83,7 @@ class CacheSpec:
                     tokenizer_digest: str, order: np.ndarray, exact: dict | None = None) -> "CacheSpec":
         """`exact`: the head file's record (build.py writes the file) when cache.logits stores exact targets."""
         cc, data = cfg.cache, cfg.data
-        topk, samples = stored_targets(cc)
+        topk, samples = targets.stored_counts(cc.logits, cc.topk, cc.samples)
         codecs = ()
         if exact is not None and HIDDEN_CODECS.get(cc.exact_codec).name != HIDDEN_CODECS.get(cc.hidden_codec).name:
             codecs = ((int(exact["layer"]), HIDDEN_CODECS.get(cc.exact_codec).name),)

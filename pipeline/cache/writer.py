@@ -44,12 +44,13 @@ import pyarrow as pa
 import zarr
 
 from pipeline.cache.checksum import Hasher, digest_bytes
+from pipeline import targets
 from pipeline.cache.codecs import (
     HIDDEN_CODECS, blosc_codec, compress_chunk, encode_lse, encode_topk_ids, encode_topk_logits, rank_table,
     to_planes, zarr_compressor,
 )
 from pipeline.cache.manifest import (
-    SHARDS, TARGET_COLUMNS, combine_checksums, hidden_array, lse_column, shard_files, shard_name, shard_paths,
+    SHARDS, combine_checksums, hidden_array, lse_column, shard_files, shard_name, shard_paths,
 )
 from pipeline.cache.stats import SquareSums, square_sums
 from pipeline.cache.storage import Storage, as_storage
@@ -137,7 +138,7 @@ def encode_side(rows: dict, lay: ShardLayout, rank_of: np.ndarray) -> dict[str, 
         planes["sample_ids"] = lambda: encode_topk_ids(rows["sample_ids"], rank_of)
         planes["sample_counts"] = lambda: to_planes(rows["sample_counts"].reshape(1, -1))
         planes["sample_logits"] = lambda: encode_topk_logits(rows["sample_logits"], slot_major=False)
-    for name in TARGET_COLUMNS:
+    for name in targets.COLUMNS:
         if name in planes:
             blob = compress_chunk(planes[name](), lay.side_compressor)
             cols[name] = pa.array([blob] + [None] * (n - 1), type=pa.binary())

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.targets import find_temperature
 
 KL_TEMPERATURE = 1.0
 
@@ -100,7 +101,7 @@ def cache_heldout_scores(model: nn.Module, cache, batch_size: int = 4, progress:
     rows = list(cache.indices("heldout"))
     if not rows:
         raise PipelineError(f"{cache.root} has no held-out sequences (it was built with data.heldout_fraction 0)")
-    temp = next((t for t in cache.temperatures if abs(t - KL_TEMPERATURE) <= 1e-6), None)
+    temp = find_temperature(cache.temperatures, KL_TEMPERATURE)
     device = next(model.parameters()).device
     n = cache.exact_layer
     head = cache.teacher_head().to(device) if n is not None and n in cache.decoded_layers else None

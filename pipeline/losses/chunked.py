@@ -14,7 +14,7 @@ weight. Those ([M, d], and [V, d] fp32) are kept and scaled by the incoming grad
 logits are computed once and no tensor larger than [chunk, V] lives at any time, forward or backward.
 Without gradients (evaluation, no_grad) the same loop runs without them.
 
-With exact targets (VocabTerms.teacher_last and teacher_head) there is no top-k: each chunk rebuilds the
+With exact targets (`ExactTargets`: the teacher's last block output and its head) there is no top-k: each chunk rebuilds the
 teacher's [c, V] logits in fp32 from its last block's output, and the divergence runs through autograd on
 the full [c, V] distributions (`_exact_divergence`), its gradient added to CE's.
 
@@ -30,10 +30,11 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from pipeline.head import HeadSpec, TeacherHead, final_hidden, head_spec, verify_head
+from pipeline.head import HeadSpec, final_hidden, head_spec, verify_head
 from pipeline.losses.logits import (GATHERED_NEEDS_LSE, LOGIT_LOSSES, cross_entropy, exact_logits_loss, exact_pair,
                                    gathered_pair, logits_loss)
 from pipeline.losses.sampled import sampled_logits_loss, sampled_pair
+from pipeline.targets import BatchTargets, ExactTargets, SampledTargets
 
 # loss.chunk_tokens auto: 512 rows on a CPU (small [chunk, V] buffers, matmuls still efficient); on a GPU as
 # many rows as make one [chunk, V] fp32 buffer GPU_BUFFER_SHARE of its memory (the logits' buffer; a second one
@@ -66,8 +67,9 @@ def chunk_rows(setting: int | str, vocab: int, device: torch.device | str, total
 
 @dataclass(frozen=True)
 class VocabTerms:
-    """What the chunked loss computes per row: CE against `targets` (weight alpha; None = not computed)
-    and the divergence against the cached top-k (weight beta; None = not computed)."""
+    """What the chunked loss computes per row: CE against `targets` (weight alpha; None = not computed) and
+    the divergence against the teacher's targets of one kind (`teacher`, pipeline/targets.py: top-k with its
+    tail mode, draws, or the exact distribution; weight beta; None = not computed)."""
 
     alpha: float
     beta: float
@@ -76,26 +78,20 @@ class VocabTerms:
     tail: str = "bucket"
     args: Mapping[str, float] | None = None
     temperature: float = 1.0
-    topk_ids: torch.Tensor | None = None  # [M, k] long
-    topk_logits: torch.Tensor | None = None  # [M, k]
-    lse: torch.Tensor | None = None  # [M] at the temperature
-    # sampled targets (pipeline/losses/sampled.py): topk_ids / topk_logits then hold the drawn ids and their
-    # logits [M, K], these their counts and the teacher's lse at the proposal temperature
-    sample_counts: torch.Tensor | None = None  # [M, K]
-    lse_proposal: torch.Tensor | None = None  # [M]
-    proposal_temperature: float = 1.0
-    # exact full-distribution targets (cache.logits exact): the teacher's last block output per row [M, d_t]
-    # and its final norm and head, which rebuild its logits chunk by chunk (no top-k fields then)
-    teacher_last: torch.Tensor | None = None
-    teacher_head: "TeacherHead | None" = None
+    teacher: BatchTargets | None = None  # [M, ...] rows
 
     @property
     def exact(self) -> bool:
-        return self.teacher_last is not None
+        return isinstance(self.teacher, ExactTargets)
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the divergence reads the student at the teacher's gathered ids (top-k or draws)."""
+        return self.teacher is not None and not self.exact
 
     @property
     def divergence_on(self) -> bool:
-        return self.topk_ids is not None or self.teacher_last is not None
+        return self.teacher is not None
 
 
 # exp((z - m) / T) is taken from exp(z - m) as a power (a square root at T = 2), which saves two passes over
@@ -166,15 +162,15 @@ def _chunk(head: HeadSpec, terms: VocabTerms, h: torch.Tensor, weight: torch.Ten
     exact = None
     if terms.exact:  # read z before its buffer turns into exponentials
         exact = _exact_divergence(terms, z, a, b, grad)
-    ce_on, kd_on = terms.targets is not None, terms.topk_ids is not None
-    needs_lse = kd_on and (terms.sample_counts is not None or GATHERED_NEEDS_LSE[terms.tail])
+    ce_on, kd_on = terms.targets is not None, terms.gathered
+    needs_lse = kd_on and (isinstance(terms.teacher, SampledTargets) or GATHERED_NEEDS_LSE[terms.tail])
     zero = z.new_zeros(())
     ce = div = zero
     # everything read from the logits themselves, before their buffer turns into exponentials
     m = z.amax(dim=-1, keepdim=True)  # [c, 1]
     y = terms.targets[a:b, None] if ce_on else None  # [c, 1]
     z_y = z.gather(-1, y) if ce_on else None
-    ids = terms.topk_ids[a:b] if kd_on else None
+    ids = terms.teacher.ids[a:b] if kd_on else None
     z_in = z.gather(-1, ids) if kd_on else None  # [c, k]
     e_t = None
     if needs_lse and T != 1.0 and not _power_is_exact(T, z.shape[-1]):
@@ -231,7 +227,7 @@ def _exact_divergence(terms: VocabTerms, z: torch.Tensor, a: int, b: int, grad: 
     coef = terms.beta * T * T
     want = grad and coef > 0
     with torch.no_grad():
-        z_t = terms.teacher_head.logits(terms.teacher_last[a:b])  # [c, V] fp32
+        z_t = terms.teacher.head.logits(terms.teacher.last[a:b])  # [c, V] fp32
     with torch.enable_grad():
         z_leaf = z.detach().requires_grad_(want)
         div = LOGIT_LOSSES.get(terms.divergence).fn(exact_pair(z_leaf, z_t, T), terms.args or {}).sum()
@@ -272,10 +268,11 @@ def _logit_grad(terms: VocabTerms, z, e, s, e_t, s_t, y, ids, grads, T: float) -
 def _teacher_pair(terms: VocabTerms, z_in: torch.Tensor, lse_leaf: torch.Tensor | None, a: int, b: int):
     """The divergence's pair for rows a..b: top-k with its tail mode, or the importance-weighted draws."""
     T = float(terms.temperature)
-    if terms.sample_counts is not None:
-        return sampled_pair(z_in, lse_leaf, terms.topk_logits[a:b], terms.sample_counts[a:b], terms.lse[a:b],
-                            terms.lse_proposal[a:b], T, float(terms.proposal_temperature))
-    return gathered_pair(terms.tail, z_in, lse_leaf, terms.topk_logits[a:b], terms.lse[a:b], T)
+    t = terms.teacher
+    if isinstance(t, SampledTargets):
+        return sampled_pair(z_in, lse_leaf, t.logits[a:b], t.counts[a:b], t.lse[a:b], t.lse_proposal[a:b], T,
+                            float(t.proposal_temperature))
+    return gathered_pair(terms.tail, z_in, lse_leaf, t.logits[a:b], t.lse[a:b], T)
 
 
 def _matmul_weight(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
@@ -339,51 +336,54 @@ def chunked_head_loss(hidden: torch.Tensor, head: HeadSpec, terms: VocabTerms, c
     """(alpha * CE + beta * T^2 * divergence, {"loss_ce", "loss_kl"}) as means over the M rows of `hidden`
     [M, d] (the valid next-token positions), computed `chunk` rows at a time. Differentiable in `hidden`
     and in `head.weight`; the components are detached."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    rows = hidden.shape[0]
-    weight = head.weight
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss, parts = _ChunkedHeadLoss.apply(hidden, weight, head, terms, int(chunk), rows)
-    else:
-        with torch.no_grad():
-            w_mm = _matmul_weight(hidden, weight)[1]
-            sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-            for a in range(0, rows, chunk):
-                b = min(a + chunk, rows)
-                sums += torch.stack(_chunk(head, terms, hidden[a:b], w_mm, a, b, grad=False)[:3]).double()
-            out = (sums / max(rows, 1)).float()
-            loss, parts = out[0], out[1:]
-    named = {}
-    if terms.targets is not None:
-        named["loss_ce"] = parts[0]
-    if terms.divergence_on:
-        named["loss_kl"] = parts[1] * terms.temperature**2
-    return loss, named
+    with torch.profiler.record_function("distill/chunked_head_loss"):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        rows = hidden.shape[0]
+        weight = head.weight
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            loss, parts = _ChunkedHeadLoss.apply(hidden, weight, head, terms, int(chunk), rows)
+        else:
+            with torch.no_grad():
+                w_mm = _matmul_weight(hidden, weight)[1]
+                sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+                for a in range(0, rows, chunk):
+                    b = min(a + chunk, rows)
+                    sums += torch.stack(_chunk(head, terms, hidden[a:b], w_mm, a, b, grad=False)[:3]).double()
+                out = (sums / max(rows, 1)).float()
+                loss, parts = out[0], out[1:]
+        named = {}
+        if terms.targets is not None:
+            named["loss_ce"] = parts[0]
+        if terms.divergence_on:
+            named["loss_kl"] = parts[1] * terms.temperature**2
+        return loss, named
 
 
 def dense_vocab_loss(logits: torch.Tensor, terms: VocabTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The dense reference of `chunked_head_loss`: the same terms and result from the full logits [M, V] of
     the same M rows (the model's own head, its final-logit transform included), through the dense losses."""
-    every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    named: dict[str, torch.Tensor] = {}
-    total = logits.new_zeros((), dtype=torch.float32)
-    if terms.targets is not None:
-        named["loss_ce"] = cross_entropy(logits, terms.targets, every)
-        total = total + terms.alpha * named["loss_ce"]
-    if terms.exact:
-        teacher_logits = terms.teacher_head.logits(terms.teacher_last)
-        named["loss_kl"] = exact_logits_loss(terms.divergence, logits, teacher_logits, terms.temperature, terms.args)
-    elif terms.topk_ids is not None and terms.sample_counts is not None:
-        named["loss_kl"] = sampled_logits_loss(
-            terms.divergence, logits, terms.topk_ids, terms.topk_logits, terms.sample_counts, terms.lse,
-            terms.lse_proposal, every, terms.temperature, terms.proposal_temperature, args=terms.args)
-    elif terms.topk_ids is not None:
-        named["loss_kl"] = logits_loss(terms.divergence, logits, terms.topk_ids, terms.topk_logits, terms.lse, every,
-                                       terms.temperature, tail=terms.tail, args=terms.args)
-    if "loss_kl" in named:
-        total = total + terms.beta * named["loss_kl"]
-    return total, named
+    with torch.profiler.record_function("distill/dense_vocab_loss"):
+        every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        named: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        if terms.targets is not None:
+            named["loss_ce"] = cross_entropy(logits, terms.targets, every)
+            total = total + terms.alpha * named["loss_ce"]
+        t = terms.teacher
+        if isinstance(t, ExactTargets):
+            teacher_logits = t.head.logits(t.last)
+            named["loss_kl"] = exact_logits_loss(terms.divergence, logits, teacher_logits, terms.temperature, terms.args)
+        elif isinstance(t, SampledTargets):
+            named["loss_kl"] = sampled_logits_loss(
+                terms.divergence, logits, t.ids, t.logits, t.counts, t.lse, t.lse_proposal, every, terms.temperature,
+                t.proposal_temperature, args=terms.args)
+        elif t is not None:
+            named["loss_kl"] = logits_loss(terms.divergence, logits, t.ids, t.logits, t.lse, every,
+                                           terms.temperature, tail=terms.tail, args=terms.args)
+        if "loss_kl" in named:
+            total = total + terms.beta * named["loss_kl"]
+        return total, named
 
 
 def chunk_support(model) -> str:

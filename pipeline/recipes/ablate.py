@@ -95,12 +95,11 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
     hold for all of them."""
     from pipeline.data.sequences import heldout_count
     from pipeline.evaluate.benchmarks import check_limit, check_tasks
-    from pipeline.phase_one import resolve_layers
-    from pipeline.recipes.train import (check_dynamics_map, has_tokenizer, loss_spec, resolve_logits_source,
-                                        training_arguments)
     from pipeline.sources.digest import tokenizer_digest
     from pipeline.student.projectors import PROJECTOR_INITS, PROJECTOR_KINDS
     from pipeline.train import checks
+    from pipeline.train.arguments import training_arguments
+    from pipeline.train.teacher_side import TeacherFacts, planned_facts
 
     variants = base.ablate.variants
     if not variants:
@@ -115,16 +114,11 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
                                 f"names {base.teacher.model}: the baseline scores would be of another model")
         if not manifest["split"]["heldout"][1] > manifest["split"]["heldout"][0]:
             raise PipelineError(f"the cache {base.cache.dir} has no held-out sequences to score the variants on")
-        n_teacher, teacher_vocab = int(manifest["teacher"]["num_layers"]), int(manifest["teacher"]["vocab_size"])
-        d_teacher = int(manifest["teacher"]["hidden_size"])
-        temperatures, teacher_tok = manifest["temperatures"], manifest.get("fingerprint", {}).get("tokenizer_digest")
+        facts = TeacherFacts.from_manifest(manifest)
     else:
         if heldout_count(base.data.num_sequences, base.data.heldout_fraction) == 0:
             raise PipelineError("data.heldout_fraction gives no held-out sequences to score the variants on")
-        tcfg = models.text_config(models.load_config(base.teacher.model, base.teacher.revision))
-        n_teacher, teacher_vocab, d_teacher = tcfg.num_hidden_layers, tcfg.vocab_size, tcfg.hidden_size
-        temperatures = base.cache.temperatures
-        teacher_tok = tokenizer_digest(models.load_tokenizer(base.teacher.model, base.teacher.revision))
+        facts = planned_facts(base)  # the cache this ablation will build
     out_dir = Path(base.ablate.output_dir)
     out, students, needed = {}, {}, set()
     for name, overrides in variants.items():
@@ -135,29 +129,23 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             raise PipelineError(f"{run_dir} exists and was not written by `distill ablate`; choose another "
                                 "ablate.output_dir or variant name")
         try:
-            loss = resolve_logits_source(loss_spec(cfg.loss), base.cache, manifest)
+            source = facts.source(cfg.loss.logits_source)
+            loss = dataclasses.replace(cfg.loss, logits_source=source.name).checked(source)
             PROJECTOR_INITS.get(cfg.mapping.projector_init)
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
             if cfg.student.model is None:
                 raise PipelineError("student.model is not set: name the pruned student's HF folder")
             scfg = models.text_config(models.load_config(cfg.student.model))
-            layer_map = build_layer_map(cfg.mapping.strategy, scfg.num_hidden_layers, n_teacher, cfg.mapping.stride,
-                                        read_kept_layers(cfg.student.model))
-            check_dynamics_map(loss, layer_map)
-            PROJECTOR_KINDS.get(cfg.mapping.projector)(scfg.hidden_size, d_teacher)
+            layer_map = build_layer_map(cfg.mapping.strategy, scfg.num_hidden_layers, facts.num_layers,
+                                        cfg.mapping.stride, read_kept_layers(cfg.student.model))
+            checks.check_dynamics_map(loss, layer_map)
+            PROJECTOR_KINDS.get(cfg.mapping.projector)(scfg.hidden_size, facts.hidden_size)
             student_tok = None
-            if has_tokenizer(cfg.student.model):
+            if models.has_tokenizer(cfg.student.model):
                 student_tok = tokenizer_digest(models.load_tokenizer(cfg.student.model))
-            if manifest is not None:
-                checks.check_all(manifest=manifest, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
-                                 layer_map=layer_map, loss=loss, seq_len=None,
-                                 student_positions=getattr(scfg, "max_position_embeddings", None))
-            else:
-                checks.check_vocab(scfg.vocab_size, teacher_vocab)
-                checks.check_loss_temperature(loss, temperatures)
-                checks.check_tokenizer(student_tok, teacher_tok)
-                if (isinstance(base.cache.layers, list) or base.cache.layers == "all") and loss.needs_states:
-                    checks.check_layers(layer_map, resolve_layers(base.cache.layers, base.mapping, None, n_teacher))
+            checks.check_all(facts=facts, student_vocab=scfg.vocab_size, student_tokenizer_digest=student_tok,
+                             layer_map=layer_map, loss=loss,
+                             student_positions=getattr(scfg, "max_position_embeddings", None))
         except PipelineError as e:
             raise PipelineError(f"variant {name}: {e}") from None
         if loss.needs_states:

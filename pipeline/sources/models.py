@@ -197,3 +197,11 @@ def load_weights(spec: str, dtype: str = "float32", revision: str | None = None,
 def load_model(spec: str, dtype: str = "float32", revision: str | None = None):
     """(model in eval mode, tokenizer) from any supported source."""
     return load_weights(spec, dtype, revision), load_tokenizer(spec, revision)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(spec: str) -> bool:
+    """Whether `spec` is a folder with tokenizer files of its own (a pruned student may have none)."""
+    return Path(spec).is_dir() and any((Path(spec) / f).is_file() for f in TOKENIZER_FILES)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from pipeline import targets
 from pipeline.errors import PipelineError
+from pipeline.targets import cached_temperature
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
@@ -42,15 +44,14 @@ def check_layers(layer_map: dict[int, int], cached_layers: Sequence[int]) -> Non
 
 
 def check_temperature(temperature: float, cached: Sequence[float]) -> None:
-    from pipeline.train.dataset import cached_temperature
-
     cached_temperature(cached, temperature)
 
 
 def check_loss_temperature(loss, cached: Sequence[float]) -> None:
-    """The loss's temperature must be cached for top-k or sampled targets; exact targets take any temperature,
-    since their logits are rebuilt from layer n (`loss`: a LossSpec)."""
-    if loss.logits_source != "exact":
+    """The loss's temperature must be cached for targets that read a cached lse (top-k, draws); exact targets
+    take any temperature, since their logits are rebuilt from layer n (`loss`: a LossSpec)."""
+    kind = targets.BY_NAME.get(loss.logits_source)
+    if kind is None or kind.reads_cached_temperature:
         check_temperature(loss.temperature, cached)
 
 
@@ -71,23 +72,35 @@ def check_positions(student_positions: int | None, cache_seq_len: int) -> None:
         )
 
 
+def check_dynamics_map(loss, layer_map: dict[int, int]) -> None:
+    """loss.delta > 0 compares consecutive mapped blocks: the map must have at least two."""
+    from pipeline.losses.dynamics import MIN_LAYERS
+
+    if loss.delta > 0 and len(layer_map) < MIN_LAYERS:
+        raise PipelineError(
+            f"loss.delta > 0 ({loss.dynamics}) compares consecutive mapped student blocks, but the layer map "
+            f"{dict(layer_map)} has {len(layer_map)}: map at least {MIN_LAYERS} (mapping.stride/strategy) or set loss.delta=0"
+        )
+
+
 def check_all(
     *,
-    manifest: dict,
+    facts,
     student_vocab: int,
     student_tokenizer_digest: str | None,
     layer_map: dict[int, int],
     loss,
-    seq_len: int | None,
     student_positions: int | None = None,
 ) -> None:
-    """All checks against a cache manifest, cheapest first. `loss` (a LossSpec) says which targets are read:
-    hidden layers only when it needs states. `seq_len` (None: not checked) is a length the caller needs the
-    cache to have; `student_positions` the student's max_position_embeddings."""
-    check_vocab(student_vocab, int(manifest["teacher"]["vocab_size"]))
-    check_seq_len(seq_len, manifest["seq_len"])
-    check_positions(student_positions, manifest["seq_len"])
-    check_loss_temperature(loss, manifest["temperatures"])
-    if loss.needs_states:
-        check_layers(layer_map, manifest["layers"])
-    check_tokenizer(student_tokenizer_digest, manifest.get("fingerprint", {}).get("tokenizer_digest"))
+    """All checks against the teacher side's facts (pipeline/train/teacher_side.py TeacherFacts), cheapest first;
+    a fact the teacher side leaves open (None: the live teacher, or a cache still to be built) is not checked.
+    `loss` (a LossSpec, logits_source resolved) says which targets are read: hidden layers only when it needs
+    states. `student_positions` is the student's max_position_embeddings."""
+    check_vocab(student_vocab, facts.vocab_size)
+    if facts.seq_len is not None:
+        check_positions(student_positions, facts.seq_len)
+    if facts.temperatures is not None:
+        check_loss_temperature(loss, facts.temperatures)
+    if loss.needs_states and facts.layers is not None:
+        check_layers(layer_map, facts.layers)
+    check_tokenizer(student_tokenizer_digest, facts.tokenizer_digest)

@@ -1,12 +1,9 @@
 """Cache -> training batches (phase two), plus the live-teacher variant used for parity checks.
 
-Batches are dicts of tensors, the same for both sources:
-    input_ids [B, T] long, topk_ids [B, T, k] long, topk_logits [B, T, k] fp32,
-    lse [B, T] fp32 (at the loss temperature), hidden_<t> [B, T, d_teacher] fp32 per mapped teacher layer t,
-    length [B] long (padded caches only).
-With sampled teacher targets (loss.logits_source sampled) sample_ids [B, T, K] long, sample_counts [B, T, K]
-and sample_logits [B, T, K] fp32 and lse_proposal [B, T] fp32 (at the proposal temperature) stand in for
-topk_ids / topk_logits.
+Batches are dicts of tensors, the same for both sources: input_ids [B, T] long, hidden_<t> [B, T, d_teacher]
+fp32 per mapped teacher layer t, length [B] long (padded caches only), and the batch keys of the one kind of
+teacher target the loss reads (pipeline/targets.py: e.g. topk_ids [B, T, k] long, topk_logits [B, T, k] fp32
+and lse [B, T] fp32 at the loss temperature).
 
 Shuffling keeps reads efficient: the sampler shuffles whole cache chunks (one Arrow record batch + one
 Zarr chunk per layer), then rows inside a small window of consecutive chunks, so each chunk is decoded
@@ -22,21 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline import targets
 from pipeline.cache.reader import Cache, open_cache
 from pipeline.errors import PipelineError
+from pipeline.targets import cached_temperature, hidden_key
 
-
-def hidden_key(layer: int) -> str:
-    return f"hidden_{layer}"
-
-
-def cached_temperature(temperatures: Sequence[float], temperature: float) -> float:
-    """The cached temperature equal to `temperature` (the exact key of the lse dict), else a clear error."""
-    for t in temperatures:
-        if abs(float(t) - float(temperature)) <= 1e-6 * max(1.0, abs(float(t))):
-            return t
-    cached = ", ".join(f"{float(t):g}" for t in temperatures)
-    raise PipelineError(f"loss.temperature {temperature:g} is not in the cache; cached temperatures: {cached}")
+__all__ = ["CacheDataset", "ChunkShuffleSampler", "OnlineTeacherCollator", "SequenceDataset", "cached_temperature",
+           "collate", "hidden_key"]
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -95,9 +84,9 @@ class CacheDataset(Dataset):
                  storage_options: dict | None = None, source: str = "topk"):
         self.cache_dir = str(cache_dir)  # a folder or an fsspec URL (opened with storage_options)
         self.storage_options = dict(storage_options or {})
-        self.source = source  # topk | sampled | exact: which teacher targets an item carries
+        self.kind = targets.kind(source)  # which teacher targets an item carries
         self.layers = sorted(set(int(x) for x in layers))
-        self.exact = source == "exact" and bool(logits)  # the teacher's layer n stands in for the logits
+        self.exact = self.kind is targets.EXACT and bool(logits)  # the teacher's layer n stands in for the logits
         self.logits = bool(logits) and not self.exact  # False: no top-k ids, logits or lse are read
         cache = self._open()  # the mapped layers only (and layer n for exact targets)
         if self.exact:
@@ -106,9 +95,10 @@ class CacheDataset(Dataset):
             self.layers = cache.decoded_layers
         self.indices = list(cache.indices(split))
         # exact targets rebuild the logits: any loss temperature, cached or not
-        self.temperature = float(temperature) if source == "exact" else cached_temperature(cache.temperatures, temperature)
+        self.temperature = (cached_temperature(cache.temperatures, temperature) if self.kind.reads_cached_temperature
+                            else float(temperature))
         self.proposal_temperature = None
-        if source == "sampled":
+        if self.kind is targets.SAMPLED:
             if not cache.samples:
                 raise PipelineError(f"{self.cache_dir} holds no sampled teacher targets (cache.logits "
                                     f"{cache.manifest.get('logits', 'topk')}): set loss.logits_source=topk or rebuild")
@@ -140,11 +130,8 @@ class CacheDataset(Dataset):
             self._cache = self._open()
         s = self._cache[self.indices[pos]]
         item = {"input_ids": s["input_ids"]}
-        if self.logits and self.source == "sampled":
-            item.update(sample_ids=s["sample_ids"], sample_counts=s["sample_counts"], sample_logits=s["sample_logits"],
-                        lse=s["lse"][self.temperature], lse_proposal=s["lse"][self.proposal_temperature])
-        elif self.logits:
-            item.update(topk_ids=s["topk_ids"], topk_logits=s["topk_logits"], lse=s["lse"][self.temperature])
+        if self.logits:
+            item.update(self.kind.item(s, self.temperature, self.proposal_temperature))
         for layer in self.layers:
             item[hidden_key(layer)] = s["hidden"][layer]
         if "length" in s:
@@ -192,16 +179,14 @@ def collate(items: list[dict]) -> dict:
 
 
 class OnlineTeacherCollator:
-    """Collates token rows, then runs the live teacher (a TeacherCapture) to add the same targets a cache
+    """Collates token rows, then runs the live teacher (a TeacherCapture) to add the targets of `kind` a cache
     would hold. Runs in the main process (dataloader_num_workers must be 0)."""
 
-    def __init__(self, capture, temperature: float):
+    def __init__(self, capture, temperature: float, kind: str = "topk"):
         self.capture = capture
-        self.temperature_index = capture.temperatures.index(
-            cached_temperature(capture.temperatures, temperature)
-        )
-        # a capture with draws (capture.samples > 0) gives sampled targets, seeded by the rows' sequence indices
-        # exactly as a cache build seeds them
+        self.kind = targets.kind(kind)
+        self.temperature_index = capture.temperatures.index(cached_temperature(capture.temperatures, temperature))
+        # draws (capture.samples > 0) are seeded by the rows' sequence indices exactly as a cache build seeds them
         self.proposal_index = capture.temperatures.index(
             cached_temperature(capture.temperatures, capture.proposal_temperature)) if capture.samples else None
 
@@ -213,17 +198,7 @@ class OnlineTeacherCollator:
             mask = (torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]).long()
         sequences = batch.pop("sequence").tolist()
         cap = self.capture(ids, mask, sequences=sequences)
-        from pipeline.cache.codecs import logits_from_numpy
-
-        if self.proposal_index is not None:
-            batch["sample_ids"] = torch.from_numpy(cap.sample_ids.astype(np.int64))
-            batch["sample_counts"] = torch.from_numpy(cap.sample_counts.astype(np.float32))
-            batch["sample_logits"] = torch.from_numpy(logits_from_numpy(cap.sample_logits, self.capture.logit_dtype))
-            batch["lse_proposal"] = torch.from_numpy(cap.lse[self.proposal_index])
-        else:
-            batch["topk_ids"] = torch.from_numpy(cap.topk_ids.astype(np.int64))
-            batch["topk_logits"] = torch.from_numpy(logits_from_numpy(cap.topk_logits, self.capture.logit_dtype))
-        batch["lse"] = torch.from_numpy(cap.lse[self.temperature_index])
+        batch.update(self.kind.from_capture(cap, self.temperature_index, self.proposal_index, self.capture.logit_dtype))
         for layer, h in cap.hidden.items():
             batch[hidden_key(layer)] = torch.from_numpy(h)
         return batch

@@ -19,7 +19,6 @@ trainer_adapter.py's hooks; everything else here is the Trainer's public surface
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -28,14 +27,16 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import PipelineError
-from pipeline.head import TeacherHead, final_hidden, head_spec
+from pipeline import targets
+from pipeline.head import final_hidden, head_spec
 from pipeline.losses.chunked import EXACT_BUFFERS, VocabTerms, chunk_rows, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
 from pipeline.blocks import decoder_layers
-from pipeline.train.dataset import ChunkShuffleSampler, hidden_key
+from pipeline.targets import TargetSource, hidden_key
+from pipeline.train.dataset import ChunkShuffleSampler
 from pipeline.train.trainer_adapter import TrainerAdapter
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
@@ -59,63 +60,46 @@ def positions(input_ids: torch.Tensor, length: torch.Tensor | None
     return valid.long(), rows(valid), rows(pos < length - 1)
 
 
-# the batch keys (pipeline/train/dataset.py) of each kind of teacher target, by VocabTerms field
-TARGET_KEYS = {
-    "topk": {"topk_ids": "topk_ids", "topk_logits": "topk_logits", "lse": "lse"},
-    "sampled": {"topk_ids": "sample_ids", "topk_logits": "sample_logits", "sample_counts": "sample_counts",
-                "lse": "lse", "lse_proposal": "lse_proposal"},
-}
-
-
-def vocab_terms(spec: LossSpec, inputs: dict, rows: torch.Tensor, want_ce: bool,
-                exact: "ExactTargets | None" = None) -> VocabTerms:
+def vocab_terms(spec: LossSpec, source: TargetSource, inputs: dict, rows: torch.Tensor, want_ce: bool) -> VocabTerms:
     """The vocabulary terms of a batch at its valid next-token positions `rows` [M] (flat indices into
     [B * T]): CE's targets (token t + 1; None unless `want_ce`) and, with beta > 0, the teacher targets of
-    the loss's source, each [B, T, ...] batch tensor flattened to [M, ...]. Exact targets (`exact`, the
-    teacher's head and its layer n) read the batch's layer-n hidden states."""
+    the run's `source`, as that kind's typed [M, ...] rows (pipeline/targets.py)."""
     ids = inputs["input_ids"]
     targets = torch.roll(ids, -1, dims=1).reshape(-1).index_select(0, rows) if want_ce else None
-    terms = VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets)
-    if spec.beta <= 0:
-        return terms
-    if spec.logits_source == "exact":
-        last = inputs[hidden_key(exact.layer)].reshape(ids.numel(), -1).index_select(0, rows)  # [M, d_t]
-        return dataclasses.replace(terms, divergence=spec.logits, args=spec.logits_args, temperature=spec.temperature,
-                                   teacher_last=last, teacher_head=exact.head)
-    source = "sampled" if spec.logits_source == "sampled" else "topk"  # auto (unresolved) reads top-k
-    flat = {field: inputs[key].reshape(ids.numel(), -1).index_select(0, rows)
-            for field, key in TARGET_KEYS[source].items()}
-    for field in ("lse", "lse_proposal"):
-        if field in flat:
-            flat[field] = flat[field].squeeze(-1)  # [M]
-    flat["topk_ids"] = flat["topk_ids"].long()
-    return dataclasses.replace(terms, divergence=spec.logits, tail=spec.tail, args=spec.logits_args,
-                               temperature=spec.temperature, proposal_temperature=spec.proposal_temperature or 1.0,
-                               **flat)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExactTargets:
-    """Exact full-distribution targets: the teacher's final norm and head, and the layer (n) they read."""
-
-    head: TeacherHead
-    layer: int
+    teacher = source.batch(inputs, rows) if spec.beta > 0 else None
+    return VocabTerms(alpha=spec.alpha, beta=spec.beta, targets=targets, divergence=spec.logits, tail=spec.tail,
+                      args=spec.logits_args, temperature=spec.temperature, teacher=teacher)
 
 
 class UniversalDistillationTrainer(TrainerAdapter):
+    """The distillation Trainer: a Hugging Face `Trainer` whose model is the student, whose loss is the compound
+    loss above (CE, the divergence on the teacher targets of `source`, the hidden-state and dynamics terms
+    through the projectors), and whose optimizer, gradient clipping, checkpoints and evaluation carry the
+    projectors with the student. The batches come from a cache (pipeline/train/dataset.py) or the live teacher's
+    collator; the Trainer's own loop, schedulers, mixed precision and DDP run unchanged.
+
+    `source` (pipeline/targets.py): the kind of teacher target the divergence reads, resolved against the teacher
+    side; None reads top-k (or the kind `loss.logits_source` names). Exact targets carry the teacher's head."""
+
     def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
                  projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None,
-                 exact: ExactTargets | None = None, **kwargs):
+                 source: TargetSource | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if (loss.logits_source == "exact" and loss.beta > 0) != (exact is not None):
+        if source is None:
+            named = loss.logits_source
+            source = TargetSource(targets.TOPK if named == targets.AUTO else targets.kind(named))
+        if loss.logits_source not in (targets.AUTO, source.name):
+            raise ValueError(f"loss.logits_source {loss.logits_source} but the targets are {source.name}")
+        exact = source.kind is targets.EXACT and loss.beta > 0
+        if exact != (source.head is not None):
             raise ValueError("exact targets need loss.logits_source exact and the teacher's head, both or neither")
-        self.exact = None if exact is None else ExactTargets(exact.head.to(self.args.device), exact.layer)
+        self.source = source.with_head(source.head.to(self.args.device), source.layer) if exact else source
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise PipelineError("the projectors live beside the student: DeepSpeed and FSDP are not supported "
                                 "(use DDP: torchrun --nproc_per_node N)")
         self.projectors = projectors.to(self.args.device)
         self.layer_map = dict(sorted(layer_map.items()))
-        self.loss_spec = loss.checked()
+        self.loss_spec = loss.checked(self.source)
         self.projector_lr_multiplier = float(projector_lr_multiplier)
         self._student_hidden: dict[int, torch.Tensor] = {}
         self._hooks = []
@@ -139,7 +123,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._chunk = 0
         if self.loss_spec.chunk_tokens:
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            buffers = EXACT_BUFFERS if self.exact is not None else 1
+            buffers = EXACT_BUFFERS if exact else 1
             self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device, buffers=buffers)
             self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
 
@@ -172,7 +156,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._student_hidden = {}
         B, T = ids.shape
         # CE is logged at evaluation always, in training only when it is part of the loss
-        terms = vocab_terms(spec, inputs, rows, want_ce=spec.alpha > 0 or not model.training, exact=self.exact)
+        terms = vocab_terms(spec, self.source, inputs, rows, want_ce=spec.alpha > 0 or not model.training)
         if self._chunk:  # the forward stops at the final hidden states; the head runs chunk by chunk
             self._final_hidden = None
             model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
@@ -189,7 +173,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
                 teacher = inputs[hidden_key(t)].reshape(B * T, -1)
                 if token_rows is not None:
                     h, teacher = h.index_select(0, token_rows), teacher.index_select(0, token_rows)
-                students.append(self.projectors[str(j)](h.float()))
+                with torch.profiler.record_function("distill/projectors"):
+                    students.append(self.projectors[str(j)](h.float()))
                 teachers.append(teacher)
                 if cos_sums is not None:
                     cos = F.cosine_similarity(students[-1], teacher.float(), dim=-1, eps=COSINE_EPS)  # [N']

@@ -11,6 +11,7 @@ import torch
 from pipeline.head import HeadSpec
 from pipeline.losses.chunked import VocabTerms, chunked_head_loss
 from pipeline.losses.logits import LOGIT_LOSSES
+from pipeline.targets import TopkTargets
 
 M, D, V, K, T = 11, 16, 300, 8, 2.0
 ARGS = {"kl": {}, "reverse_kl": {}, "skew_kl": {"lambda": 0.3}, "skew_reverse_kl": {"lambda": 0.3}, "jsd": {},
@@ -96,7 +97,7 @@ def test_matches_dense_fp64(name, tail):
     h, w, targets, ids, tl, lse = _case()
     alpha, beta = 0.3, 0.7
     terms = VocabTerms(alpha=alpha, beta=beta, targets=targets, divergence=name, tail=tail, args=ARGS[name],
-                       temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+                       temperature=T, teacher=TopkTargets(ids, tl, lse))
 
     def chunked(hh, ww):
         loss, parts = chunked_head_loss(hh, HeadSpec(ww), terms, chunk=4)  # 11 rows: chunks of 4, 4, 3
@@ -127,7 +128,7 @@ def test_every_softmax_path_matches_dense_fp64(temperature, alpha, monkeypatch):
     assert _power_is_exact(3.5, V) and not _power_is_exact(10.0, V)
     h, w, targets, ids, tl, lse = _case(2, temperature)
     terms = VocabTerms(alpha=alpha, beta=0.7, targets=targets if alpha else None, divergence="kl", tail="bucket",
-                       temperature=temperature, topk_ids=ids, topk_logits=tl, lse=lse)
+                       temperature=temperature, teacher=TopkTargets(ids, tl, lse))
 
     def chunked(hh, ww):
         loss, parts = chunked_head_loss(hh, HeadSpec(ww), terms, chunk=4)
@@ -154,7 +155,7 @@ def test_final_logit_transforms(transform):
     else:
         head_of = lambda ww: HeadSpec(ww, scale=0.25)  # noqa: E731
         fn = lambda z: z * 0.25  # noqa: E731
-    terms = VocabTerms(alpha=0.5, beta=0.5, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    terms = VocabTerms(alpha=0.5, beta=0.5, targets=targets, temperature=T, teacher=TopkTargets(ids, tl, lse))
     got = _grads(lambda hh, ww: (chunked_head_loss(hh, head_of(ww), terms, chunk=5)[0],), h, w)
     ref = _grads(lambda hh, ww: _reference(hh, ww, targets, ids, tl, lse, "kl", "bucket", 0.5, 0.5, fn)[:1],
                  h.double(), w.double())
@@ -170,7 +171,7 @@ def test_one_term_off_is_not_computed():
     assert set(parts) == {"loss_ce"}
     ref = _reference(h.double(), w.double(), targets, ids, tl, lse, "kl", "bucket", 1.0, 0.0)[0]
     assert math.isclose(float(loss), float(ref), rel_tol=5e-7)
-    kl_only = VocabTerms(alpha=0.0, beta=1.0, targets=None, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    kl_only = VocabTerms(alpha=0.0, beta=1.0, targets=None, temperature=T, teacher=TopkTargets(ids, tl, lse))
     loss, parts = chunked_head_loss(h, HeadSpec(w), kl_only, chunk=3)
     assert set(parts) == {"loss_kl"}
     ref = _reference(h.double(), w.double(), targets, ids, tl, lse, "kl", "bucket", 0.0, 1.0)[0]
@@ -179,7 +180,7 @@ def test_one_term_off_is_not_computed():
 
 def test_chunk_size_does_not_change_the_result_beyond_rounding_and_is_deterministic():
     h, w, targets, ids, tl, lse = _case(3)
-    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, teacher=TopkTargets(ids, tl, lse))
     runs = [_grads(lambda hh, ww: (chunked_head_loss(hh, HeadSpec(ww), terms, chunk=c)[0],), h, w)
             for c in (1, 4, 4, 64)]
     a, b = runs[1], runs[2]
@@ -191,7 +192,7 @@ def test_chunk_size_does_not_change_the_result_beyond_rounding_and_is_determinis
 
 def test_no_grad_gives_the_same_value():
     h, w, targets, ids, tl, lse = _case(4)
-    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+    terms = VocabTerms(alpha=0.4, beta=0.6, targets=targets, temperature=T, teacher=TopkTargets(ids, tl, lse))
     with_grad = chunked_head_loss(h.clone().requires_grad_(True), HeadSpec(w), terms, chunk=4)[0]
     with torch.no_grad():
         without = chunked_head_loss(h, HeadSpec(w), terms, chunk=4)[0]
@@ -230,7 +231,7 @@ def test_bf16_autocast_rounds_only_the_head_matmul(name, tail):
     h, w, targets, ids, tl, lse = _case(6)
     alpha, beta = 0.3, 0.7
     terms = VocabTerms(alpha=alpha, beta=beta, targets=targets, divergence=name, tail=tail, args=ARGS[name],
-                       temperature=T, topk_ids=ids, topk_logits=tl, lse=lse)
+                       temperature=T, teacher=TopkTargets(ids, tl, lse))
     hh = h.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = chunked_head_loss(hh, HeadSpec(w.clone().requires_grad_(True)), terms, chunk=BF16_CHUNK)

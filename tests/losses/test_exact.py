@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from pipeline.blocks import decoder_layers
 from pipeline.head import HALF_ULP, HeadSpec, TeacherHead, final_norm, teacher_head
 from pipeline.losses.chunked import VocabTerms, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.logits import LOGIT_LOSSES
-from pipeline.blocks import decoder_layers
+from pipeline.targets import ExactTargets
 from tests.losses.test_chunked import ARGS, _reference_divergence
 
 V, D_T, D_S, T = 96, 32, 24, 2.0
@@ -126,7 +127,7 @@ def test_exact_loss_and_gradients_against_the_live_teacher_in_fp64(name):
     teacher, h_t, h_s, w_s, targets = _exact_case()
     head, _ = teacher_head(teacher)
     terms = VocabTerms(alpha=0.3, beta=0.7, targets=targets, divergence=name, args=ARGS[name], temperature=T,
-                       teacher_last=h_t, teacher_head=head)
+                       teacher=ExactTargets(h_t, head))
     h = h_s.clone().requires_grad_(True)
     w = w_s.clone().requires_grad_(True)
     loss, named = chunked_head_loss(h, HeadSpec(w), terms, chunk=5)  # uneven chunks: 24 rows = 5+5+5+5+4
@@ -154,7 +155,7 @@ def test_self_distillation_is_zero():
     head, _ = teacher_head(teacher)
     h_t, _ = _last_block_output(teacher, IDS)
     normed = head.norm(h_t).clone().requires_grad_(True)
-    terms = VocabTerms(alpha=0.0, beta=1.0, targets=None, temperature=T, teacher_last=h_t, teacher_head=head)
+    terms = VocabTerms(alpha=0.0, beta=1.0, targets=None, temperature=T, teacher=ExactTargets(h_t, head))
     loss, named = chunked_head_loss(normed, head.head, terms, chunk=7)
     loss.backward()
     assert abs(loss.item()) <= 1e-6

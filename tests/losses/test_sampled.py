@@ -13,6 +13,7 @@ from pipeline.head import HeadSpec
 from pipeline.losses.chunked import VocabTerms, chunked_head_loss
 from pipeline.losses.logits import logits_loss
 from pipeline.losses.sampled import check_sampled_divergence, sampled_logits_loss
+from pipeline.targets import SampledTargets
 from pipeline.teacher.sampling import draw
 
 V, K, SEEDS = 1000, 32, 2000
@@ -155,8 +156,8 @@ def test_chunked_equals_dense(name, args, T, Tp):
     teacher = torch.randn(M, Vs, generator=g) * 3
     ids, counts, logits = draw(teacher, torch.rand(M, Ks, generator=g), Tp)
     lse, lse_p = torch.logsumexp(teacher / T, -1), torch.logsumexp(teacher / Tp, -1)
-    terms = VocabTerms(alpha=0.0, beta=0.7, targets=None, divergence=name, args=args, temperature=T, topk_ids=ids,
-                       topk_logits=logits, lse=lse, sample_counts=counts, lse_proposal=lse_p, proposal_temperature=Tp)
+    terms = VocabTerms(alpha=0.0, beta=0.7, targets=None, divergence=name, args=args, temperature=T,
+                       teacher=SampledTargets(ids, counts, logits, lse, lse_p, Tp))
     loss, parts = chunked_head_loss(h, HeadSpec(w), terms, chunk=5)
     gh, gw = torch.autograd.grad(loss, (h, w))
     h2, w2 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
