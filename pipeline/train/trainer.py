@@ -205,7 +205,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.prepared_inputs(inputs)
         with torch.no_grad():
             loss, parts = self.distill_loss(model, inputs, cos_sums=self._eval_sums)
         # components weighted by batch size, as the Trainer weights eval_loss
@@ -298,11 +298,9 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._projector_grads_synced = False
 
     # ------------------------------------------------------------------ checkpoints
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if _internal_call and self.args.should_save:  # a checkpoint: the projectors go with it
-            save_projectors(self.projectors, output_dir or self.args.output_dir,
-                            {"global_step": self.state.global_step})
+    def checkpoint_saved(self, output_dir: str) -> None:
+        if self.args.should_save:  # the projectors go with every checkpoint
+            save_projectors(self.projectors, output_dir, {"global_step": self.state.global_step})
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The Trainer's train(); a resumed run first restores the checkpoint's projectors (the Trainer

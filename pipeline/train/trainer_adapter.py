@@ -1,17 +1,21 @@
 """The one place that reaches into `transformers.Trainer`'s private methods.
 
-The distillation trainer needs four things the Trainer offers no public argument or callback for:
+The distillation trainer needs six things the Trainer offers no public argument or callback for:
 - its own train sampler (whole cache chunks shuffled, `ChunkShuffleSampler`): `_get_train_sampler`;
 - one global gradient norm over the student and the projectors, which live beside the model and are
   clipped with it: `_clip_grad_norm` and `_get_grad_norm` (the Trainer's own norm covers the model only);
 - a resume from a checkpoint saved at max_steps that takes no step: the Trainer checks max_steps only after
   a step, so it would take one more (at a constant learning rate that moves the weights); `train` loads the
   checkpoint's weights with `_load_from_checkpoint` and its state instead;
-- nothing else: checkpoints, the best model, evaluation prefixes and gradient-accumulation scaling go through
-  public methods, callbacks and the documented `loss_is_scaled_for_ga` attribute.
+- its evaluation step on the batch the Trainer would use (moved to the device, under the run's context):
+  `_prepare_inputs`, reached through `prepared_inputs`;
+- the projectors saved into every checkpoint: the public `save_model` tells a checkpoint's save (its private
+  `_internal_call` parameter) from a user's, and `checkpoint_saved` runs after the former only;
+- nothing else: the best model, evaluation prefixes and gradient-accumulation scaling go through public
+  methods, callbacks and the documented `loss_is_scaled_for_ga` attribute.
 
 `TrainerAdapter` overrides exactly those private methods and turns them into named hooks
-(`train_sampler`, `clipped_parameters`, `before_grad_norm`). They were written against the transformers
+(`train_sampler`, `clipped_parameters`, `before_grad_norm`, `checkpoint_saved`, and `prepared_inputs` to call). They were written against the transformers
 range below, which pyproject.toml pins; `check_trainer_seams()` (run by the tests) confirms that the
 installed Trainer still has each private method with the signature relied on, so an upgrade that moves one
 fails loudly in the suite rather than silently skipping the projectors' clipping.
@@ -30,14 +34,17 @@ from transformers.trainer_utils import TrainOutput
 # [lowest, first untested): the versions these seams were tested on; pyproject.toml pins the same range
 TESTED_TRANSFORMERS = ("5.25.0", "5.26.0")
 
-# private method -> its parameters after self, as this module calls or overrides it
+# private method (or a public one with a private parameter) -> its parameters after self, as this module calls or
+# overrides it
 SEAMS = {
     "_get_train_sampler": ("train_dataset",),
     "_clip_grad_norm": ("model",),
     "_get_grad_norm": ("model", "grad_norm"),
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_prepare_inputs": ("inputs",),
+    "save_model": ("output_dir", "_internal_call"),
 }
-CALLED_ONLY = ("_load_from_checkpoint",)  # the seams this module calls without overriding
+CALLED_ONLY = ("_load_from_checkpoint", "_prepare_inputs")  # the seams this module calls without overriding
 
 
 def check_trainer_seams(trainer_cls: type = Trainer) -> list[str]:
@@ -72,6 +79,19 @@ class TrainerAdapter(Trainer):
     def before_grad_norm(self) -> None:
         """Runs before the norm is taken, once or more per optimizer step (e.g. to all-reduce gradients the
         DDP wrapper does not see)."""
+
+    def checkpoint_saved(self, output_dir: str) -> None:
+        """Runs after the Trainer has saved a checkpoint's model into `output_dir` (every process)."""
+
+    def prepared_inputs(self, inputs: dict) -> dict:
+        """`inputs` as the Trainer's own steps use them (on the device, under its input preparation)."""
+        return self._prepare_inputs(inputs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save_model(); then, for a checkpoint, `checkpoint_saved`."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            self.checkpoint_saved(output_dir or self.args.output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The Trainer's train(), except that resuming from a checkpoint at or past max_steps finishes at once:

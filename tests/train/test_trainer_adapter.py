@@ -46,3 +46,12 @@ def test_only_the_adapter_overrides_private_trainer_methods():
     private = {name for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
     assert not private & {name for name in dir(Trainer) if name.startswith("_") and not name.startswith("__")}
     assert set(SEAMS) - set(CALLED_ONLY) <= set(vars(TrainerAdapter))
+
+
+def test_the_distillation_trainer_reaches_no_private_trainer_surface():
+    """trainer.py neither calls a private Trainer method nor names a private parameter of a public one: those go
+    through the adapter's hooks (prepared_inputs, checkpoint_saved), which check_trainer_seams covers."""
+    source = Path(trainer_module.__file__).read_text()
+    used = set(re.findall(r"\bself\.(_[a-z]\w*)", source)) | set(re.findall(r"\b(_internal_call)\b", source))
+    private = {name for name in dir(Trainer) if name.startswith("_") and not name.startswith("__")}
+    assert not used & (private | {"_internal_call"}), sorted(used & (private | {"_internal_call"}))
