@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_json_atomic
 from pipeline.cache.checksum import hasher_like
 from pipeline.errors import PipelineError
 
@@ -293,17 +294,6 @@ class Storage:
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(self.display(rel), storage_options=self.options or None, read_only=read_only)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """A local JSON file replaced atomically: *.tmp, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def as_storage(root: "str | Path | Storage", storage_options: dict[str, Any] | None = None,

@@ -40,7 +40,7 @@ import click
 import yaml
 
 from pipeline.cache.manifest import MANIFEST, check_format, read_json
-from pipeline.cache.storage import write_json_atomic
+from pipeline.atomic import write_file_atomically, write_json_atomic, write_text_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
 from pipeline.errors import PipelineError
@@ -522,14 +522,12 @@ def _write_summary(config, base: Config, out: Path, digest: str | None, teacher_
         "cache_build": _build_record(out, digest),
     }
     write_json_atomic(out / "ablation.json", result)
-    (out / "ablation.md.tmp").write_text(ablation_markdown(result))
-    os.replace(out / "ablation.md.tmp", out / "ablation.md")
+    write_text_atomic(out / "ablation.md", ablation_markdown(result))
     figure = out / "ablation.png"
     if any(r["status"] == "done" for r in rows):
         from pipeline.evaluate.plots import plot_ablation
 
-        plot_ablation(result, out / "ablation.tmp.png")
-        os.replace(out / "ablation.tmp.png", figure)
+        write_file_atomically(figure, lambda tmp: plot_ablation(result, tmp), keep_suffix=True)
     else:
         figure.unlink(missing_ok=True)  # never a figure of an earlier run beside this run's table
     return result

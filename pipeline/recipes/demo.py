@@ -21,7 +21,8 @@ import click
 
 from pipeline.cache.directory import stored_record
 from pipeline.cache.manifest import check_format
-from pipeline.cache.storage import Storage, write_json_atomic
+from pipeline.atomic import write_json_atomic
+from pipeline.cache.storage import Storage
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError

@@ -17,15 +17,18 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 import numpy as np
 
-from pipeline.cache.storage import write_json_atomic
+from pipeline.atomic import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.corpus import LOCAL_SUFFIXES
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import benchmarks
 
 def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     """'a,b' | ['a', 'b'] | None (the default six) | 'none' (no benchmarks) -> validated, ordered names."""

@@ -24,7 +24,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate.perplexity import heldout_scores
 from pipeline.registry import Registry
 from pipeline.sources.corpus import mix_documents
-from pipeline.sources.models import load_config, load_model, write_folder_atomically
+from pipeline.atomic import write_folder_atomically
+from pipeline.sources.models import load_config, load_model
 from pipeline.student.architectures import arch_spec
 from pipeline.student.importance import WIDTH_IMPORTANCE, BlockScores, collect_stats
 from pipeline.student.prune import (

@@ -27,7 +27,7 @@ from pipeline.evaluate.report import (
     single_report,
     table_metrics,
 )
-from pipeline.sources.models import write_folder_atomically
+from pipeline.atomic import write_folder_atomically
 
 REPORT_FILE = "report.md"
 

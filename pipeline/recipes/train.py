@@ -24,7 +24,8 @@ from pathlib import Path
 import click
 
 from pipeline import targets
-from pipeline.cache.storage import redact, write_json_atomic
+from pipeline.atomic import write_folder_atomically, write_json_atomic
+from pipeline.cache.storage import redact
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
 from pipeline.resources import peak_memory
@@ -268,7 +269,7 @@ def _write_run_dir(out: Path, student: _Student, teacher, model, projectors, tra
         if Path(student.spec, "pruning.json").is_file():
             shutil.copy2(Path(student.spec, "pruning.json"), tmp / "pruning.json")
 
-    models.write_folder_atomically(out / "student", write_student)
+    write_folder_atomically(out / "student", write_student)
     save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": summary["mode"]})
     trainer.save_state()
     write_json_atomic(out / "run.json", summary)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from pipeline import atomic
 from pipeline.errors import PipelineError
 from pipeline.sources.assets import PACKAGED_MODELS, packaged_model_file
 from pipeline.sources.digest import file_digest
@@ -62,24 +61,6 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """write(DIR.tmp), then swap it in; an exception leaves the old DIR (or none) and no DIR.tmp."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @functools.lru_cache(maxsize=None)
 def _gguf_digest(path: str, size: int, mtime_ns: int) -> str:
     """The file's digest, once per process for an unchanged file (a build resolves its teacher several times)."""
@@ -116,7 +97,7 @@ def convert_gguf(gguf_path: Path) -> Path:
             tok.save_pretrained(tmp)
             (tmp / "source.txt").write_text(f"{gguf_path.resolve()}\n")
 
-        write_folder_atomically(out, write)
+        atomic.write_folder_atomically(out, write)
     return out
 
 

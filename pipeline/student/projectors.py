@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.atomic import write_file_atomically, write_text_atomic
 from pipeline.errors import PipelineError
 from pipeline.registry import Registry
 
@@ -152,12 +153,6 @@ def build_projectors(
     return Projectors(modules, pairs, d_student, d_teacher, init)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_projectors(projectors: Projectors, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write `projectors.safetensors` then `projectors.json` (the index last), each atomically."""
     if not isinstance(projectors, Projectors):
@@ -179,8 +174,8 @@ def save_projectors(projectors: Projectors, directory: str | os.PathLike, meta: 
         "meta": {**projectors.meta, **(meta or {})},
     }
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-    _write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
-    _write_atomic(directory / INDEX_FILE, lambda p: p.write_text(text))
+    write_file_atomically(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
+    write_text_atomic(directory / INDEX_FILE, text)
 
 
 def _read_index(directory: Path) -> dict[str, Any]:
