@@ -164,6 +164,11 @@ def validate_manifest(m: dict, where: str | Path) -> None:
         covered += s["sequences"]
     if covered != m["num_sequences"]:
         raise PipelineError(f"{where}: shards cover {covered} sequences, manifest says {m['num_sequences']}")
+    norms = m.get("hidden_mean_square", {})
+    lacking = [layer for layer in m["layers"] if str(layer) not in norms]
+    if lacking:  # the build writes it for every cached layer (the nmse loss's constants)
+        raise PipelineError(f"{where}: manifest lacks hidden_mean_square of layer {lacking[0]}; rebuild it with "
+                            "`distill cache build CONFIG --overwrite`")
     exact = m.get("exact")
     if exact is not None and int(exact.get("layer", -1)) not in m["layers"]:
         raise PipelineError(f"{where}: exact targets need teacher layer {exact.get('layer')}, which the cache lacks")

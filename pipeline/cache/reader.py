@@ -231,29 +231,14 @@ class Cache:
         return s
 
     def hidden_mean_square(self, layers: list[int], progress: bool = False) -> dict[int, float]:
-        """{layer: the teacher's mean square of that block's output over the train split's valid tokens}.
-
-        From the manifest (gathered from the captured fp32 values at build time); a cache built before
-        the manifest held it gets it computed here, once, from the decoded train split."""
-        from pipeline.cache.stats import SquareSums
-
-        stored = self.manifest.get("hidden_mean_square", {})
-        if all(str(x) in stored for x in layers):
-            return {int(x): float(stored[str(x)]) for x in layers}
+        """{layer: the teacher's mean square of that block's output over the train split's valid tokens}, from
+        the manifest (gathered from the captured fp32 values at build time: every format-3 cache with hidden
+        layers holds it for each of them). `progress` is accepted for the callers' symmetry and unused."""
         missing = [x for x in layers if x not in self.layers]
         if missing:
             raise PipelineError(f"teacher layer {missing[0]} is not in the cache (cached: {self.layers})")
-        reader = Cache(self.storage, layers=list(layers), logits=False)
-        acc = SquareSums()
-        train = self.indices("train")
-        from tqdm.auto import tqdm
-
-        for i in tqdm(train, desc="teacher mean square per layer", unit="seq", disable=not progress):
-            row = reader[i]
-            n = row.get("length", self.seq_len)
-            valid = (np.arange(self.seq_len) < n)[None, :]
-            acc.add({layer: h[None] for layer, h in row["hidden"].items()}, valid)
-        return acc.mean_square(int(self.manifest["teacher"]["hidden_size"]))
+        stored = self.manifest.get("hidden_mean_square", {})
+        return {int(x): float(stored[str(x)]) for x in layers}
 
     def target_bytes(self) -> dict[str, int]:
         """{column: stored bytes} of each teacher-target column (top-k ids and logits, the draws' ids, counts and
