@@ -280,6 +280,11 @@ def parse_logits(mode: str) -> tuple[TargetKind, ...]:
     return tuple(k for k in KINDS if k.name in names)
 
 
+def manifest_logits(manifest: dict) -> str:
+    """The cache.logits a manifest records (one without the key stores top-k only: its only kind then)."""
+    return manifest.get("logits", TOPK.name)
+
+
 def join(kinds) -> str:
     """The cache.logits spelling of a set of kinds."""
     return "+".join(k.name for k in KINDS if k in set(kinds))

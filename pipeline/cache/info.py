@@ -37,7 +37,7 @@ def summarize(manifest: dict) -> dict:
         "hidden_compressor": m["fingerprint"]["codecs"]["hidden_compressor"],
         "side_compressor": m["side_compressor"],
         "layers": m["layers"], "topk": m["topk"], "temperatures": m["temperatures"],
-        "logits": m.get("logits", "topk"), "sampling": sampling, "exact": m.get("exact"),
+        "logits": targets.manifest_logits(m), "sampling": sampling, "exact": m.get("exact"),
         "layer_codecs": m.get("layer_codecs") or {},
         "logit_dtype": m["logit_dtype"], "hidden_codec": m["hidden_codec"],
         "sequences": m["num_sequences"], "tokens": tokens, "seq_len": m["seq_len"],

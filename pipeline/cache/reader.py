@@ -100,7 +100,7 @@ class Cache:
 
         exact = self.manifest.get("exact")
         if not exact:
-            raise PipelineError(f"{self.root} holds no exact targets (cache.logits {self.manifest.get('logits', 'topk')}): "
+            raise PipelineError(f"{self.root} holds no exact targets (cache.logits {targets.manifest_logits(self.manifest)}): "
                                 "set loss.logits_source=topk or rebuild with cache.logits=topk+exact")
         if not self.storage.isfile(exact["file"]):
             raise PipelineError(f"{self.root}: {exact['file']} (the teacher's head for exact targets) is missing")

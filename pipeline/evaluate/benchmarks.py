@@ -94,6 +94,17 @@ def available_tasks() -> list[str]:
     return [name for name in SUPPORTED_TASKS if _data_installed(name)]
 
 
+def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+    """'a,b' | ['a', 'b'] | None (the default six) | 'none' (no benchmarks) -> validated, ordered names."""
+    if tasks is None:
+        return list(DEFAULT_TASKS)
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [n for n in names if n]
+    if not names or names == ["none"]:
+        return []
+    return check_tasks(names)
+
+
 def check_tasks(tasks: list[str]) -> list[str]:
     """Validated task names, duplicates dropped, order kept. Loads no model and no data."""
     if isinstance(tasks, str):

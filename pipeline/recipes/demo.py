@@ -19,17 +19,18 @@ from pathlib import Path
 
 import click
 
+from pipeline.atomic import write_json_atomic
 from pipeline.cache.directory import stored_record
 from pipeline.cache.manifest import check_format
-from pipeline.atomic import write_json_atomic
 from pipeline.cache.storage import Storage
 from pipeline.config import load_config
 from pipeline.data.sequences import heldout_count
 from pipeline.errors import PipelineError
+from pipeline.evaluate import benchmarks
 from pipeline.evaluate.benchmarks import check_limit, format_limit
 from pipeline.evaluate.metrics import primary_metric, recovery_metrics
 from pipeline.recipes.cache import build_cache, cache_info, verify_cache
-from pipeline.recipes.evaluate import parse_tasks, run_eval
+from pipeline.recipes.evaluate import run_eval
 from pipeline.recipes.prune import run_prune
 from pipeline.recipes.report import run_report
 from pipeline.recipes.train import run_train
@@ -93,7 +94,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: tuple[str, ...] = (), 
                             "the demo writes its student there: choose another folder")
     out = Path(cfg.training.get("output_dir", "runs/train"))
     # the eval step's settings, checked before the first step runs
-    parse_tasks(cfg.eval.tasks)
+    benchmarks.parse_tasks(cfg.eval.tasks)
     check_limit(cfg.eval.limit, list(cfg.eval.tasks), "eval.limit")
     if heldout_count(cfg.data.num_sequences, cfg.data.heldout_fraction) == 0:
         raise PipelineError("data.heldout_fraction gives no held-out sequences: the demo scores on them")

@@ -30,18 +30,6 @@ from pipeline.sources.corpus import LOCAL_SUFFIXES
 if TYPE_CHECKING:
     from pipeline.evaluate import benchmarks
 
-def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
-    """'a,b' | ['a', 'b'] | None (the default six) | 'none' (no benchmarks) -> validated, ordered names."""
-    from pipeline.evaluate import benchmarks
-
-    if tasks is None:
-        return list(benchmarks.DEFAULT_TASKS)
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
-    names = [n for n in names if n]
-    if not names or names == ["none"]:
-        return []
-    return benchmarks.check_tasks(names)
-
 
 def text_rows(path: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A text file's documents (blank-line separated; .jsonl/.json/.parquet records too), joined with EOS and
@@ -142,7 +130,7 @@ def run_eval(
 
     echo = echo or (lambda msg: click.echo(msg, err=True))
     # 1. every argument, before any model is loaded or any file is written
-    task_names = parse_tasks(tasks)
+    task_names = benchmarks.parse_tasks(tasks)
     benchmarks.check_limit(limit, task_names)
     if batch_size < 1:
         raise PipelineError(f"--batch-size: {batch_size} must be >= 1")

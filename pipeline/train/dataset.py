@@ -101,7 +101,7 @@ class CacheDataset(Dataset):
         if self.kind is targets.SAMPLED:
             if not cache.samples:
                 raise PipelineError(f"{self.cache_dir} holds no sampled teacher targets (cache.logits "
-                                    f"{cache.manifest.get('logits', 'topk')}): set loss.logits_source=topk or rebuild")
+                                    f"{targets.manifest_logits(cache.manifest)}): set loss.logits_source=topk or rebuild")
             self.proposal_temperature = cached_temperature(cache.temperatures, cache.sampling["proposal_temperature"])
         elif self.logits and not cache.topk:
             raise PipelineError(f"{self.cache_dir} holds no top-k teacher targets (cache.logits sampled): "

@@ -47,7 +47,7 @@ class TeacherFacts:
     @classmethod
     def from_manifest(cls, m: dict) -> "TeacherFacts":
         t = m["teacher"]
-        mode = m.get("logits", "topk")
+        mode = targets.manifest_logits(m)
         return cls(model=t["model"], num_layers=int(t["num_layers"]), hidden_size=int(t["hidden_size"]),
                    vocab_size=int(t["vocab_size"]), logits=mode, holds=f"the cache holds cache.logits {mode}",
                    seq_len=int(m["seq_len"]), temperatures=tuple(m["temperatures"]), layers=tuple(m["layers"]),
