@@ -1,10 +1,16 @@
-"""Where a decoder model keeps its blocks: the one lookup the capture, the trainer's hooks and the pruner share."""
+"""A model's anatomy as the project reads it: where a decoder keeps its blocks (the capture, the trainer's hooks
+and the pruner share the lookup) and which config describes its language model."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.errors import PipelineError
+
+
+def text_config(config):
+    """The language-model part of a config (multimodal configs nest it as text_config)."""
+    return getattr(config, "text_config", None) or config
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

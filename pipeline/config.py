@@ -18,12 +18,11 @@ from typing import Any, Union
 import yaml
 
 from pipeline import targets
+from pipeline.dtypes import LOGIT_DTYPE_NAMES, MODEL_DTYPE_NAMES
 from pipeline.errors import PipelineError
 from pipeline.losses.spec import LossSpec
 from pipeline.registry import Registry
 from pipeline.schema import bounded, choice
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Loader(yaml.SafeLoader):
@@ -44,7 +43,7 @@ def _yaml(text: str):
 @dataclass
 class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # packaged name | hub id | local HF dir | .gguf file
-    dtype: str = field(default="float32", metadata=choice(*DTYPES))
+    dtype: str = field(default="float32", metadata=choice(*MODEL_DTYPE_NAMES))
     revision: Union[str, None] = None
     device: str = "auto"  # auto (the process's GPU when there is one, else CPU) | cpu | cuda | cuda:N
 
@@ -76,7 +75,7 @@ class DataConfig:
 @dataclass
 class StudentConfig:
     model: Union[str, None] = None  # HF folder (a pruning.json beside it enables mapping.strategy=selected)
-    dtype: str = field(default="float32", metadata=choice(*DTYPES))
+    dtype: str = field(default="float32", metadata=choice(*MODEL_DTYPE_NAMES))
 
 
 @dataclass
@@ -87,7 +86,7 @@ class CacheConfig:
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     layers: Union[str, list[int]] = "auto"  # auto | all | [1, 15, 30]
     hidden_codec: str = "bf16"  # registry name, checked against pipeline.cache.codecs
-    logit_dtype: str = field(default="fp16", metadata=choice("fp16", "bf16", "fp32"))
+    logit_dtype: str = field(default="fp16", metadata=choice(*LOGIT_DTYPE_NAMES))
     # the teacher's distribution per position: the top-k logits, K draws from it (Sparse Logit Sampling,
     # pipeline/teacher/sampling.py), or both
     logits: str = field(default="topk", metadata=choice(*targets.LOGITS_MODES))

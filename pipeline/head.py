@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache.codecs import LOGIT_DTYPES
+from pipeline.blocks import text_config
+from pipeline.dtypes import DTYPE_NAMES, HALF_ULP
 from pipeline.errors import PipelineError
 
 # final-logit transforms we reproduce, by attribute of the text config; applied as z * scale, then the cap
@@ -34,9 +35,6 @@ KEY_OVERRIDES = {
     "cohere2_vision": {"logit_scale": None},  # its text config (Cohere2) has one
     "gemma3": {"final_logit_softcapping": None},  # Gemma3ForConditionalGeneration; Gemma3ForCausalLM applies it
 }
-# half the spacing of floats at 1 (the largest relative rounding error), per stored format and torch dtype
-HALF_ULP = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-DTYPE_NAMES = {dtype: name for name, dtype in LOGIT_DTYPES.items()}  # torch dtype -> format name
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,6 @@ class HeadSpec:
 def head_spec(model) -> tuple[HeadSpec | None, str]:
     """(HeadSpec, "") for a causal LM whose head is a plain bias-free Linear, else (None, why). A config
     attribute we do not know is not seen here: `verify_head` / `check_capture` catch it numerically."""
-    from pipeline.sources.models import text_config
-
     emb = model.get_output_embeddings()
     if not isinstance(emb, torch.nn.Linear):
         return None, f"the output head is a {type(emb).__name__}, not a Linear"

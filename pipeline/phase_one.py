@@ -23,15 +23,22 @@ import click
 import torch
 from tqdm import tqdm
 
+from pipeline import targets
+from pipeline.blocks import text_config
 from pipeline.cache.codecs import frequency_order, id_dtype
-from pipeline.cache.directory import build_lock, claim, finalize, finished_record, remove_if_empty_claim
-from pipeline.cache.reader import open_cache
+from pipeline.cache.directory import (
+    build_lock,
+    claim,
+    finalize,
+    finished_record,
+    remove_if_empty_claim,
+)
 from pipeline.cache.manifest import HEAD_FILE
+from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CacheSpec, TeacherInfo
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import CacheWriter, writer_threads
 from pipeline.data.sequences import sequences_from_config
-from pipeline import targets
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.digest import model_digest, tokenizer_digest
@@ -47,7 +54,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
     timings["start"] = time.perf_counter()
     rank, world = _dist()
     root = checked_root(cfg.cache, rank)
-    tcfg = models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
+    tcfg = text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
     check_teacher_config(cfg, tcfg)
     layers = resolve_layers(cfg.cache.layers, cfg.mapping, cfg.student.model, tcfg.num_hidden_layers)
     if targets.stores(cfg.cache.logits, targets.EXACT):  # exact targets rebuild the logits from the last block's output, layer n
@@ -111,7 +118,7 @@ def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -
     # auto: what mapping.strategy needs for the configured student's depth
     if student_model is None:
         raise PipelineError("cache.layers=auto needs student.model (or set cache.layers to a list or all)")
-    n_student = models.text_config(models.load_config(student_model)).num_hidden_layers
+    n_student = text_config(models.load_config(student_model)).num_hidden_layers
     kept = read_kept_layers(student_model) if Path(student_model).is_dir() else None
     layer_map = build_layer_map(mapping.strategy, n_student, n_teacher, mapping.stride, kept)
     return sorted(set(layer_map.values()))

@@ -169,8 +169,9 @@ class TargetKind:
         """A cache reader's sample -> this kind's entries of a training item (numpy arrays)."""
         raise NotImplementedError
 
-    def from_capture(self, cap, temperature_index: int, proposal_index: int | None, logit_dtype: str) -> dict:
-        """A live teacher's capture -> this kind's batch entries (tensors), as a cache of it would give them."""
+    def from_capture(self, cap, temperature_index: int, proposal_index: int | None, logits) -> dict:
+        """A live teacher's capture -> this kind's batch entries (tensors), as a cache of it would give them;
+        `logits` turns a captured logits array (its storage dtype) into float32, as the cache's codec does."""
         raise NotImplementedError
 
     def batch(self, source: TargetSource, inputs: Mapping[str, "torch.Tensor"], rows: "torch.Tensor"
@@ -185,14 +186,12 @@ class _Topk(TargetKind):
     def item(self, sample, temperature, proposal):
         return {"topk_ids": sample["topk_ids"], "topk_logits": sample["topk_logits"], "lse": sample["lse"][temperature]}
 
-    def from_capture(self, cap, temperature_index, proposal_index, logit_dtype):
+    def from_capture(self, cap, temperature_index, proposal_index, logits):
         import numpy as np
         import torch
 
-        from pipeline.cache.codecs import logits_from_numpy
-
         return {"topk_ids": torch.from_numpy(cap.topk_ids.astype(np.int64)),
-                "topk_logits": torch.from_numpy(logits_from_numpy(cap.topk_logits, logit_dtype)),
+                "topk_logits": torch.from_numpy(logits(cap.topk_logits)),
                 "lse": torch.from_numpy(cap.lse[temperature_index])}
 
     def batch(self, source, inputs, rows):
@@ -209,15 +208,13 @@ class _Sampled(TargetKind):
                 "sample_logits": sample["sample_logits"], "lse": sample["lse"][temperature],
                 "lse_proposal": sample["lse"][proposal]}
 
-    def from_capture(self, cap, temperature_index, proposal_index, logit_dtype):
+    def from_capture(self, cap, temperature_index, proposal_index, logits):
         import numpy as np
         import torch
 
-        from pipeline.cache.codecs import logits_from_numpy
-
         return {"sample_ids": torch.from_numpy(cap.sample_ids.astype(np.int64)),
                 "sample_counts": torch.from_numpy(cap.sample_counts.astype(np.float32)),
-                "sample_logits": torch.from_numpy(logits_from_numpy(cap.sample_logits, logit_dtype)),
+                "sample_logits": torch.from_numpy(logits(cap.sample_logits)),
                 "lse_proposal": torch.from_numpy(cap.lse[proposal_index]),
                 "lse": torch.from_numpy(cap.lse[temperature_index])}
 
@@ -235,7 +232,7 @@ class _Exact(TargetKind):
     def item(self, sample, temperature, proposal):
         return {}  # layer n is one of the item's hidden layers
 
-    def from_capture(self, cap, temperature_index, proposal_index, logit_dtype):
+    def from_capture(self, cap, temperature_index, proposal_index, logits):
         return {}  # layer n is one of the captured hidden layers
 
     def batch(self, source, inputs, rows):

@@ -25,10 +25,7 @@ from pipeline.registry import Registry
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # ----------------------------------------------------------------------------- storage dtypes
-# cache.logit_dtype -> the torch dtype logits are rounded to, and the numpy dtype they are stored as (bf16
-# as its bit patterns, uint16: numpy has no bfloat16)
-LOGIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-STORED_LOGIT_DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16), "fp32": np.dtype(np.float32)}
+# cache.logit_dtype's torch and numpy dtypes: pipeline/dtypes.py
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -48,7 +45,7 @@ def host_array(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
 
 
 def logits_from_numpy(arr: np.ndarray, logit_dtype: str) -> np.ndarray:
-    """Stored logits (STORED_LOGIT_DTYPES[logit_dtype]) as float32."""
+    """Stored logits (dtypes.STORED_LOGIT_DTYPES[logit_dtype]) as float32."""
     if logit_dtype == "bf16":
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float().numpy()
     return arr.astype(np.float32)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import targets
-from pipeline.cache.codecs import STORED_LOGIT_DTYPES
 from pipeline.cache.manifest import layer_codec
 from pipeline.cache.reader import open_cache
+from pipeline.dtypes import STORED_LOGIT_DTYPES
 
 
 def summarize(manifest: dict) -> dict:

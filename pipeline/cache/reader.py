@@ -24,14 +24,30 @@ import zarr
 
 from pipeline import targets
 from pipeline.cache.codecs import (
-    HIDDEN_CODECS, STORED_LOGIT_DTYPES, decode_lse, decode_topk_ids, decode_topk_logits, decompress_chunk, from_planes,
-    logits_from_numpy, unpack_order,
+    HIDDEN_CODECS,
+    decode_lse,
+    decode_topk_ids,
+    decode_topk_logits,
+    decompress_chunk,
+    from_planes,
+    logits_from_numpy,
+    unpack_order,
 )
 from pipeline.cache.manifest import (
-    BUILD, MANIFEST, SHARDS, combine_checksums, hidden_array, id_table_bytes, layer_codec,
-    lse_column, shard_files, shard_paths, validate_manifest,
+    BUILD,
+    MANIFEST,
+    SHARDS,
+    combine_checksums,
+    hidden_array,
+    id_table_bytes,
+    layer_codec,
+    lse_column,
+    shard_files,
+    shard_paths,
+    validate_manifest,
 )
 from pipeline.cache.storage import Storage, as_storage
+from pipeline.dtypes import STORED_LOGIT_DTYPES
 from pipeline.errors import PipelineError
 
 

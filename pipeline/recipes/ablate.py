@@ -39,8 +39,9 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.cache.manifest import MANIFEST, check_format, read_json
 from pipeline.atomic import write_file_atomically, write_json_atomic, write_text_atomic
+from pipeline.blocks import text_config
+from pipeline.cache.manifest import MANIFEST, check_format, read_json
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, config_from_dict, load_config_data, set_key
 from pipeline.errors import PipelineError
@@ -135,7 +136,7 @@ def check_variants(base: Config, base_data: dict, manifest: dict | None
             training_arguments({**cfg.training, "output_dir": str(run_dir)})
             if cfg.student.model is None:
                 raise PipelineError("student.model is not set: name the pruned student's HF folder")
-            scfg = models.text_config(models.load_config(cfg.student.model))
+            scfg = text_config(models.load_config(cfg.student.model))
             layer_map = build_layer_map(cfg.mapping.strategy, scfg.num_hidden_layers, facts.num_layers,
                                         cfg.mapping.stride, read_kept_layers(cfg.student.model))
             checks.check_dynamics_map(loss, layer_map)

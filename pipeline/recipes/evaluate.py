@@ -23,6 +23,8 @@ import click
 import numpy as np
 
 from pipeline.atomic import write_json_atomic
+from pipeline.blocks import text_config
+from pipeline.dtypes import MODEL_DTYPE_NAMES
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.corpus import LOCAL_SUFFIXES
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 def text_rows(path: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A text file's documents (blank-line separated; .jsonl/.json/.parquet records too), joined with EOS and
     cut into rows of seq_len tokens; the last, shorter row is padded and carries its length."""
-    from pipeline.sources.corpus import iter_documents
     from pipeline.config import SourceConfig
+    from pipeline.sources.corpus import iter_documents
 
     ids: list[int] = []
     try:
@@ -65,7 +67,7 @@ def check_model_against_cache(spec: str, cache) -> None:
     from pipeline.sources.digest import tokenizer_digest
     from pipeline.train import checks
 
-    vocab = models.text_config(models.load_config(spec)).vocab_size
+    vocab = text_config(models.load_config(spec)).vocab_size
     teacher_vocab = int(cache.manifest["teacher"]["vocab_size"])
     if vocab < teacher_vocab:
         raise PipelineError(f"model {spec} has a vocabulary of {vocab}, the cache's teacher {teacher_vocab}: "
@@ -144,8 +146,8 @@ def run_eval(
         raise PipelineError(f"--text: file not found: {text}")
     if text and Path(text).suffix.lower() not in LOCAL_SUFFIXES:
         raise PipelineError(f"--text {text}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
-    if dtype not in models.TORCH_DTYPES:
-        raise PipelineError(f"--dtype {dtype!r} is not one of {', '.join(models.TORCH_DTYPES)}")
+    if dtype not in MODEL_DTYPE_NAMES:
+        raise PipelineError(f"--dtype {dtype!r} is not one of {', '.join(MODEL_DTYPE_NAMES)}")
     if out is not None and Path(out).is_dir():
         raise PipelineError(f"--out {out} is a folder; give a .json file path")
     if not task_names and not heldout and not text:
@@ -153,8 +155,8 @@ def run_eval(
     models.describe_model_spec(model)
     if reference:
         models.describe_model_spec(reference)
-        ref_vocab = models.text_config(models.load_config(reference)).vocab_size
-        model_vocab = models.text_config(models.load_config(model, revision)).vocab_size
+        ref_vocab = text_config(models.load_config(reference)).vocab_size
+        model_vocab = text_config(models.load_config(model, revision)).vocab_size
         if ref_vocab != model_vocab:
             raise PipelineError(f"--reference {reference} (vocabulary {ref_vocab}) and --model {model} "
                                 f"(vocabulary {model_vocab}) do not share a vocabulary: no KL between them")

@@ -25,6 +25,7 @@ import click
 
 from pipeline import targets
 from pipeline.atomic import write_folder_atomically, write_json_atomic
+from pipeline.blocks import text_config
 from pipeline.cache.storage import redact
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
@@ -124,7 +125,7 @@ def _student_shape(student) -> _Student:
     if student.model is None:
         raise PipelineError("student.model is not set: name the pruned student's HF folder")
     spec = student.model
-    return _Student(spec=spec, config=models.text_config(models.load_config(spec)),
+    return _Student(spec=spec, config=text_config(models.load_config(spec)),
                     kept=read_kept_layers(spec) if Path(spec).is_dir() else None,
                     tokenizer=models.load_tokenizer(spec) if models.has_tokenizer(spec) else None)
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from pipeline import atomic
+from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import PipelineError
 from pipeline.sources.assets import PACKAGED_MODELS, packaged_model_file
 from pipeline.sources.digest import file_digest
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def models_dir() -> Path:
@@ -132,11 +131,6 @@ def load_config(spec: str, revision: str | None = None):
         return AutoConfig.from_pretrained(resolve_model(spec), revision=revision)
     except (OSError, ValueError) as e:
         raise _hub_error(spec, e) from None
-
-
-def text_config(config):
-    """The language-model part of a config (multimodal configs nest it as text_config)."""
-    return getattr(config, "text_config", None) or config
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -18,8 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache.codecs import HIDDEN_CODECS, LOGIT_DTYPES, count_dtype, host_array, id_dtype, logits_from_numpy
 from pipeline.blocks import decoder_layers
+from pipeline.cache.codecs import (
+    HIDDEN_CODECS,
+    count_dtype,
+    host_array,
+    id_dtype,
+    logits_from_numpy,
+)
+from pipeline.dtypes import LOGIT_DTYPES
 from pipeline.errors import PipelineError
 from pipeline.head import check_capture, head_spec
 
@@ -89,7 +96,7 @@ def stored_lse(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, stored
 @dataclass
 class Captured:
     topk_ids: np.ndarray | None  # [B, T, k] uint16 | uint32 (None without top-k targets)
-    topk_logits: np.ndarray | None  # [B, T, k] storage dtype (codecs.STORED_LOGIT_DTYPES)
+    topk_logits: np.ndarray | None  # [B, T, k] storage dtype (dtypes.STORED_LOGIT_DTYPES)
     lse: np.ndarray  # [n_temps, B, T] float32: the normaliser of the stored top-k logits (see stored_lse)
     hidden: dict[int, np.ndarray]  # layer -> [B, T, d] float32 (empty when encoded on the device)
     # with TeacherCapture(hidden_codec=...): the codec's arrays per layer, encoded where the teacher runs,

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline import targets
+from pipeline.cache.codecs import logits_from_numpy
 from pipeline.cache.reader import Cache, open_cache
 from pipeline.errors import PipelineError
 from pipeline.targets import cached_temperature, hidden_key
@@ -190,6 +191,9 @@ class OnlineTeacherCollator:
         self.proposal_index = capture.temperatures.index(
             cached_temperature(capture.temperatures, capture.proposal_temperature)) if capture.samples else None
 
+    def _logits(self, stored: np.ndarray) -> np.ndarray:
+        return logits_from_numpy(stored, self.capture.logit_dtype)
+
     def __call__(self, items: list[dict]) -> dict:
         batch = collate(items)
         ids = batch["input_ids"]
@@ -198,7 +202,7 @@ class OnlineTeacherCollator:
             mask = (torch.arange(ids.shape[1])[None, :] < batch["length"][:, None]).long()
         sequences = batch.pop("sequence").tolist()
         cap = self.capture(ids, mask, sequences=sequences)
-        batch.update(self.kind.from_capture(cap, self.temperature_index, self.proposal_index, self.capture.logit_dtype))
+        batch.update(self.kind.from_capture(cap, self.temperature_index, self.proposal_index, self._logits))
         for layer, h in cap.hidden.items():
             batch[hidden_key(layer)] = torch.from_numpy(h)
         return batch

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from pipeline import targets
+from pipeline.blocks import text_config
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.digest import tokenizer_digest
@@ -62,7 +63,7 @@ class TeacherFacts:
 def config_facts(cfg, tcfg=None) -> TeacherFacts:
     """The facts of cfg.teacher from its config (no weights), giving what cfg.cache.* describes at data.seq_len;
     any temperature and layer (what the live teacher computes)."""
-    tcfg = tcfg or models.text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
+    tcfg = tcfg or text_config(models.load_config(cfg.teacher.model, cfg.teacher.revision))
     cc = cfg.cache
     return TeacherFacts(model=cfg.teacher.model, num_layers=tcfg.num_hidden_layers, hidden_size=tcfg.hidden_size,
                         vocab_size=tcfg.vocab_size, logits=cc.logits, holds=f"cache.logits is {cc.logits}",

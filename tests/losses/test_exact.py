@@ -11,7 +11,8 @@ import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.blocks import decoder_layers
-from pipeline.head import HALF_ULP, HeadSpec, TeacherHead, final_norm, teacher_head
+from pipeline.dtypes import HALF_ULP
+from pipeline.head import HeadSpec, TeacherHead, final_norm, teacher_head
 from pipeline.losses.chunked import VocabTerms, chunked_head_loss, dense_vocab_loss
 from pipeline.losses.logits import LOGIT_LOSSES
 from pipeline.targets import ExactTargets
