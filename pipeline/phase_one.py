@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 import torch
@@ -42,7 +41,7 @@ from pipeline.data.sequences import sequences_from_config
 from pipeline.errors import PipelineError
 from pipeline.sources import models
 from pipeline.sources.digest import model_digest, tokenizer_digest
-from pipeline.student.layer_map import build_layer_map, read_kept_layers
+from pipeline.student.layer_map import resolve_layers
 
 
 def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: dict | None = None) -> dict | None:
@@ -104,24 +103,6 @@ def check_teacher_config(cfg, tcfg) -> None:
     vocab = getattr(tcfg, "vocab_size", None)
     if targets.stores(cfg.cache.logits, targets.TOPK) and isinstance(vocab, int) and not 1 <= cfg.cache.topk <= vocab:
         raise PipelineError(f"cache.topk: {cfg.cache.topk} must be between 1 and the vocabulary size {vocab}")
-
-
-def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -> list[int]:
-    """cache.layers -> sorted teacher layer indices to store."""
-    if layers == "all":
-        return list(range(0, n_teacher + 1))
-    if isinstance(layers, list):
-        bad = [i for i in layers if not 0 <= i <= n_teacher]
-        if bad:
-            raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n_teacher})")
-        return sorted(set(layers))
-    # auto: what mapping.strategy needs for the configured student's depth
-    if student_model is None:
-        raise PipelineError("cache.layers=auto needs student.model (or set cache.layers to a list or all)")
-    n_student = text_config(models.load_config(student_model)).num_hidden_layers
-    kept = read_kept_layers(student_model) if Path(student_model).is_dir() else None
-    layer_map = build_layer_map(mapping.strategy, n_student, n_teacher, mapping.stride, kept)
-    return sorted(set(layer_map.values()))
 
 
 def exact_head(cc, teacher, n_layers: int) -> tuple[bytes | None, dict | None]:

@@ -80,3 +80,25 @@ def build_layer_map(
     if stride < 1:
         raise PipelineError(f"mapping.stride: {stride} must be >= 1")
     return {j: t for j, t in sorted(mapping.items()) if (n_student - j) % stride == 0}
+
+
+def resolve_layers(layers, mapping, student_model: str | None, n_teacher: int) -> list[int]:
+    """cache.layers -> sorted teacher layer indices to store: all, a list, or (auto) exactly those the layer map
+    of `student_model` (its depth, its pruning.json) needs."""
+    if layers == "all":
+        return list(range(0, n_teacher + 1))
+    if isinstance(layers, list):
+        bad = [i for i in layers if not 0 <= i <= n_teacher]
+        if bad:
+            raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n_teacher})")
+        return sorted(set(layers))
+    # auto: what mapping.strategy needs for the configured student's depth
+    if student_model is None:
+        raise PipelineError("cache.layers=auto needs student.model (or set cache.layers to a list or all)")
+    from pipeline.blocks import text_config
+    from pipeline.sources import models
+
+    n_student = text_config(models.load_config(student_model)).num_hidden_layers
+    kept = read_kept_layers(student_model) if Path(student_model).is_dir() else None
+    layer_map = build_layer_map(mapping.strategy, n_student, n_teacher, mapping.stride, kept)
+    return sorted(set(layer_map.values()))

@@ -73,7 +73,7 @@ def config_facts(cfg, tcfg=None) -> TeacherFacts:
 def planned_facts(cfg) -> TeacherFacts:
     """The facts of the cache cfg describes, before it is built (the teacher's config and tokenizer only): its
     sequence length and temperatures, and its layers where cache.layers names them."""
-    from pipeline.phase_one import resolve_layers
+    from pipeline.student.layer_map import resolve_layers
 
     facts = config_facts(cfg)
     layers = None
