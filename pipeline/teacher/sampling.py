@@ -48,22 +48,31 @@ def draw(z: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> tuple[t
     target = torch.minimum(uniforms.to(cdf.device, torch.float32) * total, torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target, right=True)  # [c, K]: the first id whose cdf exceeds the target
     del cdf
-    # distinct ids and counts: sort, mark the first of every run, count the run lengths
-    srt, _ = drawn.sort(dim=-1)
+    return distinct_draws(drawn, z.gather(-1, drawn))
+
+
+def distinct_draws(drawn: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-draw ids [c, K] and their logits -> (ids [c, K] long, counts [c, K] int32, logits [c, K] fp32) as
+    `draw` returns them: the distinct ids sorted by logit (descending; equal logits by id), their
+    counts, the logits there, the slots after the last distinct id repeating it with count 0. The last step
+    of `draw` and of the vocabulary-parallel draw (pipeline/teacher/vocab_parallel.py), which has no full row."""
+    c, K = drawn.shape
+    srt, order = drawn.sort(dim=-1)
+    at = logits.gather(-1, order)
     first = torch.ones_like(srt, dtype=torch.bool)
     first[:, 1:] = srt[:, 1:] != srt[:, :-1]
     slot = first.long().cumsum(dim=-1) - 1  # [c, K] index of the run each draw belongs to
-    counts = torch.zeros(c, K, dtype=torch.int32, device=z.device).scatter_add_(
+    counts = torch.zeros(c, K, dtype=torch.int32, device=drawn.device).scatter_add_(
         -1, slot, torch.ones_like(slot, dtype=torch.int32))
-    ids = torch.zeros(c, K, dtype=torch.long, device=z.device).scatter_(-1, slot, srt)
-    # order the distinct ids by logit, descending (empty slots last), then fill the empty slots
-    vals = z.gather(-1, ids).masked_fill_(counts == 0, -torch.inf)
+    ids = torch.zeros(c, K, dtype=torch.long, device=drawn.device).scatter_(-1, slot, srt)
+    # every draw of a run carries the same id, hence the same logit: the scatter's duplicates agree
+    vals = torch.zeros(c, K, dtype=torch.float32, device=drawn.device).scatter_(-1, slot, at)
+    vals.masked_fill_(counts == 0, -torch.inf)
     vals, order = vals.sort(dim=-1, descending=True, stable=True)
     ids, counts = ids.gather(-1, order), counts.gather(-1, order)
     n = (counts > 0).sum(dim=-1, keepdim=True)  # [c, 1] distinct ids, >= 1
-    last = torch.minimum(torch.arange(K, device=z.device)[None, :], n - 1)  # [c, K] slot j -> min(j, n - 1)
-    ids = ids.gather(-1, last)
-    return ids, counts, vals.gather(-1, last)
+    last = torch.minimum(torch.arange(K, device=drawn.device)[None, :], n - 1)
+    return ids.gather(-1, last), counts, vals.gather(-1, last)
 
 
 class SampleBuffers:
