@@ -24,14 +24,19 @@ test: setup
 demo: setup
 	$(BIN)/distill demo
 
+# The benchmark suite (scripts/bench/__init__.py): each step prints its tables and appends one JSON line per
+# result to BENCH_OUT as it finishes; the last prints one table of them all.
+BENCH_OUT := runs/bench/results.jsonl
 bench: setup
-	$(BIN)/python scripts/bench_cache.py
-	$(BIN)/python scripts/bench_writer.py
-	$(BIN)/python scripts/bench_side_data.py
-	$(BIN)/python scripts/bench_train.py
-	$(BIN)/python scripts/bench_head_loss.py
-	$(BIN)/python scripts/bench_eval.py
-	$(BIN)/python scripts/bench_ablate.py
+	rm -f $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.cache --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.writer --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.studies.side_data --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.train.online --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.head_loss --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.eval --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.ablate --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.summary $(BENCH_OUT)
 
 # $(call prune,DIR,ARGS): the packaged teacher pruned by ARGS into DIR, once (kept when DIR/pruning.json exists)
 prune = test -f $(1)/pruning.json || $(BIN)/distill prune --model smollm2-135m-instruct --out $(1) $(2) --overwrite
@@ -43,7 +48,7 @@ WIDTH := --hidden-size 504 --intermediate-size 1344
 # interrupted variant continues from its last checkpoint). `make budget` runs the ablation alone.
 BUD := runs/budget
 experiments: budget
-	$(BIN)/python scripts/results.py $(BUD) --budget --out docs/results
+	$(BIN)/python -m scripts.docs.results $(BUD) --budget --out docs/results
 
 budget: setup
 	$(call prune,$(BUD)/students/depth,--remove 6)
@@ -65,7 +70,7 @@ experiments-toy: setup
 	test -f $(EXP)/online/run.json || $(BIN)/distill train configs/experiments/objectives.yaml --online \
 	    --set training.output_dir=$(EXP)/online
 	$(BIN)/distill report $(EXP)/objectives/features --out $(EXP)/report
-	$(BIN)/python scripts/results.py $(EXP) --out docs/results-toy
+	$(BIN)/python -m scripts.docs.results $(EXP) --out docs/results-toy
 
 clean:
 	rm -rf $(VENV) cache/demo cache/models runs

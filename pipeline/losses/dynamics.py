@@ -49,21 +49,22 @@ def dynamics_loss(name: str, student: Sequence[torch.Tensor], teacher: Sequence[
     Masked-out rows are never read into the computation; an all-False mask gives 0 (attached to the graph).
     Fewer than MIN_LAYERS blocks -> PipelineError (there is no pair to compare).
     """
-    loss = DYNAMICS_LOSSES.get(name)
-    if len(student) != len(teacher):
-        raise ValueError(f"{len(student)} student blocks but {len(teacher)} teacher layers")
-    if len(student) < MIN_LAYERS:
-        raise PipelineError(f"dynamics loss {name} needs at least {MIN_LAYERS} mapped blocks, got {len(student)}")
-    for s, t in zip(student, teacher):
-        if s.dim() != 2 or s.shape != t.shape or s.shape != student[0].shape:
-            raise ValueError(f"every block must be [N, d] on both sides, got {tuple(s.shape)} and {tuple(t.shape)}")
-    if mask is not None:
-        if mask.shape != student[0].shape[:1]:
-            raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student[0].shape[0]}]")
-        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-        student = [x.index_select(0, rows) for x in student]
-        teacher = [x.index_select(0, rows) for x in teacher]
-    s = [x.float() for x in student]  # L x [M, d]
-    if s[0].shape[0] == 0:
-        return sum(x.sum() for x in s)
-    return loss(s, [x.float() for x in teacher])
+    with torch.profiler.record_function("distill/dynamics_loss"):
+        loss = DYNAMICS_LOSSES.get(name)
+        if len(student) != len(teacher):
+            raise ValueError(f"{len(student)} student blocks but {len(teacher)} teacher layers")
+        if len(student) < MIN_LAYERS:
+            raise PipelineError(f"dynamics loss {name} needs at least {MIN_LAYERS} mapped blocks, got {len(student)}")
+        for s, t in zip(student, teacher):
+            if s.dim() != 2 or s.shape != t.shape or s.shape != student[0].shape:
+                raise ValueError(f"every block must be [N, d] on both sides, got {tuple(s.shape)} and {tuple(t.shape)}")
+        if mask is not None:
+            if mask.shape != student[0].shape[:1]:
+                raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student[0].shape[0]}]")
+            rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+            student = [x.index_select(0, rows) for x in student]
+            teacher = [x.index_select(0, rows) for x in teacher]
+        s = [x.float() for x in student]  # L x [M, d]
+        if s[0].shape[0] == 0:
+            return sum(x.sum() for x in s)
+        return loss(s, [x.float() for x in teacher])

@@ -56,12 +56,13 @@ def hidden_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: t
 
     Masked-out rows are never read into the computation; an all-False mask gives 0 (attached to the graph).
     """
-    loss = HIDDEN_LOSSES.get(name)
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be [N, d]")
-    if mask is None:
-        return loss(student.float(), teacher.float(), norm) if student.shape[0] else student.float().sum()
-    if mask.shape != student.shape[:1]:
-        raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student.shape[0]}]")
-    rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    return hidden_loss(name, student.index_select(0, rows), teacher.index_select(0, rows), None, norm)
+    with torch.profiler.record_function("distill/hidden_loss"):
+        loss = HIDDEN_LOSSES.get(name)
+        if student.dim() != 2 or student.shape != teacher.shape:
+            raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be [N, d]")
+        if mask is None:
+            return loss(student.float(), teacher.float(), norm) if student.shape[0] else student.float().sum()
+        if mask.shape != student.shape[:1]:
+            raise ValueError(f"mask {tuple(mask.shape)} must be [N] = [{student.shape[0]}]")
+        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+        return hidden_loss(name, student.index_select(0, rows), teacher.index_select(0, rows), None, norm)

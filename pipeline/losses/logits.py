@@ -278,14 +278,15 @@ def exact_logits_loss(name: str, student_logits: torch.Tensor, teacher_logits: t
                       args: Mapping[str, float] | None = None) -> torch.Tensor:
     """T^2 * mean over the rows of divergence `name` between the full distributions (scalar, fp32):
     student_logits and teacher_logits [M, V], every row scored."""
-    if not temperature > 0:
-        raise PipelineError(f"temperature must be > 0, got {temperature}")
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must be the same [M, V]")
-    pair = exact_pair(student_logits, teacher_logits, float(temperature))
-    total = LOGIT_LOSSES.get(name).fn(pair, check_logits_args(name, args)).sum()
-    return total * (temperature**2 / max(student_logits.shape[0], 1))
+    with torch.profiler.record_function("distill/exact_logits_loss"):
+        if not temperature > 0:
+            raise PipelineError(f"temperature must be > 0, got {temperature}")
+        if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} must be the same [M, V]")
+        pair = exact_pair(student_logits, teacher_logits, float(temperature))
+        total = LOGIT_LOSSES.get(name).fn(pair, check_logits_args(name, args)).sum()
+        return total * (temperature**2 / max(student_logits.shape[0], 1))
 
 
 # ---- entry points ------------------------------------------------------------------------------------
@@ -315,30 +316,31 @@ def logits_loss(
     an all-False mask gives 0 (still attached to the graph). `args`: the divergence's parameters
     (e.g. {"lambda": 0.1} for skew_kl, {"beta": 0.5} for gjsd); missing ones take their declared defaults.
     """
-    divergence = LOGIT_LOSSES.get(name)
-    resolved = check_logits_args(name, args)
-    build_pair = TAIL_MODES.get(tail)
-    if not temperature > 0:
-        raise PipelineError(f"temperature must be > 0, got {temperature}")
-    n = student_logits.shape[0]
-    _check_rows("student_logits", student_logits, n, 2)
-    _check_rows("topk_ids", topk_ids, n, 2)
-    _check_rows("topk_logits", topk_logits, n, 2)
-    _check_rows("lse", lse, n, 1)
-    _check_rows("mask", mask, n, 1)
-    if topk_ids.shape != topk_logits.shape:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} != topk_logits {tuple(topk_logits.shape)}")
+    with torch.profiler.record_function("distill/logits_loss"):
+        divergence = LOGIT_LOSSES.get(name)
+        resolved = check_logits_args(name, args)
+        build_pair = TAIL_MODES.get(tail)
+        if not temperature > 0:
+            raise PipelineError(f"temperature must be > 0, got {temperature}")
+        n = student_logits.shape[0]
+        _check_rows("student_logits", student_logits, n, 2)
+        _check_rows("topk_ids", topk_ids, n, 2)
+        _check_rows("topk_logits", topk_logits, n, 2)
+        _check_rows("lse", lse, n, 1)
+        _check_rows("mask", mask, n, 1)
+        if topk_ids.shape != topk_logits.shape:
+            raise ValueError(f"topk_ids {tuple(topk_ids.shape)} != topk_logits {tuple(topk_logits.shape)}")
 
-    rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    total = divergence_sum(
-        divergence, build_pair, resolved,
-        student_logits.index_select(0, rows),  # [M, V], a fresh copy owned by the tail mode
-        topk_ids.long().index_select(0, rows),  # cache ids may be uint16/uint32
-        topk_logits.index_select(0, rows),
-        lse.index_select(0, rows),
-        float(temperature),
-    )
-    return total * (temperature**2 / max(rows.numel(), 1))
+        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+        total = divergence_sum(
+            divergence, build_pair, resolved,
+            student_logits.index_select(0, rows),  # [M, V], a fresh copy owned by the tail mode
+            topk_ids.long().index_select(0, rows),  # cache ids may be uint16/uint32
+            topk_logits.index_select(0, rows),
+            lse.index_select(0, rows),
+            float(temperature),
+        )
+        return total * (temperature**2 / max(rows.numel(), 1))
 
 
 def divergence_sum(divergence: Divergence, build_pair: TailMode, args: Mapping[str, float], student_rows: torch.Tensor,
@@ -351,11 +353,12 @@ def divergence_sum(divergence: Divergence, build_pair: TailMode, args: Mapping[s
 
 def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over masked positions; [N, V], [N] long, [N] bool -> scalar."""
-    n = student_logits.shape[0]
-    _check_rows("student_logits", student_logits, n, 2)
-    _check_rows("targets", targets, n, 1)
-    _check_rows("mask", mask, n, 1)
-    rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    logits = student_logits.index_select(0, rows).float()  # [M, V]
-    total = F.cross_entropy(logits, targets.index_select(0, rows).long(), reduction="sum")
-    return total / max(rows.numel(), 1)
+    with torch.profiler.record_function("distill/cross_entropy"):
+        n = student_logits.shape[0]
+        _check_rows("student_logits", student_logits, n, 2)
+        _check_rows("targets", targets, n, 1)
+        _check_rows("mask", mask, n, 1)
+        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+        logits = student_logits.index_select(0, rows).float()  # [M, V]
+        total = F.cross_entropy(logits, targets.index_select(0, rows).long(), reduction="sum")
+        return total / max(rows.numel(), 1)

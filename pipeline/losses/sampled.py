@@ -85,15 +85,16 @@ def sampled_logits_loss(
 
     student_logits [N, V], sample_ids/sample_logits/sample_counts [N, K], lse/lse_proposal [N] (teacher, at T
     and Tp), mask [N] bool."""
-    check_sampled_divergence(name)
-    divergence = LOGIT_LOSSES.get(name)
-    resolved = check_logits_args(name, args)
-    rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
-    log_q_all = torch.log_softmax(student_logits.index_select(0, rows).float() / temperature, dim=-1)  # [M, V]
-    ids = sample_ids.long().index_select(0, rows)
-    log_q = log_q_all.gather(-1, ids)
-    w, log_p = importance_weights(sample_logits.index_select(0, rows), sample_counts.index_select(0, rows),
-                                  lse.index_select(0, rows), lse_proposal.index_select(0, rows), temperature,
-                                  proposal_temperature)
-    total = divergence.fn(Pair(p=w, log_p=log_p, q=log_q.exp(), log_q=log_q), resolved).sum()
-    return total * (temperature**2 / max(rows.numel(), 1))
+    with torch.profiler.record_function("distill/sampled_logits_loss"):
+        check_sampled_divergence(name)
+        divergence = LOGIT_LOSSES.get(name)
+        resolved = check_logits_args(name, args)
+        rows = mask.to(torch.bool).nonzero(as_tuple=True)[0]  # [M]
+        log_q_all = torch.log_softmax(student_logits.index_select(0, rows).float() / temperature, dim=-1)  # [M, V]
+        ids = sample_ids.long().index_select(0, rows)
+        log_q = log_q_all.gather(-1, ids)
+        w, log_p = importance_weights(sample_logits.index_select(0, rows), sample_counts.index_select(0, rows),
+                                      lse.index_select(0, rows), lse_proposal.index_select(0, rows), temperature,
+                                      proposal_temperature)
+        total = divergence.fn(Pair(p=w, log_p=log_p, q=log_q.exp(), log_q=log_q), resolved).sum()
+        return total * (temperature**2 / max(rows.numel(), 1))

@@ -1,6 +1,6 @@
 """The results pages' tables regenerate from the result files committed next to them.
 
-`scripts/results.py --from-copies` recomputes every table (recovery metrics, paired differences) from the
+`python -m scripts.docs.results --from-copies` recomputes every table (recovery metrics, paired differences) from the
 committed eval JSONs and run records; the regenerated tables.md must equal the committed one, and every
 table row of tables.md must appear verbatim in its page: docs/results.md (the budget runs, `--budget`) and
 docs/results-toy.md (the toy-budget experiment).
@@ -28,8 +28,8 @@ def test_tables_regenerate_from_committed_files(tmp_path, folder, page, flags):
     out = tmp_path / folder
     shutil.copytree(committed, out)
     (out / "tables.md").unlink()
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--from-copies", *flags, "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "scripts.docs.results", "--from-copies", *flags, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     regenerated = (out / "tables.md").read_text()
     assert regenerated == (committed / "tables.md").read_text()

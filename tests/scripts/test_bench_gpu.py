@@ -1,9 +1,9 @@
-"""scripts/bench_gpu.py at its tiny size on the CPU: every stage yields a row with a positive rate for both
+"""scripts/bench/gpu.py at its tiny size on the CPU: every stage yields a row with a positive rate for both
 teacher shapes, and the bytes/token it reports are the manifest's."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -15,10 +15,7 @@ SETTINGS = ("default", "zstd-3", "lz4", "brotli-side")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("scripts.bench.gpu")
 
 
 def test_tiny_cpu_run_reports_every_stage(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""scripts/bench_head_loss.py end to end at a tiny size on the CPU: a row per run, fp32 and bf16."""
+"""scripts/bench/head_loss.py end to end at a tiny size on the CPU: a row per run, fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ RUNS = ("stock", "ce", "kd T=1", "kd T=2", "kd dense")
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_tiny_run_prints_every_row(bf16):
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_head_loss.py"), "--tokens", "96", "--hidden", "32",
+    cmd = [sys.executable, "-m", "scripts.bench.head_loss", "--tokens", "96", "--hidden", "32",
            "--vocab", "700", "--chunk", "40", "--repeats", "1", "--device", "cpu", *(["--bf16"] if bf16 else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120, cwd=REPO).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert [r.split(" | ")[0][2:] for r in rows] == list(RUNS)
     for r in rows:

@@ -1,10 +1,10 @@
-"""scripts/bench_train.py --vs-finetune at a tiny size on the CPU, end to end: every child's rows are printed as
-it finishes and in the summary, the --out file has a header and one line per child, --bf16 reaches every
-training child, and a failing child is recorded rather than ending the run."""
+"""scripts/bench/train/ (the fine-tune comparison) at a tiny size on the CPU, end to end: every child's rows are
+printed as it finishes and in the summary, the --out file has a header and one line per child, --bf16 reaches
+every training child, and a failing child is recorded rather than ending the run."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "bench_train.py"
+MODULE = "scripts.bench.train.finetune"
 TRAINING = ("finetune", "kd-dense", "kd-chunked", "ce-only", "online")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _load_script(name: str = "common"):
+    return importlib.import_module(f"scripts.bench.train.{name}")
 
 
 def test_quick_sizes_and_overrides():
@@ -49,7 +46,7 @@ def test_failed_child_is_recorded_and_returned(tmp_path, capsys):
 
 def test_tiny_vs_finetune_prints_and_records_every_child(tmp_path):
     out = tmp_path / "r.jsonl"
-    cmd = [sys.executable, str(SCRIPT), "--vs-finetune", "--quick", "--bf16", "--student-vocab", "49152",
+    cmd = [sys.executable, "-m", MODULE, "--quick", "--bf16", "--student-vocab", "49152",
            "--seq-len", "32", "--batch-size", "2", "--sequences", "12", "--steps", "1", "--warmup", "0",
            "--loader-seconds", "0.2", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -91,7 +88,7 @@ def test_failed_children_leave_the_others_printed(capsys):
     read n/a, the loader still compares with kd-chunked."""
     bench = _load_script()
     args = bench.parse_args(["--vs-finetune", "--seq-len", "8", "--batch-size", "2", "--chunk-tokens", "4"])
-    phases = dict.fromkeys(bench.PHASES, 0.1)
+    phases = dict.fromkeys(_load_script("phases").PHASES, 0.1)
     trained = {"step_s": 0.7, "steps": [0.7], "breakdown": phases, "autocast": None, "peak_rss_mib": 900.0,
                "rss_after_imports_mib": 400.0, "child_s": 1.0}
     part = {"wall_us": 2.0, "cpu_us": 2.0}
@@ -106,7 +103,7 @@ def test_failed_children_leave_the_others_printed(capsys):
                 return {"error": "boom", "returncode": 1, "child_s": 1.0}
             return dict(loader if mode == "loader" else trained)
 
-    bench.run_vs_finetune(args, Runner())
+    _load_script("finetune").run(args, Runner())
     printed = capsys.readouterr().out
     assert "| finetune (stock Trainer, CE on input_ids) | failed |" in printed
     assert "| kd-dense (demo loss, dense logits) | failed |" in printed
@@ -122,6 +119,7 @@ def test_targets_mode_is_its_own_run():
         with pytest.raises(SystemExit):
             bench.parse_args(["--targets", other])
     # one child per kind of target, each reading it from the one cache that holds all three
+    bench = _load_script("targets")
     assert [loss[-1] for _, loss in bench.TARGETS] == [f"loss.logits_source={k}" for k in ("topk", "exact", "sampled")]
     assert all(loss[: len(bench.TARGET_CACHE)] == bench.TARGET_CACHE for _, loss in bench.TARGETS)
 

@@ -1,4 +1,4 @@
-"""scripts/results.py --budget: the budget runs' tables from a real (tiny) ablation of the same shape as
+"""scripts/docs/results.py --budget: the budget runs' tables from a real (tiny) ablation of the same shape as
 configs/budget/recovery.yaml: the objectives, the three target kinds of one cache, the goals, the hidden-state
 term's paired difference (at one seed and across two), the held-out curves; and --from-copies regenerating the same tables."""
 
@@ -52,8 +52,8 @@ def budget(tmp_path_factory):
     result = run_ablate(root / "budget.yaml")
     assert result["failed"] == []
     out = root / "results"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), str(root / "ablate"), "--budget",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "scripts.docs.results", str(root / "ablate"), "--budget",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "out": out}
 
@@ -104,8 +104,8 @@ def test_from_copies_regenerates_the_same_tables(budget):
     out = budget["out"]
     before = (out / "tables.md").read_text()
     (out / "tables.md").unlink()
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--budget", "--from-copies",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "scripts.docs.results", "--budget", "--from-copies",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "tables.md").read_text() == before
 
@@ -114,8 +114,7 @@ def test_curve_trend_per_doubling():
     """The trend of a curve that is exactly a + b log2(tokens) (plus its step-0 point and an end off the trend):
     the nearest evaluation to each of 100k/200k/400k/800k tokens, the slope b per doubling, and the end value
     carried by b x log2(10) to 10x the tokens."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import results
+    from scripts.docs import budget as results
 
     tokens, a, b = 1024, 5.0, -0.07
     curve = [{"step": 0, "eval_loss_ce": 9.0}]
@@ -134,8 +133,7 @@ def test_curve_trend_per_doubling():
 
 def test_projected_kl_by_hand():
     """The exact KL carried by its curve's trend: 0.5 x (0.15 / 0.2) = 0.375 against a pruned KL of 1.0."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import results
+    from scripts.docs import budget as results
 
     trends = {"kd": {"eval_loss_kl": {"end": 0.2, "extrapolated": {"value": 0.15}}}}
     ev = {"kd": {"heldout": {"kl_to_teacher": 0.5}}, "pruned-kd": {"heldout": {"kl_to_teacher": 1.0}}}
@@ -149,8 +147,7 @@ def test_projected_kl_by_hand():
 def test_across_seeds_by_hand():
     """Two seeds' differences -0.003 and -0.001: mean -0.002, seed stderr sd / sqrt(2) = 0.001; consistent only
     when both are resolved over items with the same sign."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import results
+    from scripts.docs import budget as results
 
     a = results.across_seeds([{"diff": -0.003, "stderr": 0.0002}, {"diff": -0.001, "stderr": 0.0002}])
     assert a["diff"] == pytest.approx(-0.002, abs=1e-15) and a["stderr"] == pytest.approx(0.001, abs=1e-15)
@@ -164,8 +161,7 @@ def test_across_seeds_by_hand():
 def test_other_divergence_labelled_and_not_projected():
     """A skew-KL variant's periodic KL term is labelled by its divergence in the trend table, and the exact KL is
     not carried by it (its curve is not the KL's); a KL variant with the same curve is."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import results
+    from scripts.docs import budget as results
 
     curve = [{"step": 0, "eval_loss_ce": 4.0, "eval_loss_kl": 0.9}]
     curve += [{"step": s, "eval_loss_ce": 3.0, "eval_loss_kl": 0.3 - 0.01 * math.log2(s)} for s in range(98, 977, 98)]

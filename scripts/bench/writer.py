@@ -19,91 +19,69 @@ leads, 8 cached layers (bf16), k = 64, ids uint16; `llama1b`, a Llama-3.2-1B-sha
 (d = 2048, vocabulary 128,256, so ids are uint32), 8 int8 layers, k = 64. Random block outputs compress
 unlike a trained model's (near-Gaussian); the rates are what matter here.
 
-    python scripts/bench_writer.py [--shapes smollm2,llama1b] [--sequences 16] [--replay 4]
-    python scripts/bench_writer.py --smoke     # tiny shapes: checks the script end to end in seconds
+    python -m scripts.bench.writer [--shapes smollm2,llama1b] [--sequences 16] [--replay 4] [--out FILE.jsonl]
+    python -m scripts.bench.writer --smoke     # tiny shapes: checks the script end to end in seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from scripts import harness  # first: its environment comes before transformers
+
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline.cache.codecs import (  # noqa: E402
+from pipeline.cache.codecs import (
     HIDDEN_CODECS, blosc_codec, compress_chunk, encode_topk_ids, encode_topk_logits, frequency_order, id_dtype,
     rank_table,
 )
-from pipeline.cache.spec import LOGITS_LEVEL  # noqa: E402
-from pipeline.cache.writer import CacheWriter, ShardLayout, slice_rows, writer_threads  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.sources.models import load_model, load_tokenizer  # noqa: E402
-from pipeline.teacher.capture import TeacherCapture  # noqa: E402
+from pipeline.cache.spec import LOGITS_LEVEL
+from pipeline.cache.writer import ShardLayout, writer_threads
+from pipeline.config import load_config
+from pipeline.data.sequences import sequences_from_config
+from pipeline.sources.models import load_model, load_tokenizer
+from scripts.harness import Results, table_header, table_row
+from scripts.replay import capture, encoded_upstream, timed_write
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURES = [1.0, 2.0]
 TOPK = 64
 CHUNK = 8
 # (hidden compressor, level, side compressor): the defaults first (side_compressor auto = zstd with layers cached)
 SETTINGS = [("zstd", 1, "zstd"), ("zstd", 3, "zstd"), ("lz4", 1, "zstd"), ("zstd", 1, "brotli")]
+# --smoke's Llama: the same vocabulary, 2 blocks of d = 256
+SMOKE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
 
 
 def shapes(smoke: bool) -> dict:
-    from plan_scale import LLAMA_1B, SMOKE
-
+    seq_len = 64 if smoke else 256
     return {
-        "smollm2": {"layers": [4, 8, 12, 15, 19, 23, 26, 30], "codec": "bf16", "seq_len": 64 if smoke else 256},
+        "smollm2": {"layers": [4, 8, 12, 15, 19, 23, 26, 30], "codec": "bf16", "seq_len": seq_len},
         "llama1b": {"layers": [1, 2] if smoke else [2, 4, 6, 8, 10, 12, 14, 16], "codec": "int8",
-                    "seq_len": 64 if smoke else 256, "config": SMOKE if smoke else LLAMA_1B},
+                    "seq_len": seq_len, "config": SMOKE if smoke else {}},
     }
 
 
 def capture_rows(name: str, shape: dict, n: int, batch: int) -> tuple[list[dict], np.ndarray]:
-    """The rows of n packaged sequences through the shape's teacher (CPU path: float32 hidden states)."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.num_sequences={n}", f"data.seq_len={shape['seq_len']}",
-                                                       "data.heldout_fraction=0"])
+    """The rows of n packaged sequences through the shape's teacher (CPU path: float32 hidden states), and
+    the id table of those sequences."""
+    cfg = load_config(harness.DEMO_CONFIG, [f"data.num_sequences={n}", f"data.seq_len={shape['seq_len']}",
+                                            "data.heldout_fraction=0"])
     if name == "smollm2":
         model, tok = load_model(cfg.teacher.model)
     else:
-        from plan_scale import random_teacher
-
-        model, tok = random_teacher(shape["config"]), load_tokenizer(cfg.teacher.model)
+        model = harness.random_model(harness.llama1b_config(**shape["config"]))
+        tok = load_tokenizer(cfg.teacher.model)
     ids = sequences_from_config(cfg.data, tok).input_ids
-    cap = TeacherCapture(model, shape["layers"], TOPK, TEMPERATURES, "fp16")
-    rows = []
-    for b in range(0, n, batch):
-        c = cap(torch.from_numpy(ids[b : b + batch]).long())
-        rows.append({"input_ids": ids[b : b + batch], "topk_ids": c.topk_ids, "topk_logits": c.topk_logits,
-                     "lse": c.lse, "hidden": c.hidden})
-    cap.close()
+    rows, _ = capture(model, ids, shape["layers"], TOPK, TEMPERATURES, batch)
     vocab = model.get_output_embeddings().weight.shape[0]
     del model
     return rows, frequency_order(ids, vocab, id_dtype(vocab))
-
-
-def encoded_upstream(rows: list[dict], codec: str) -> list[dict]:
-    """Rows as a GPU capture hands them over (encode_on: device): encoded hidden states and each token's sum of
-    squares, through the codec's torch path as the capture runs it."""
-    from pipeline.cache.codecs import host_array
-
-    c = HIDDEN_CODECS.get(codec)
-    out = []
-    for r in rows:
-        h = {i: torch.from_numpy(x) for i, x in r["hidden"].items()}
-        out.append({k: v for k, v in r.items() if k != "hidden"}
-                   | {"encoded": {i: {s: host_array(t) for s, t in c.encode_torch(x).items()} for i, x in h.items()},
-                      "token_squares": {i: x.square().sum(-1).double().numpy() for i, x in h.items()}})
-    return out
 
 
 def layout(shape: dict, order: np.ndarray, setting: tuple, n_rows: int) -> ShardLayout:
@@ -137,36 +115,18 @@ def raw_codecs(rows: list[dict], lay: ShardLayout) -> tuple[float, float]:
     return tokens / best, size / tokens
 
 
-def timed_write(root: Path, lay: ShardLayout, rows: list[dict], replay: int, shard: int, threads: int):
-    """(tokens/s wall, tokens per process CPU-second, bytes/token) of the best of two writes."""
-    rows = rows * replay
-    n = sum(len(r["input_ids"]) for r in rows)
-    lay = ShardLayout(**{**vars(lay), "train_sequences": n})
-    tokens = n * lay.seq_len
-    best = None
-    for _ in range(2):
-        shutil.rmtree(root, ignore_errors=True)
-        (root / "shards").mkdir(parents=True)
-        w0, c0 = time.perf_counter(), time.process_time()
-        with CacheWriter(root, lay, threads=threads) as w:
-            queue = list(rows)
-            for s in range(0, n, shard):
-                m = min(shard, n - s)
-                w.open_shard(s // shard, s, m)
-                while m:  # whole captured batches, split where a shard ends
-                    r = queue.pop(0)
-                    take = min(m, len(r["input_ids"]))
-                    if take < len(r["input_ids"]):
-                        queue.insert(0, slice_rows(r, take, len(r["input_ids"])))
-                        r = slice_rows(r, 0, take)
-                    w.put_rows(s // shard, r)
-                    m -= take
-                w.end_shard(s // shard)
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        if best is None or wall < best[0]:
-            best = (wall, cpu)
-    nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return tokens / best[0], tokens / best[1], nbytes / tokens
+def measure(work: Path, name: str, shape: dict, setting: tuple, path: str, rows: list[dict], raw: float,
+            lay: ShardLayout, args, cores: int) -> dict:
+    """One row: the writer on 1 thread and on every core, against the raw codecs."""
+    one = timed_write(work / "w", lay, rows, 1, args.replay, args.shard)
+    many = timed_write(work / "w", lay, rows, cores, args.replay, args.shard)
+    r = {"shape": name, "hidden": f"{shape['codec']} {setting[0]} {setting[1]}", "side": setting[2], "path": path,
+         "raw": raw, "one": one.tokens / one.wall, "one_cpu": one.tokens / one.cpu, "many": many.tokens / many.wall,
+         "bytes": one.nbytes / one.tokens}
+    r["case"] = f"{name}, hidden {r['hidden']}, side {r['side']}, {path}"
+    r["headline"] = {"writer tok/CPU-s": r["one_cpu"], "vs raw codecs": r["one_cpu"] / raw,
+                     f"{cores} threads tok/s": r["many"]}
+    return r
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -177,15 +137,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shard", type=int, default=64, help="sequences per shard (cache.shard_sequences)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and sizes (the numbers mean nothing)")
     ap.add_argument("--work", default=None, help="folder for the written shards (default: a temporary one)")
+    ap.add_argument("--out", metavar="FILE.jsonl", help="append one JSON line per row as it finishes")
     args = ap.parse_args(argv)
+    harness.quiet_transformers()
     cores = writer_threads(0)
+    results = Results("writer", args.out)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-writer-"))
     print(f"cores: {cores}; torch threads: {torch.get_num_threads()}; rows replayed {args.replay}x into shards of "
           f"{args.shard} sequences\n")
-    print("| shape | hidden | side | path | raw codecs tok/s | writer, 1 thread: tok/s (per CPU-s) | vs raw "
-          f"| writer, {cores} threads: tok/s | vs 1 thread | B/token |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
-    results = []
+    print(table_header("shape", "hidden", "side", "path", ">raw codecs tok/s", ">writer, 1 thread: tok/s (per CPU-s)",
+                       ">vs raw", f">writer, {cores} threads: tok/s", ">vs 1 thread", ">B/token"), flush=True)
     for name in args.shapes.split(","):
         shape = shapes(args.smoke)[name]
         n = 2 if args.smoke else args.sequences
@@ -197,18 +158,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for path, replayed in paths.items():
                 if path == "writer-encoded" and setting != SETTINGS[0]:
                     continue  # the CPU path once, at the defaults
-                one, one_cpu, nbytes = timed_write(work / "w", lay, replayed, args.replay, args.shard, 1)
-                many, _, _ = timed_write(work / "w", lay, replayed, args.replay, args.shard, cores)
-                r = {"shape": name, "hidden": f"{shape['codec']} {setting[0]} {setting[1]}", "side": setting[2],
-                     "path": path, "raw": raw, "one": one, "one_cpu": one_cpu, "many": many, "bytes": nbytes}
-                results.append(r)
-                print(f"| {name} | {r['hidden']} | {r['side']} | {path} | {raw:,.0f} | {one:,.0f} ({one_cpu:,.0f}) | "
-                      f"{one_cpu / raw:.2f} | {many:,.0f} | {many / one:.2f}x | {nbytes:,.0f} |", flush=True)
+                r = results.add(measure(work, name, shape, setting, path, replayed, raw, lay, args, cores))
+                print(table_row(name, r["hidden"], r["side"], path, f"{raw:,.0f}", f"{r['one']:,.0f} ({r['one_cpu']:,.0f})",
+                                f"{r['one_cpu'] / raw:.2f}", f"{r['many']:,.0f}", f"{r['many'] / r['one']:.2f}x",
+                                f"{r['bytes']:,.0f}"), flush=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return results
+    return results.rows
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

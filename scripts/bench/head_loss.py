@@ -14,27 +14,23 @@ and prints each as it finishes: median seconds, the ratio to stock, and peak mem
 (CUDA: max_memory_allocated above the inputs). The chunk is the run's `auto` resolution for the device
 unless --chunk is given.
 
-    python scripts/bench_head_loss.py [--tokens 2048] [--vocab 49152 262144] [--bf16] [--repeats 5]
+    python -m scripts.bench.head_loss [--tokens 2048] [--vocab 49152 262144] [--bf16] [--repeats 5] [--out FILE.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pipeline.head import HeadSpec  # noqa: E402
-from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss  # noqa: E402
-from pipeline.targets import TopkTargets  # noqa: E402
-from pipeline.losses.logits import cross_entropy, logits_loss  # noqa: E402
+from pipeline.head import HeadSpec
+from pipeline.losses.chunked import VocabTerms, chunk_rows, chunked_head_loss
+from pipeline.losses.logits import cross_entropy, logits_loss
+from pipeline.targets import TopkTargets
+from scripts.harness import Results, table_header, table_row
 
 TOPK = 64
 
@@ -97,7 +93,25 @@ def timed(fn, h, w, repeats: int, bf16: bool) -> tuple[float, float | None]:
     return statistics.median(times), peak
 
 
-def main() -> None:
+def run_vocab(vocab: int, args, device: torch.device, results: Results) -> None:
+    """Every run at one vocabulary size, a row each as it finishes."""
+    chunk = args.chunk or chunk_rows("auto", vocab, device)
+    tensors = case(args.tokens, vocab, args.hidden, device)
+    print(f"\nvocab {vocab}, chunk {chunk} rows\n" + table_header(
+        "run", f">s (median of {args.repeats})", ">vs stock", ">peak MiB above inputs", ">vs stock"), flush=True)
+    ref_t = ref_m = None
+    for label, fn in runs(*tensors, chunk=chunk):
+        seconds, peak = timed(fn, *tensors[:2], args.repeats, args.bf16)
+        ref_t = ref_t or seconds
+        ref_m = ref_m or peak
+        results.add({"case": f"{label}, vocab {vocab}{', bf16' if args.bf16 else ''}", "run": label, "vocab": vocab,
+                     "chunk": chunk, "bf16": args.bf16, "seconds": seconds, "vs_stock": seconds / ref_t,
+                     "peak_mib": peak, "headline": {"s": seconds, "vs stock": seconds / ref_t}})
+        mem = (f"{peak:.0f}", f"{peak / ref_m:.2f}") if peak is not None else ("-", "-")
+        print(table_row(label, f"{seconds:.4f}", f"{seconds / ref_t:.2f}", *mem), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=576, help="d (SmolLM2-135M's width)")
@@ -106,24 +120,15 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="under torch.autocast(bfloat16), as training.bf16 runs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--out", metavar="FILE.jsonl", help="append one JSON line per run as it finishes")
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
+    results = Results("head_loss", args.out)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; {args.tokens} tokens x d {args.hidden}; top-k {TOPK}; "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}; torch threads {torch.get_num_threads()}", flush=True)
     for vocab in args.vocab:
-        chunk = args.chunk or chunk_rows("auto", vocab, device)
-        tensors = case(args.tokens, vocab, args.hidden, device)
-        print(f"\nvocab {vocab}, chunk {chunk} rows\n| run | s (median of {args.repeats}) | vs stock | "
-              "peak MiB above inputs | vs stock |\n|---|---:|---:|---:|---:|", flush=True)
-        ref_t = ref_m = None
-        for label, fn in runs(*tensors, chunk=chunk):
-            seconds, peak = timed(fn, *tensors[:2], args.repeats, args.bf16)
-            ref_t = ref_t or seconds
-            ref_m = ref_m or peak
-            mem = f"{peak:.0f} | {peak / ref_m:.2f}" if peak is not None else "- | -"
-            print(f"| {label} | {seconds:.4f} | {seconds / ref_t:.2f} | {mem} |", flush=True)
-        del tensors
+        run_vocab(vocab, args, device, results)
 
 
 if __name__ == "__main__":

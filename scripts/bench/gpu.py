@@ -29,9 +29,9 @@ bf16 teachers on CUDA, float32 on the CPU. --size full: 128 x 1024 tokens, batch
 --size tiny: 4 x 64 tokens, batch 2, both shapes shrunk to 4 blocks (vocab and head layout kept).
 Every row is printed as it finishes and appended to --out (JSONL), so a time limit keeps what finished.
 
-    GPU:  source .gpu/env.sh; python3 scripts/bench_gpu.py --size full --out $OUT/bench_gpu.jsonl
-    CPU:  .venv/bin/python scripts/bench_gpu.py --size tiny --device cpu
-          .venv/bin/python scripts/bench_gpu.py --size full --shapes smollm2 --device cpu \\
+    GPU:  source .gpu/env.sh; python3 -m scripts.bench.gpu --size full --out $OUT/bench_gpu.jsonl
+    CPU:  .venv/bin/python -m scripts.bench.gpu --size tiny --device cpu
+          .venv/bin/python -m scripts.bench.gpu --size full --shapes smollm2 --device cpu \\
               --sequences 16 --seq-len 256 --batch-size 8          (a middle size: where a CPU build's time goes)
 """
 
@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import os
 
-# offline GPU nodes: never reach for the hub, nor for hub kernels
+# offline GPU nodes: never reach for the hub, nor for hub kernels (set before transformers is imported)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["USE_HUB_KERNELS"] = "NO"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -53,25 +51,23 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from scripts import harness  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-# converted packaged models live in the repo's cache/models (shared with the tests and the demo)
-os.environ.setdefault("DISTILL_MODELS_DIR", str(REPO / "cache" / "models"))
-
 from pipeline.cache import open_cache  # noqa: E402
+from pipeline.cache.info import summarize  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.teacher.capture import TeacherCapture  # noqa: E402
-
 from pipeline.phase_one import build_cache  # noqa: E402
-from pipeline.cache.info import summarize  # noqa: E402
+from pipeline.teacher.capture import TeacherCapture  # noqa: E402
+from scripts.harness import Results  # noqa: E402
 
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+REPO = harness.ROOT
 BLOCK = 64 << 20  # disk probe: bytes per write
 
 SETTINGS = {  # compressor settings of the build, as config overrides
@@ -89,6 +85,10 @@ SHAPES = {  # cached layers (full size) and hidden codec
     "llama1b": {"layers": [2, 4, 6, 8, 10, 12, 14, 16], "codec": "int8"},
 }
 TINY_LAYERS = [1, 2, 3, 4]
+# --size tiny: both shapes shrunk to 4 blocks, their vocabulary and head layout kept
+TINY_SHAPES = {"smollm2": {"num_hidden_layers": 4, "hidden_size": 72, "intermediate_size": 192, "head_dim": 8},
+               "llama1b": {"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 512, "head_dim": 4}}
+HEAD_SCALE = 20.0  # random init gives near-uniform logits; a scaled head makes the top-k meaningful
 
 HEADER = ("| shape | stage | tok/s | ratio | disk MB/s | GPU busy % build (loop) | B/token side + hidden | seconds |\n"
           "|---|---|---:|---:|---:|---:|---:|---|")
@@ -151,43 +151,23 @@ def find_smol_dir(given: str | None) -> Path:
             return c
     from pipeline.sources.models import resolve_model
 
-    return Path(resolve_model("smollm2-135m-instruct"))
-
-
-def model_config(shape: str, tiny: bool, smol_dir: Path, tok):
-    import transformers
-
-    if shape == "smollm2":
-        cfg = transformers.AutoConfig.from_pretrained(str(smol_dir))
-        if tiny:  # 9 heads / 3 kv heads kept, head_dim 8
-            cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 4, 72, 192
-            cfg.head_dim = 72 // cfg.num_attention_heads
-        return cfg
-    if shape == "llama1b":  # Llama-3.2-1B's shape (default rope: its llama3 scaling changes no cost)
-        d, ff, n, head_dim = (128, 512, 4, 4) if tiny else (2048, 8192, 16, 64)
-        return transformers.LlamaConfig(
-            vocab_size=128256, hidden_size=d, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=head_dim, tie_word_embeddings=True, rope_theta=500000.0,
-            max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    raise ValueError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+    return Path(resolve_model(harness.PACKAGED_TEACHER))
 
 
 def make_teacher(shape: str, tiny: bool, smol_dir: Path, folder: Path, device: torch.device, dtype: torch.dtype):
-    """A random-weight teacher on `device`, also saved (with the SmolLM2 tokenizer) to `folder`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A random-weight teacher of `shape` on `device`, also saved (with the SmolLM2 tokenizer) to `folder`."""
+    from transformers import AutoTokenizer
 
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
-    cfg = model_config(shape, tiny, smol_dir, tok)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    # random init gives near-uniform logits; scale the head so top-k is meaningful (as the tests' teachers)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)
-    model.eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    shrink = TINY_SHAPES[shape] if tiny else {}
+    if shape == "smollm2":
+        config = harness.smollm2_config(str(smol_dir), **shrink)
+    else:
+        config = harness.llama1b_config(tok, **shrink)
+    model = harness.random_model(config, device=device, dtype=dtype, head_scale=HEAD_SCALE)
+    harness.save_model(model, folder, tok)
     return model
 
 
@@ -265,27 +245,24 @@ def disk_write(parent: Path, nbytes: int) -> float:
 
 
 class Report:
-    """Prints each row as it finishes and appends it to the JSONL file."""
+    """Prints each row as it finishes and appends it (with the run's `meta`) to the JSONL file."""
 
     def __init__(self, out: str | None, meta: dict):
-        self.out = Path(out) if out else None
+        self.results = Results("gpu", out)
         self.meta = meta
-        self.rows: list[dict] = []
-        if self.out:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.results.rows
 
     def emit(self, row: dict, line: str) -> None:
-        row = {**self.meta, **row}
-        self.rows.append(row)
+        self.results.add({**self.meta, **row})
         print(line, flush=True)
-        if self.out:
-            with open(self.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     def error(self, shape: str, stage: str, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         traceback.print_exc(file=sys.stderr)
-        self.emit({"shape": shape, "stage": stage, "error": msg},
+        self.emit({"shape": shape, "stage": stage, "case": f"{shape} {stage}", "error": msg},
                   f"| {shape} | {stage} | error: {msg.replace('|', '/')} | | | | | |")
 
 
@@ -293,160 +270,206 @@ def fmt(v, spec: str = ".0f", none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
-def run_shape(shape: str, args, size: dict, device: torch.device, work: Path, report: Report) -> None:
-    tiny = args.size == "tiny"
-    n_seq = args.sequences or size["sequences"]
-    seq_len = args.seq_len or size["seq_len"]
-    batch = args.batch_size or size["batch"][shape]
-    layers = TINY_LAYERS if tiny else SHAPES[shape]["layers"]
-    codec = SHAPES[shape]["codec"]
-    cuda = device.type == "cuda"
-    dtype_name = "bfloat16" if cuda else "float32"
-    folder = work / shape / "teacher"
-    folder.mkdir(parents=True, exist_ok=True)
-    shard = max(batch, size["shard"] // batch * batch)  # whole batches per shard: the build's batches = ours
+@dataclass
+class Run:
+    """One teacher shape's run: its sizes, where it goes, the config of a build."""
 
-    def config(setting: str, cache_dir: Path):
-        overrides = [
-            f"teacher.model={folder}", f"teacher.dtype={dtype_name}", f"teacher.device={device}",
-            f"data.num_sequences={n_seq}", f"data.seq_len={seq_len}", "data.heldout_fraction=0",
-            f"cache.layers={layers}", f"cache.batch_size={batch}", f"cache.hidden_codec={codec}",
-            f"cache.shard_sequences={shard}", f"cache.chunk_sequences={min(size['chunk'], shard)}",
+    shape: str
+    tiny: bool
+    n_seq: int
+    seq_len: int
+    batch: int
+    layers: list[int]
+    codec: str
+    device: torch.device
+    dtype_name: str
+    folder: Path
+    shard: int
+    chunk: int
+
+    @classmethod
+    def of(cls, shape: str, args, size: dict, device: torch.device, work: Path) -> "Run":
+        batch = args.batch_size or size["batch"][shape]
+        return cls(shape=shape, tiny=args.size == "tiny", n_seq=args.sequences or size["sequences"],
+                   seq_len=args.seq_len or size["seq_len"], batch=batch,
+                   layers=TINY_LAYERS if args.size == "tiny" else SHAPES[shape]["layers"],
+                   codec=SHAPES[shape]["codec"], device=device,
+                   dtype_name="bfloat16" if device.type == "cuda" else "float32", folder=work / shape / "teacher",
+                   shard=max(batch, size["shard"] // batch * batch),  # whole batches per shard: the build's = ours
+                   chunk=size["chunk"])
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def config(self, setting: str, cache_dir: Path):
+        return load_config(harness.DEMO_CONFIG, [
+            f"teacher.model={self.folder}", f"teacher.dtype={self.dtype_name}", f"teacher.device={self.device}",
+            f"data.num_sequences={self.n_seq}", f"data.seq_len={self.seq_len}", "data.heldout_fraction=0",
+            f"cache.layers={self.layers}", f"cache.batch_size={self.batch}", f"cache.hidden_codec={self.codec}",
+            f"cache.shard_sequences={self.shard}", f"cache.chunk_sequences={min(self.chunk, self.shard)}",
             f"cache.dir={cache_dir}", *SETTINGS[setting],
-        ]
-        return load_config(DEMO_CONFIG, overrides)
+        ])
 
-    # 0. the teacher (random weights, saved) and the sequences the build will see
-    model = None
+
+def prepare(run: Run, smol_dir: Path, report: Report):
+    """0. the teacher (random weights, saved) and the batches the build will see -> (model, batches, cfg)."""
+    from pipeline.sources.models import load_tokenizer
+
+    run.folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = make_teacher(run.shape, run.tiny, smol_dir, run.folder, run.device, getattr(torch, run.dtype_name))
+    sync(run.device)
+    t_model = time.perf_counter() - t0
+    cfg = run.config("default", run.folder.parent / "unused")
+    t0 = time.perf_counter()
+    ids = torch.from_numpy(sequences_from_config(cfg.data, load_tokenizer(str(run.folder))).input_ids).long()
+    t_seq = time.perf_counter() - t0
+    batches = [ids[b : b + run.batch] for b in range(0, len(ids), run.batch)]
+    mc = model.config
+    desc = (f"d={mc.hidden_size}, {mc.num_hidden_layers} blocks, V={mc.vocab_size}, {run.dtype_name}; "
+            f"{len(ids)} x {run.seq_len} tokens, batch {run.batch}; layers {run.layers} {run.codec}")
+    report.emit({"shape": run.shape, "stage": "prepare", "tokens": ids.numel(), "model_seconds": t_model,
+                 "sequences_seconds": t_seq, "description": desc, "layers": run.layers, "hidden_codec": run.codec,
+                 "teacher_dtype": run.dtype_name, "batch_size": run.batch, "sequences": len(ids),
+                 "seq_len": run.seq_len},
+                f"| {run.shape} | prepare: {desc} | | | | | | init+save {t_model:.1f}, corpus {t_seq:.1f} |")
+    return model, batches, cfg
+
+
+def time_forward(run: Run, model, batches: list, report: Report) -> float:
+    """1. plain forward over every batch, after one warm-up batch."""
+    n_tok = sum(b.numel() for b in batches)
+    with torch.inference_mode():
+        model(input_ids=batches[0].to(run.device), use_cache=False)  # warm-up: allocator, kernels
+        sync(run.device)
+        t0 = time.perf_counter()
+        for b in batches:
+            model(input_ids=b.to(run.device), use_cache=False)
+        sync(run.device)
+        t_fwd = time.perf_counter() - t0
+    report.emit({"shape": run.shape, "stage": "forward", "tokens": n_tok, "seconds": t_fwd, "tok_per_s": n_tok / t_fwd,
+                 "case": f"{run.shape} forward", "headline": {"tok/s": n_tok / t_fwd}},
+                f"| {run.shape} | forward | {n_tok / t_fwd:.0f} | 1.00 | | | | {t_fwd:.2f} |")
+    return t_fwd
+
+
+def time_capture(run: Run, model, batches: list, cfg, t_fwd: float | None, report: Report) -> None:
+    """2. TeacherCapture alone (no writer), batch i+1 launched before batch i's results are taken, as the
+    build runs it."""
+    n_tok = sum(b.numel() for b in batches)
+    cc = cfg.cache
+    cap = TeacherCapture(model, run.layers, cc.topk, cc.temperatures, cc.logit_dtype,
+                         hidden_codec=run.codec if run.cuda else None)
     try:
+        cap(batches[0])  # warm-up
+        sync(run.device)
         t0 = time.perf_counter()
-        model = make_teacher(shape, tiny, args.smol_dir, folder, device, getattr(torch, dtype_name))
-        sync(device)
-        t_model = time.perf_counter() - t0
-        from pipeline.sources.models import load_tokenizer
+        pending = None
+        for b in batches:
+            launched = cap.submit(b)
+            if pending is not None:
+                pending.result()
+            pending = launched
+        pending.result()
+        sync(run.device)
+        t_cap = time.perf_counter() - t0
+        del pending, launched  # they hold the capture, hence the model
+    finally:
+        cap.close()
+    ratio = t_fwd / t_cap if t_fwd else None
+    report.emit({"shape": run.shape, "stage": "capture", "tokens": n_tok, "seconds": t_cap, "tok_per_s": n_tok / t_cap,
+                 "ratio": ratio, "ratio_to": "forward", "encode_on": "device" if run.cuda else "writer",
+                 "case": f"{run.shape} capture", "headline": {"tok/s": n_tok / t_cap, "x forward": ratio}},
+                f"| {run.shape} | capture ({'encoded on the device' if run.cuda else 'hidden fp32 to the host'}) "
+                f"| {n_tok / t_cap:.0f} | {fmt(ratio, '.2f')} of forward | | | | {t_cap:.2f} |")
 
-        cfg = config("default", work / shape / "unused")
+
+def build_row(run: Run, setting: str, cache_dir: Path, t_build: float, phases: dict, t_fwd, t_disk, gpu,
+              loop_start: float) -> dict:
+    nbytes = folder_bytes(cache_dir)
+    info = summarize(open_cache(str(cache_dir)).manifest)
+    bpt = info["bytes_per_token"]
+    n_tok = run.n_seq * run.seq_len
+    limit = max(t for t in (t_fwd, t_disk) if t is not None) if (t_fwd or t_disk) else None
+    ratio = limit / t_build if limit else None
+    return {"shape": run.shape, "stage": f"build {setting}", "setting": setting, "overrides": SETTINGS[setting],
+            "tokens": n_tok, "seconds": t_build, "tok_per_s": n_tok / t_build, "ratio": ratio,
+            "ratio_to": "max(forward, disk)", "forward_seconds": t_fwd, "disk_seconds": t_disk, "cache_bytes": nbytes,
+            "disk_mb_per_s": nbytes / 1e6 / t_disk if t_disk else None, "gpu_busy_pct": gpu.mean(),
+            "gpu_busy_loop_pct": gpu.mean(loop_start, loop_start + phases.get("loop", 0.0)), "phases": phases,
+            "side_bytes_per_token": bpt["side_data"], "hidden_bytes_per_token": bpt["hidden_all_layers"],
+            "manifest_bytes": info["bytes"]["total"], "cache_dir": str(cache_dir),
+            "hidden_compressor": info["hidden_compressor"], "side_compressor": info["side_compressor"],
+            "case": f"{run.shape} build {setting}", "headline": {"tok/s": n_tok / t_build, "x max(fwd, disk)": ratio}}
+
+
+def build_line(run: Run, row: dict) -> str:
+    phases, t_build, t_disk = row["phases"], row["seconds"], row["disk_seconds"]
+    secs = f"{t_build:.2f}"
+    if phases:
+        secs += (f" = setup {phases['setup']:.2f} + loop {phases['loop']:.2f} (writer wait "
+                 f"{phases['writer_wait']:.2f}) + drain {phases['drain']:.2f} + manifest {phases['manifest']:.2f}")
+    if t_disk:
+        secs += f"; disk {t_disk:.2f} for {row['cache_bytes'] / 1e6:.0f} MB"
+    return (f"| {run.shape} | {row['stage']} (hidden {row['hidden_compressor']}, side {row['side_compressor']}) "
+            f"| {row['tok_per_s']:.0f} | {fmt(row['ratio'], '.2f')} of max(fwd, disk) "
+            f"| {fmt(row['disk_mb_per_s'])} | {fmt(row['gpu_busy_pct'])} ({fmt(row['gpu_busy_loop_pct'])}) "
+            f"| {row['side_bytes_per_token']:.1f} + {row['hidden_bytes_per_token']:.0f} | {secs} |")
+
+
+def time_build(run: Run, setting: str, t_fwd: float | None, report: Report) -> None:
+    """3-6. the whole build at one compressor setting, the disk, GPU busy, bytes/token."""
+    cache_dir = run.folder.parent / f"cache-{setting}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cfg = run.config(setting, cache_dir)
+    phases: dict = {}
+    with GpuSampler(run.device) as gpu:
+        sync(run.device)
         t0 = time.perf_counter()
-        seqs = sequences_from_config(cfg.data, load_tokenizer(str(folder)))
-        t_seq = time.perf_counter() - t0
-        ids = torch.from_numpy(seqs.input_ids).long()
-        n_tok = ids.numel()
-        batches = [ids[b : b + batch] for b in range(0, len(ids), batch)]
-        mc = model.config
-        desc = (f"d={mc.hidden_size}, {mc.num_hidden_layers} blocks, V={mc.vocab_size}, {dtype_name}; "
-                f"{len(ids)} x {seq_len} tokens, batch {batch}; layers {layers} {codec}")
-        report.emit({"shape": shape, "stage": "prepare", "tokens": n_tok, "model_seconds": t_model,
-                     "sequences_seconds": t_seq, "description": desc, "layers": layers, "hidden_codec": codec,
-                     "teacher_dtype": dtype_name, "batch_size": batch, "sequences": len(ids), "seq_len": seq_len},
-                    f"| {shape} | prepare: {desc} | | | | | | init+save {t_model:.1f}, corpus {t_seq:.1f} |")
+        build_cache(cfg, progress=False, timings=phases)
+        sync(run.device)
+        t_build = time.perf_counter() - t0
+    t_disk = None
+    try:
+        t_disk = disk_write(cache_dir.parent, folder_bytes(cache_dir))
+    except Exception as e:
+        report.error(run.shape, f"disk {setting}", e)
+    row = build_row(run, setting, cache_dir, t_build, phases, t_fwd, t_disk, gpu, t0 + phases.get("setup", 0.0))
+    report.emit(row, build_line(run, row))
+
+
+def run_shape(shape: str, args, size: dict, device: torch.device, work: Path, report: Report) -> None:
+    run = Run.of(shape, args, size, device, work)
+    try:
+        model, batches, cfg = prepare(run, args.smol_dir, report)
     except Exception as e:
         report.error(shape, "prepare", e)
         return
-
-    # 1. plain forward
     t_fwd = None
-    try:
-        with torch.inference_mode():
-            model(input_ids=batches[0].to(device), use_cache=False)  # warm-up: allocator, kernels
-            sync(device)
-            t0 = time.perf_counter()
-            for b in batches:
-                model(input_ids=b.to(device), use_cache=False)
-            sync(device)
-            t_fwd = time.perf_counter() - t0
-        report.emit({"shape": shape, "stage": "forward", "tokens": n_tok, "seconds": t_fwd, "tok_per_s": n_tok / t_fwd},
-                    f"| {shape} | forward | {n_tok / t_fwd:.0f} | 1.00 | | | | {t_fwd:.2f} |")
-    except Exception as e:
-        report.error(shape, "forward", e)
-    if cuda:
-        torch.cuda.empty_cache()
-
-    # 2. capture alone (no writer)
-    try:
-        cc = cfg.cache
-        cap = TeacherCapture(model, layers, cc.topk, cc.temperatures, cc.logit_dtype,
-                             hidden_codec=codec if cuda else None)
+    for stage in ("forward", "capture"):
         try:
-            cap(batches[0])  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            pending = None  # as the build runs it: batch i+1 launched before batch i's results are taken
-            for b in batches:
-                launched = cap.submit(b)
-                if pending is not None:
-                    pending.result()
-                pending = launched
-            pending.result()
-            sync(device)
-            t_cap = time.perf_counter() - t0
-            del pending, launched  # they hold the capture, hence the model
-        finally:
-            cap.close()
-            cap = None  # (it holds the model and the last batch's block outputs)
-        ratio = t_fwd / t_cap if t_fwd else None
-        report.emit({"shape": shape, "stage": "capture", "tokens": n_tok, "seconds": t_cap, "tok_per_s": n_tok / t_cap,
-                     "ratio": ratio, "ratio_to": "forward", "encode_on": "device" if cuda else "writer"},
-                    f"| {shape} | capture ({'encoded on the device' if cuda else 'hidden fp32 to the host'}) "
-                    f"| {n_tok / t_cap:.0f} | {fmt(ratio, '.2f')} of forward | | | | {t_cap:.2f} |")
-    except Exception as e:
-        report.error(shape, "capture", e)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
-
-    # 3-6. the whole build per compressor setting, the disk, GPU busy, bytes/token
-    for setting in args.settings:
-        stage = f"build {setting}"
-        cache_dir = work / shape / f"cache-{setting}"
-        try:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            cfg_s = config(setting, cache_dir)
-            phases: dict = {}
-            with GpuSampler(device) as gpu:
-                sync(device)
-                t0 = time.perf_counter()
-                build_cache(cfg_s, progress=False, timings=phases)
-                sync(device)
-                t1 = time.perf_counter()
-            t_build = t1 - t0
-            nbytes = folder_bytes(cache_dir)
-            info = summarize(open_cache(str(cache_dir)).manifest)
-            bpt = info["bytes_per_token"]
-            side, hidden = bpt["side_data"], bpt["hidden_all_layers"]
-            t_disk = None
-            try:
-                t_disk = disk_write(cache_dir.parent, nbytes)
-            except Exception as e:
-                report.error(shape, f"disk {setting}", e)
-            limit = max(t for t in (t_fwd, t_disk) if t is not None) if (t_fwd or t_disk) else None
-            ratio = limit / t_build if limit else None
-            loop_start = t0 + phases.get("setup", 0.0)
-            busy, busy_loop = gpu.mean(), gpu.mean(loop_start, loop_start + phases.get("loop", 0.0))
-            row = {"shape": shape, "stage": stage, "setting": setting, "overrides": SETTINGS[setting], "tokens": n_tok,
-                   "seconds": t_build, "tok_per_s": n_tok / t_build, "ratio": ratio, "ratio_to": "max(forward, disk)",
-                   "forward_seconds": t_fwd, "disk_seconds": t_disk, "cache_bytes": nbytes,
-                   "disk_mb_per_s": nbytes / 1e6 / t_disk if t_disk else None,
-                   "gpu_busy_pct": busy, "gpu_busy_loop_pct": busy_loop, "phases": phases,
-                   "side_bytes_per_token": side, "hidden_bytes_per_token": hidden,
-                   "manifest_bytes": info["bytes"]["total"], "cache_dir": str(cache_dir),
-                   "hidden_compressor": info["hidden_compressor"], "side_compressor": info["side_compressor"]}
-            secs = f"{t_build:.2f}"
-            if phases:
-                secs += (f" = setup {phases['setup']:.2f} + loop {phases['loop']:.2f} (writer wait "
-                         f"{phases['writer_wait']:.2f}) + drain {phases['drain']:.2f} + manifest {phases['manifest']:.2f}")
-            if t_disk:
-                secs += f"; disk {t_disk:.2f} for {nbytes / 1e6:.0f} MB"
-            report.emit(row, f"| {shape} | {stage} (hidden {info['hidden_compressor']}, side {info['side_compressor']}) "
-                             f"| {n_tok / t_build:.0f} | {fmt(ratio, '.2f')} of max(fwd, disk) "
-                             f"| {fmt(row['disk_mb_per_s'])} | {fmt(busy)} ({fmt(busy_loop)}) "
-                             f"| {side:.1f} + {hidden:.0f} | {secs} |")
+            if stage == "forward":
+                t_fwd = time_forward(run, model, batches, report)
+            else:
+                time_capture(run, model, batches, cfg, t_fwd, report)
         except Exception as e:
             report.error(shape, stage, e)
+        if run.cuda:
+            torch.cuda.empty_cache()
+    del model
+    if run.cuda:
+        torch.cuda.empty_cache()
+    for setting in args.settings:
+        try:
+            time_build(run, setting, t_fwd, report)
+        except Exception as e:
+            report.error(shape, f"build {setting}", e)
         finally:
             if not args.keep:
-                shutil.rmtree(cache_dir, ignore_errors=True)
+                shutil.rmtree(run.folder.parent / f"cache-{setting}", ignore_errors=True)
     if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(run.folder, ignore_errors=True)
 
 
 def summary(rows: list[dict], shapes: list[str], settings: list[str]) -> str:
@@ -469,7 +492,7 @@ def summary(rows: list[dict], shapes: list[str], settings: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--shapes", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b")
@@ -486,15 +509,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "cache/, where cache.dir points by default)")
     ap.add_argument("--keep", action="store_true", help="keep the teacher folders and caches")
     args = ap.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
+    args.shapes = [s for s in args.shapes.split(",") if s]
     args.settings = [s for s in args.settings.split(",") if s]
-    bad = [s for s in shapes if s not in SHAPES] + [s for s in args.settings if s not in SETTINGS]
+    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.settings if s not in SETTINGS]
     if bad:
         ap.error(f"unknown shape or setting: {', '.join(bad)}")
-    import transformers
+    return args
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    harness.quiet_transformers()
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -506,11 +531,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=args.work))
     head = device_line(device)
-    print(f"{head}\nsize {args.size}, shapes {shapes}, settings {args.settings}, SmolLM2 config {args.smol_dir}, "
+    print(f"{head}\nsize {args.size}, shapes {args.shapes}, settings {args.settings}, SmolLM2 config {args.smol_dir}, "
           f"work {work} ({filesystem(work)})\n\n{HEADER}", flush=True)
     report = Report(args.out, {"size": args.size, "device": str(device), "device_name": head})
     try:
-        for shape in shapes:
+        for shape in args.shapes:
             try:
                 run_shape(shape, args, size, device, work, report)
             except Exception as e:  # a stage escaped its own guard
@@ -520,7 +545,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n" + summary(report.rows, shapes, args.settings), flush=True)
+    print("\n" + summary(report.rows, args.shapes, args.settings), flush=True)
     return report.rows
 
 

@@ -8,30 +8,29 @@ sequences). Bytes/token is the Arrow file (ids, lse at T = 1 and 2, and the layo
 tokens, as `distill cache info` reports it. Per sampled layout also: the mean number of distinct ids per
 position, the teacher mass they cover at T = 1 and 2, and the largest relative error of p_i = exp(z_i / T - lse) from the stored logits.
 
-    python scripts/bench_sampled.py [--sequences 32] [--samples 8 16 32 64 128] [--proposal 1.0 2.0]
+    python -m scripts.studies.sampled [--sequences 32] [--samples 8 16 32 64 128] [--proposal 1.0 2.0] [--out FILE.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from scripts import harness  # first: its environment comes before transformers
+
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cache.codecs import frequency_order, pack_order  # noqa: E402
-from pipeline.cache.writer import ShardLayout, ShardWriter  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.sequences import sequences_from_config  # noqa: E402
-from pipeline.cache.spec import LOGITS_LEVEL  # noqa: E402
-from pipeline.sources.models import load_model  # noqa: E402
-from pipeline.cache.codecs import logits_from_numpy  # noqa: E402
-from pipeline.teacher.capture import TeacherCapture  # noqa: E402
+from pipeline.cache.codecs import frequency_order, logits_from_numpy, pack_order
+from pipeline.cache.spec import LOGITS_LEVEL
+from pipeline.cache.writer import ShardLayout, ShardWriter
+from pipeline.config import load_config
+from pipeline.data.sequences import sequences_from_config
+from pipeline.sources.models import load_model
+from pipeline.teacher.capture import TeacherCapture
+from scripts.harness import Results
 
 BATCH = 8
 TEMPS = [1.0, 2.0]
@@ -99,21 +98,34 @@ def measure(replay, normed, ids, topk, samples, proposal, logit_dtype, root: Pat
     return out
 
 
-def main() -> None:
+def layouts(args) -> list[tuple[int, int, float, str]]:
+    """(top-k, draws, proposal temperature, logit dtype) of every row: top-k at each k, draws at each K and
+    proposal temperature, and the first two K with fp32 logits."""
+    return ([(k, 0, 1.0, "fp16") for k in args.topk] + [(0, k, tp, "fp16") for tp in args.proposal for k in args.samples]
+            + [(0, k, 1.0, "fp32") for k in args.samples[:2]])
+
+
+def final_hidden(model, ids: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model.get_decoder()(input_ids=torch.from_numpy(ids[b : b + BATCH]).long(),
+                                              use_cache=False).last_hidden_state for b in range(0, len(ids), BATCH)])
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--topk", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     ap.add_argument("--proposal", type=float, nargs="+", default=[1.0, 2.0])
-    args = ap.parse_args()
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
-                      [f"data.num_sequences={args.sequences}", "data.heldout_fraction=0"])
+    ap.add_argument("--out", metavar="FILE.jsonl", help="append one JSON line per row as it finishes")
+    args = ap.parse_args(argv)
+    harness.quiet_transformers()
+    results = Results("sampled", args.out)
+    cfg = load_config(harness.DEMO_CONFIG, [f"data.num_sequences={args.sequences}", "data.heldout_fraction=0"])
     model, tok = load_model(cfg.teacher.model)
     model.eval()
     ids = sequences_from_config(cfg.data, tok).input_ids.astype(np.uint16)
-    with torch.inference_mode():
-        normed = torch.cat([model.get_decoder()(input_ids=torch.from_numpy(ids[b : b + BATCH]).long(),
-                                                use_cache=False).last_hidden_state for b in range(0, len(ids), BATCH)])
+    normed = final_hidden(model, ids)
     replay = _Replay(model)
     print(f"{len(ids)} x {ids.shape[1]} tokens of wiki-vital, teacher {cfg.teacher.model}; Arrow side data "
           f"(input ids, lse at T = 1 and 2, targets; format 3: ids as frequency ranks, brotli per chunk, the id table), "
@@ -121,12 +133,10 @@ def main() -> None:
     print("| targets | logits | B/token | distinct ids / position | mass at T=1 | mass at T=2 | max rel err of p_i | capture s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (topk, samples, proposal, dt) in enumerate(
-                [(k, 0, 1.0, "fp16") for k in args.topk]
-                + [(0, k, tp, "fp16") for tp in args.proposal for k in args.samples]
-                + [(0, k, 1.0, "fp32") for k in args.samples[:2]]):
+        for i, (topk, samples, proposal, dt) in enumerate(layouts(args)):
             r = measure(replay, normed, ids, topk, samples, proposal, dt, Path(tmp) / str(i))
             name = f"top-{topk}" if topk else f"sampled K={samples}, Tp={proposal:g}"
+            results.add({"case": f"{name}, {dt}", **r, "headline": {"B/token": r["bytes_per_token"]}})
             extra = (f"{r['distinct']:.1f} | {r['mass'][1.0]:.3f} | {r['mass'][2.0]:.3f} | {r['p_rel_err']:.1e}"
                      if samples else "| | |")
             print(f"| {name} | {dt} | {r['bytes_per_token']:.1f} | {extra} | {r['capture_seconds']:.1f} |", flush=True)
