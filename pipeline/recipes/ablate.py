@@ -339,8 +339,9 @@ def _finished(run_dir: Path, identity: Any) -> dict | None:
 
 
 def _resumable(run_dir: Path, identity: Any) -> Path | None:
-    """The newest checkpoint of an interrupted variant that started with this same identity; None otherwise."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest whole checkpoint of an interrupted variant that started with this same identity (one whose
+    save a kill cut short is passed over); None otherwise."""
+    from pipeline.train.trainer_adapter import last_whole_checkpoint
 
     try:
         started = read_json(run_dir / STARTED) if (run_dir / STARTED).is_file() else None
@@ -348,7 +349,7 @@ def _resumable(run_dir: Path, identity: Any) -> Path | None:
         return None
     if started is None or started.get("identity") != identity or not (run_dir / "config.yaml").is_file():
         return None
-    last = get_last_checkpoint(str(run_dir))
+    last = last_whole_checkpoint(run_dir)[0]
     return Path(last) if last is not None else None
 
 

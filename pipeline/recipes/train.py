@@ -9,6 +9,10 @@ the compatibility checks, the datasets, the student and projectors, the Trainer 
     trainer_state.json       run.json (resolved config, cache fingerprint, layer map, metrics)
     checkpoint-N/            Trainer checkpoints, each with its projectors
 
+A checkpoint counts once whole (pipeline/train/trainer_adapter.py, `checkpoint_problem`): `--resume` takes the
+newest whole one and names in one line any newer one it passes over. A full disk while saving a checkpoint or the
+run directory is a one-line error that removes the unfinished checkpoint and keeps the previous student/.
+
 The teacher side (pipeline/train/teacher_side.py) is a cache or the live teacher behind one interface: the
 recipe picks it in step 3 and branches nowhere else.
 """
@@ -24,12 +28,12 @@ from pathlib import Path
 import click
 
 from pipeline import targets
-from pipeline.atomic import write_folder_atomically, write_json_atomic
+from pipeline.atomic import write_file_atomically, write_folder_atomically, write_json_atomic
 from pipeline.blocks import text_config
 from pipeline.cache.storage import redact
 from pipeline.errors import PipelineError
 from pipeline.losses.hidden import NEEDS_NORM
-from pipeline.resources import peak_memory
+from pipeline.resources import free_bytes, no_space_left, peak_memory, size_text
 from pipeline.sources import models
 from pipeline.sources.digest import tokenizer_digest
 from pipeline.student.layer_map import build_layer_map, read_kept_layers
@@ -45,7 +49,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
 
     # 1. training arguments (validated before anything heavy), the checkpoint to resume from
     args = training_arguments(cfg.training, online=online)
-    resume = _resume_checkpoint(resume, Path(args.output_dir))
+    resume = _resume_checkpoint(resume, Path(args.output_dir), echo if args.should_save else None)
 
     # 2. the student's shape, from its config only
     student = _student_shape(cfg.student)
@@ -81,7 +85,13 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
     summary = _summary(cfg, resume, student, teacher, layer_map, data, metrics)
     if args.should_save:
-        _write_run_dir(Path(args.output_dir), student, teacher, model, projectors, trainer, summary, echo)
+        out = Path(args.output_dir)
+        try:
+            _write_run_dir(out, student, teacher, model, projectors, trainer, summary, echo)
+        except Exception as e:
+            if isinstance(e, PipelineError) or not no_space_left(e, out):
+                raise
+            raise _out_of_space(out, trainer, outputs=True) from None
     return summary
 
 
@@ -107,16 +117,27 @@ class _Data:
     hidden_norms: dict[int, float] | None = None
 
 
-def _resume_checkpoint(resume: str | None, out: Path) -> str | None:
-    """Step 1: --resume ("latest": the newest checkpoint-* in the output folder) -> a checkpoint folder, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _resume_checkpoint(resume: str | None, out: Path, echo=None) -> str | None:
+    """Step 1: --resume ("latest": the newest whole checkpoint-* in the output folder) -> a checkpoint folder, or
+    None. Newer checkpoints whose save did not finish (a kill or a full disk mid-save) are passed over, named
+    with the reason in one line through `echo`; they stay until the resumed run saves over them. A named
+    checkpoint that is not whole is a one-line error."""
+    from pipeline.train.trainer_adapter import checkpoint_problem, last_whole_checkpoint
 
     if resume == "latest":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume, skipped = last_whole_checkpoint(out)
+        passed = "; ".join(f"{path} ({why})" for path, why in skipped)
+        if resume is None and skipped:
+            raise PipelineError(f"--resume: no whole checkpoint in {out}: {passed}")
         if resume is None:
             raise PipelineError(f"--resume: no checkpoint-* folder in {out}")
+        if skipped and echo is not None:
+            echo(f"--resume: skipping {passed}; resuming from {resume}")
     elif resume is not None and not Path(resume).is_dir():
         raise PipelineError(f"--resume: checkpoint folder not found: {resume}")
+    elif resume is not None and checkpoint_problem(resume) is not None:
+        raise PipelineError(f"--resume: {resume} is not a whole checkpoint ({checkpoint_problem(resume)}); "
+                            "--resume alone takes the newest whole one")
     return resume
 
 
@@ -227,6 +248,10 @@ def _train_loop(cfg, args, resume: str | None, callbacks, loss, student: _Studen
         metrics["steps_this_run"] = result.global_step - first_step
         if len(data.eval):
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    except Exception as e:
+        if isinstance(e, PipelineError) or not no_space_left(e, args.output_dir):
+            raise
+        raise _out_of_space(Path(args.output_dir), trainer) from None
     finally:
         trainer.remove_hooks()
     return trainer, metrics
@@ -272,8 +297,52 @@ def _write_run_dir(out: Path, student: _Student, teacher, model, projectors, tra
 
     write_folder_atomically(out / "student", write_student)
     save_projectors(projectors, out, {"global_step": trainer.state.global_step, "mode": summary["mode"]})
-    trainer.save_state()
+    write_file_atomically(out / "trainer_state.json", lambda tmp: trainer.state.save_to_json(str(tmp)))
     write_json_atomic(out / "run.json", summary)
     parts = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float))
     echo(f"{out}: student/, projectors.*, trainer_state.json, run.json written ({parts})")
 
+
+def _out_of_space(out: Path, trainer, outputs: bool = False) -> PipelineError:
+    """The one line a full disk ends a run with, while it saved a checkpoint or (`outputs`) the run directory:
+    what was being written and what it takes, what is free, and where a rerun with --resume starts. Rank 0
+    first removes the checkpoints whose save it cut short. student/ needs nothing here: write_folder_atomically
+    has kept the previous one and left no student.tmp."""
+    from pipeline.train.trainer_adapter import checkpoint_problem, checkpoints, last_whole_checkpoint
+
+    cut = []
+    if trainer.args.should_save:
+        for path in checkpoints(out):
+            if checkpoint_problem(path) is not None:
+                shutil.rmtree(path, ignore_errors=True)
+                cut.append(Path(path).name)
+    last, _ = last_whole_checkpoint(out)
+    if outputs:
+        doing = "writing the run's outputs (student/ is replaced only whole, the previous one stays until then)"
+        size = f"student/ and the projectors take about {size_text(_tensor_bytes(trainer, optimizer=False))}"
+    else:
+        doing = f"saving {cut[0]} (removed)" if cut else "saving a checkpoint"
+        checkpoint = _folder_bytes(Path(last)) if last is not None else _tensor_bytes(trainer, optimizer=True)
+        size = f"a checkpoint takes about {size_text(checkpoint)}"
+    free = free_bytes(out)
+    room = size + (f", {size_text(free)} free" if free is not None else "")
+    again = (f"rerun with --resume to continue from {last}" if last is not None
+             else "rerun (no whole checkpoint to resume from)")
+    return PipelineError(f"training.output_dir {out}: no space left on device while {doing}: {room}; free space "
+                         f"and {again}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes a folder's files take on disk (allocated blocks)."""
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
+
+
+def _tensor_bytes(trainer, optimizer: bool) -> int:
+    """About what the student's weights and the projectors take, and with `optimizer` a whole checkpoint: those
+    and the optimizer's state."""
+    import torch
+
+    tensors = [*trainer.model.state_dict().values(), *trainer.projectors.parameters()]
+    if optimizer and trainer.optimizer is not None:
+        tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -23,24 +23,41 @@ def _texts_from_records(records: Iterable, field: str, where: str) -> Iterator[s
         yield rec[field]
 
 
+def _read_utf8(path: Path) -> str:
+    """A local corpus file's text. Corpus files are UTF-8: anything else is a one-line error naming the file,
+    the offset and line of the first byte that does not decode, and the expected encoding (the whole file is
+    decoded at once, so the offset counts from its start)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(
+            f"{path}: not UTF-8 text at byte {e.start} (line {line}: 0x{raw[e.start]:02x}, {e.reason}); corpus "
+            f"files are read as UTF-8: convert it first (e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from None
+
+
 def _read_local(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n")]
+        text = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")  # the newlines text mode gives
+        return [d.strip() for d in text.split("\n\n")]
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise PipelineError(f"{path}: line {n} is not valid JSON") from None
+        # the lines as text-mode iteration gives them (\r\n and \r end a line too); not str.splitlines, which
+        # would also cut at U+2028 and U+0085, characters a JSON string may hold unescaped
+        lines = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise PipelineError(f"{path}: line {n} is not valid JSON") from None
         return list(_texts_from_records(records, field, str(path)))
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_utf8(path))
         except json.JSONDecodeError as e:
             raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(data, dict):

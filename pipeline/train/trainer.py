@@ -24,7 +24,6 @@ import os
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import PipelineError
 from pipeline import targets
@@ -37,7 +36,7 @@ from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors,
 from pipeline.blocks import decoder_layers
 from pipeline.targets import TargetSource, hidden_key
 from pipeline.train.dataset import ChunkShuffleSampler
-from pipeline.train.trainer_adapter import TrainerAdapter
+from pipeline.train.trainer_adapter import TrainerAdapter, last_whole_checkpoint
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
 
@@ -304,9 +303,10 @@ class UniversalDistillationTrainer(TrainerAdapter):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The Trainer's train(); a resumed run first restores the checkpoint's projectors (the Trainer
-        restores the student, the optimizer, which holds the projectors' group, and the data position)."""
+        restores the student, the optimizer, which holds the projectors' group, and the data position).
+        `True` resumes from the newest whole checkpoint (one whose save did not finish is passed over)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_whole_checkpoint(self.args.output_dir)[0]
         if resume_from_checkpoint:
             self._restore_projectors(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

@@ -11,25 +11,35 @@ The distillation trainer needs six things the Trainer offers no public argument 
   `_prepare_inputs`, reached through `prepared_inputs`;
 - the projectors saved into every checkpoint: the public `save_model` tells a checkpoint's save (its private
   `_internal_call` parameter) from a user's, and `checkpoint_saved` runs after the former only;
+- checkpoints that count only once whole: `_save_checkpoint` writes trainer_state.json after the model, the
+  projectors, optimizer, scheduler and RNG states, and only then rotates older checkpoints away. So a
+  checkpoint folder whose trainer_state.json reads back is whole (`checkpoint_problem`), and a kill mid-save
+  leaves the previous whole one in place; the start of a checkpoint's save (`save_model` again) removes the
+  trainer_state.json of a folder it rewrites, so that folder, too, counts only once the Trainer has finished
+  it. The adapter neither calls nor overrides `_save_checkpoint`: `check_trainer_seams` reads its source for
+  that order (SAVE_ORDER);
 - nothing else: the best model, evaluation prefixes and gradient-accumulation scaling go through public
   methods, callbacks and the documented `loss_is_scaled_for_ga` attribute.
 
 `TrainerAdapter` overrides exactly those private methods and turns them into named hooks
 (`train_sampler`, `clipped_parameters`, `before_grad_norm`, `checkpoint_saved`, and `prepared_inputs` to call). They were written against the transformers
 range below, which pyproject.toml pins; `check_trainer_seams()` (run by the tests) confirms that the
-installed Trainer still has each private method with the signature relied on, so an upgrade that moves one
-fails loudly in the suite rather than silently skipping the projectors' clipping.
+installed Trainer still has each private method with the signature relied on, and that its checkpoint save
+still writes trainer_state.json last, so an upgrade that moves one fails loudly in the suite rather than
+silently skipping the projectors' clipping or resuming from a half-written checkpoint.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 
 import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 # [lowest, first untested): the versions these seams were tested on; pyproject.toml pins the same range
 TESTED_TRANSFORMERS = ("5.25.0", "5.26.0")
@@ -45,10 +55,17 @@ SEAMS = {
     "save_model": ("output_dir", "_internal_call"),
 }
 CALLED_ONLY = ("_load_from_checkpoint", "_prepare_inputs")  # the seams this module calls without overriding
+# the private method whose order of writes `checkpoint_problem` relies on, and what it must call, in this order:
+# the model (and through save_model the projectors), the RNG states (after optimizer and scheduler), the
+# trainer state, and only then the rotation of older checkpoints
+SAVE_ORDER = ("_save_checkpoint", ("self.save_model(", "self._save_rng_state(", "TRAINER_STATE_NAME",
+                                   "rotate_checkpoints("))
+CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # the folder names get_last_checkpoint reads
 
 
 def check_trainer_seams(trainer_cls: type = Trainer) -> list[str]:
-    """What no longer matches in `trainer_cls` (a missing method, other parameters); [] when all hold."""
+    """What no longer matches in `trainer_cls` (a missing method, other parameters, a checkpoint save that no
+    longer writes trainer_state.json after the rest and before rotating); [] when all hold."""
     problems = []
     for name, params in SEAMS.items():
         method = getattr(trainer_cls, name, None)
@@ -58,7 +75,51 @@ def check_trainer_seams(trainer_cls: type = Trainer) -> list[str]:
         got = tuple(inspect.signature(method).parameters)[1:]
         if got != params:
             problems.append(f"Trainer.{name}{got} is not Trainer.{name}{params}")
+    name, calls = SAVE_ORDER
+    method = getattr(trainer_cls, name, None)
+    try:
+        source = inspect.getsource(method) if method is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    where = [source.find(call) for call in calls]
+    if -1 in where or where != sorted(where):
+        problems.append(f"Trainer.{name} no longer calls {', '.join(calls)} in this order")
     return problems
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder is not whole, None when it is: its trainer_state.json, the file the
+    Trainer writes last in a checkpoint, is there and reads back."""
+    path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return f"no {TRAINER_STATE_NAME}: its save did not finish"
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE_NAME} is cut short: its save did not finish"
+    return None
+
+
+def checkpoints(folder: str | os.PathLike) -> list[str]:
+    """The checkpoint-N folders in `folder`, newest (highest N) first; [] when `folder` is no folder."""
+    try:
+        names = [n for n in os.listdir(folder) if CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(folder, n))]
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: -int(CHECKPOINT_RE.match(n).group(1)))]
+
+
+def last_whole_checkpoint(folder: str | os.PathLike) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest whole checkpoint in `folder` or None, [(newer folder, why it is not whole), ...]): what
+    get_last_checkpoint would return, minus checkpoints whose save did not finish."""
+    skipped = []
+    for path in checkpoints(folder):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
 
 
 class TrainerAdapter(Trainer):
@@ -88,7 +149,15 @@ class TrainerAdapter(Trainer):
         return self._prepare_inputs(inputs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The Trainer's save_model(); then, for a checkpoint, `checkpoint_saved`."""
+        """The Trainer's save_model(); then, for a checkpoint, `checkpoint_saved`. A checkpoint's save starts
+        here: a folder it rewrites loses its trainer_state.json first, so it is not whole until the Trainer has
+        written that file again, last."""
+        checkpoint = output_dir is not None and CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir)))
+        if _internal_call and checkpoint and self.args.should_save:
+            try:
+                os.remove(os.path.join(output_dir, TRAINER_STATE_NAME))
+            except FileNotFoundError:
+                pass
         super().save_model(output_dir, _internal_call)
         if _internal_call:
             self.checkpoint_saved(output_dir or self.args.output_dir)

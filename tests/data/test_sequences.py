@@ -78,6 +78,44 @@ def test_local_formats(tmp_path):
         list(iter_documents(SourceConfig(path=str(tmp_path / "a.jsonl")), "body", seed=0))
 
 
+@pytest.mark.parametrize("name,data,offset,line", [
+    ("latin1.txt", "first doc\n\ncafé au lait".encode("latin-1"), 14, 3),
+    ("latin1.jsonl", ('{"text": "ok"}\r\n{"text": "café"}\n').encode("latin-1"), 29, 2),
+    ("latin1.json", '[{"text": "ok"}, {"text": "Ærø"}]'.encode("latin-1"), 27, 1),
+])
+def test_a_corpus_that_is_not_utf8_names_file_byte_and_encoding(tmp_path, name, data, offset, line):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(PipelineError) as e:
+        list(iter_documents(SourceConfig(path=str(path)), "text", seed=0))
+    byte = data[offset]
+    assert str(e.value).startswith(f"{path}: not UTF-8 text at byte {offset} (line {line}: 0x{byte:02x}, ")
+    assert "read as UTF-8" in str(e.value) and "\n" not in str(e.value)
+    # the same bytes as UTF-8 read as before: \r\n and a lone \r end lines, as text mode had them
+    path.write_bytes(data.decode("latin-1").replace("\n\n", "\r\n\r\n").encode())
+    assert sorted(iter_documents(SourceConfig(path=str(path)), "text", seed=0))
+
+
+def test_a_corpus_that_is_not_utf8_stops_a_build_in_one_line(tiny_config, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_bytes(b"plain start\n\n" + "naïve".encode("cp1252"))
+    cfg_path, cache_dir = tiny_config(data__sources=[{"path": str(bad)}])
+    r = CliRunner().invoke(main, ["cache", "build", str(cfg_path)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"error: {bad}: not UTF-8 text at byte 15 (line 3: 0xef, invalid continuation byte)")
+    assert not cache_dir.exists()
+
+
+def test_a_txt_corpus_keeps_text_mode_newlines(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes("one\r\n\r\ntwo\r\rthree\rline".encode())
+    assert sorted(iter_documents(SourceConfig(path=str(path)), "text", seed=0)) == ["one", "three\nline", "two"]
+
+
 def test_hub_code_path_on_local_dataset(tmp_path):
     """The hub loader (datasets) on local data: a save_to_disk folder and a data-files folder."""
     import datasets

@@ -3,12 +3,15 @@ pyproject.toml pins."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import transformers
 from packaging.version import Version
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import rotate_checkpoints
 
 from pipeline.train import trainer as trainer_module
 from pipeline.train.trainer_adapter import CALLED_ONLY, SEAMS, TESTED_TRANSFORMERS, TrainerAdapter, check_trainer_seams
@@ -55,3 +58,17 @@ def test_the_distillation_trainer_reaches_no_private_trainer_surface():
     used = set(re.findall(r"\bself\.(_[a-z]\w*)", source)) | set(re.findall(r"\b(_internal_call)\b", source))
     private = {name for name in dir(Trainer) if name.startswith("_") and not name.startswith("__")}
     assert not used & (private | {"_internal_call"}), sorted(used & (private | {"_internal_call"}))
+
+
+def test_a_checkpoint_save_that_writes_its_state_earlier_is_reported():
+    """checkpoint_problem takes a checkpoint with a trainer_state.json as whole: that holds only while the
+    Trainer writes that file after everything else and before it rotates older checkpoints away."""
+    class Reordered(Trainer):
+        def _save_checkpoint(self, model, trial):
+            self.state.save_to_json(os.path.join("out", TRAINER_STATE_NAME))
+            self.save_model("out", _internal_call=True)
+            self._save_rng_state("out")
+            rotate_checkpoints("out")
+
+    problems = check_trainer_seams(Reordered)
+    assert len(problems) == 1 and "Trainer._save_checkpoint no longer calls" in problems[0], problems
