@@ -46,6 +46,8 @@ class TeacherConfig:
     dtype: str = field(default="float32", metadata=choice(*MODEL_DTYPE_NAMES))
     revision: Union[str, None] = None
     device: str = "auto"  # auto (the process's GPU when there is one, else CPU) | cpu | cuda | cuda:N
+    # phase one: ranks per tensor-parallel group (transformers' tp_plan; the world is groups x N under torchrun)
+    tensor_parallel: int = field(default=1, metadata=bounded(1, None))
 
 
 @dataclass

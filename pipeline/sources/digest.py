@@ -17,10 +17,13 @@ def model_digest(model: torch.nn.Module) -> str:
     h = Hasher()
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=False).items():
-        if t.data_ptr() in seen:
+        # a tensor-parallel model's weights are DTensors: the digest is the whole tensor's, gathered one at a
+        # time (a collective: every rank of the group digests), so a TP build has the fingerprint of one process
+        local = t.to_local() if hasattr(t, "full_tensor") else t
+        if local.data_ptr() in seen:
             continue
-        seen.add(t.data_ptr())
-        t = t.detach().cpu().contiguous()
+        seen.add(local.data_ptr())
+        t = (t.full_tensor() if local is not t else t).detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy

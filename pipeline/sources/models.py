@@ -153,20 +153,61 @@ def pick_device(name: str = "auto") -> torch.device:
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
-def load_weights(spec: str, dtype: str = "float32", revision: str | None = None, what: str = "model"):
+def load_weights(spec: str, dtype: str = "float32", revision: str | None = None, what: str = "model",
+                 tensor_parallel: int = 1):
     """The model alone (eval mode) from any supported source, without hub kernels (NO_HUB_KERNELS); every
-    model the pipeline trains or runs is loaded here."""
+    model the pipeline trains or runs is loaded here. tensor_parallel N > 1 (under torch.distributed, whose
+    world is groups x N consecutive ranks): this rank's part of the model under transformers' own TP plan,
+    its weights split over the N ranks of its group (tensor_parallel_mesh), already on this rank's device."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in TORCH_DTYPES:
         raise PipelineError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     where = resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision,
-                                                     **NO_HUB_KERNELS)
+        if tensor_parallel > 1:
+            with tensor_parallel_mesh(tensor_parallel) as kw:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision,
+                                                             **kw, **NO_HUB_KERNELS)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[dtype], revision=revision,
+                                                         **NO_HUB_KERNELS)
     except (OSError, ValueError) as e:
         raise _hub_error(spec, e, what) from None
     return model.eval()
+
+
+@contextmanager
+def tensor_parallel_mesh(tp: int):
+    """from_pretrained's keyword arguments for tensor parallelism over groups of `tp` consecutive ranks.
+
+    transformers' DistributedConfig(tp_size=N) builds a mesh whose TP axis spans the whole world; several
+    groups would need its dp_replicate axis, which also wraps the model in FSDP (gathers weights per forward).
+    So with world > N the mesh transformers uses is built here, (pp=1, dp_replicate=groups, fsdp=1, tp=N) on
+    the same axes, and handed to it while the config still says dp 1 (no FSDP): each group of N ranks then
+    holds one copy of the model, split N ways, and the groups share nothing."""
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    world = dist.get_world_size()
+    config = DistributedConfig(tp_size=tp)
+    if world == tp:
+        yield {"distributed_config": config}
+        return
+    from unittest import mock
+
+    from transformers.distributed import mixin, utils
+
+    def mesh(_config):
+        device_type = torch._C._get_accelerator().type
+        groups = world // tp
+        dense = dist.init_device_mesh(device_type, (1, groups, 1, tp), mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"))
+        expert = dist.init_device_mesh(device_type, (1, groups, tp, 1), mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep"))
+        device = utils._bind_local_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
+        return device, utils.TransformersDeviceMesh(dense, expert)
+
+    with mock.patch.object(mixin, "initialize_distributed_mesh", mesh):
+        yield {"distributed_config": config}
 
 
 def load_model(spec: str, dtype: str = "float32", revision: str | None = None):

@@ -146,8 +146,13 @@ class TeacherCapture:
         proposal_temperature: float = 1.0,
         sample_seed: int = 0,
         layer_codecs: dict[int, str] | None = None,
+        head_shard=None,
+        keep_hidden: bool = True,
     ):
         self.model = model
+        # a tensor-parallel teacher (vocab_parallel.HeadShard): this rank's rows of the head, its group and the
+        # vocabulary split; the head chunk's logits are then this rank's ids only (vocab_parallel.parallel_head)
+        self.head_shard = head_shard
         self.layers = sorted(set(layers))
         self.blocks = decoder_layers(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -168,6 +173,8 @@ class TeacherCapture:
         bad = [i for i in self.layers if not 0 <= i <= n]
         if bad:
             raise PipelineError(f"cache.layers: layer {bad[0]} is beyond the teacher's depth (0..{n})")
+        if not keep_hidden:  # a rank of a tensor-parallel group that does not write: the layers checked, none kept
+            self.layers, self.codecs = [], {}
         # topk 0: no top-k targets (a cache of sampled or exact targets only; the lse is then the full
         # vocabulary's); samples 0: no draws
         self.samples, self.proposal_temperature, self.sample_seed = int(samples), float(proposal_temperature), int(sample_seed)
@@ -258,6 +265,8 @@ class TeacherCapture:
         sampler = self._sampler(sequences, B, T, device)  # None without draws
         head = self.model.get_output_embeddings()
         step = self._head_chunk(N, torch.device(device))
+        if self.head_shard is not None:
+            return self._parallel_head_outputs(flat, sampler, step, ids, stored, top, sums)
         buffer = self._buffer(min(step, N) * self.vocab_size, device) if k else None
         for s in range(0, N, step):
             z = self.head_spec.transform(head(flat[s : s + step]).float())  # [c, V]
@@ -270,6 +279,36 @@ class TeacherCapture:
             v, i = torch.topk(z, k, dim=-1)
             ids[s:e], stored[s:e], top[s:e] = i, v, v
             sums[:, s:e] = tail_sums(z, v, i, self.temperatures, buffer)
+        dev = {"ids": ids, "stored": stored, "top": top, "sums": sums}
+        if sampler is not None:
+            dev.update(sample_ids=sampler.ids.to(torch.int32), sample_counts=sampler.counts, sample_logits=sampler.logits.to(
+                LOGIT_DTYPES[self.logit_dtype]))
+        return dev
+
+    def _parallel_head_outputs(self, flat: torch.Tensor, sampler, step: int, ids, stored, top, sums) -> dict:
+        """_head_outputs of a tensor-parallel teacher: per chunk, this rank's logits transform(h @ W_r.T) [c, V_r]
+        (the transforms are elementwise, so they apply shard by shard), and the top-k, tail sums and draws of
+        the whole vocabulary from vocab_parallel.parallel_head over the group, the same on every rank. The
+        model's own lm_head is not called: under transformers' plan it gathers [c, V] logits on every rank.
+        The chunk is as many tokens as without TP (sized by the whole vocabulary, the same on every rank of a
+        group, as its collectives need), so each rank's [chunk, V_r] buffers take ~1/N of the memory."""
+        from pipeline.teacher.vocab_parallel import parallel_head
+
+        shard = self.head_shard
+        N, k = flat.shape[0], self.topk
+        width = shard.weight.shape[0]
+        buffer = self._buffer(min(step, N) * width, flat.device) if k else None
+        for s in range(0, N, step):
+            z = self.head_spec.transform(torch.nn.functional.linear(flat[s : s + step], shard.weight).float())
+            e = s + len(z)
+            out = parallel_head(shard.comm, shard.split, [z], k, self.temperatures,
+                                None if sampler is None else sampler.uniforms[s:e], self.proposal_temperature, buffer)
+            if sampler is not None:
+                sampler.ids[s:e], sampler.counts[s:e], sampler.logits[s:e] = (
+                    out["sample_ids"], out["sample_counts"], out["sample_logits"])
+            if k:
+                ids[s:e], stored[s:e], top[s:e] = out["ids"], out["top"], out["top"]
+            sums[:, s:e] = out["sums"]
         dev = {"ids": ids, "stored": stored, "top": top, "sums": sums}
         if sampler is not None:
             dev.update(sample_ids=sampler.ids.to(torch.int32), sample_counts=sampler.counts, sample_logits=sampler.logits.to(

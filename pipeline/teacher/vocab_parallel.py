@@ -346,3 +346,45 @@ def parallel_head(comm: Communicator, split: VocabSplit, zs: Sequence[torch.Tens
     else:
         out["sums"] = _full_lse(comm, split, zs, gmax, temperatures)
     return out
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """This process's rank of a tensor-parallel teacher's head: the group, the split and the rank's own rows of
+    the head weight [V_r, d] (a plain tensor, what TeacherCapture multiplies the final hidden states by)."""
+
+    comm: Distributed
+    split: VocabSplit
+    weight: torch.Tensor
+
+
+def head_shard(weight: torch.Tensor, group=None) -> HeadShard:
+    """The HeadShard of a head weight [V, d] over a torch.distributed group (None: the default group). A DTensor
+    split by rows (Shard(0), what transformers' tp_plan gives a Linear head) gives its local rows, whose range
+    is VocabSplit.chunked's; a DTensor replicated over the group, or a plain tensor (a plan that leaves the head
+    whole), gives its rows of that split, sliced (a view: no copy of the weight). Any other placement is
+    refused. The DTensor's mesh must be the group's ranks, in order."""
+    comm = Distributed(group)
+    (rank,) = comm.ranks
+    vocab = weight.shape[0]
+    split = VocabSplit.chunked(vocab, comm.world)
+    start, end = split.bounds[rank]
+    if hasattr(weight, "to_local"):  # a DTensor
+        from torch.distributed import get_process_group_ranks
+        from torch.distributed.tensor import Replicate, Shard
+
+        mesh_ranks = weight.device_mesh.mesh.flatten().tolist()
+        group_ranks = get_process_group_ranks(group) if group is not None else list(range(comm.world))
+        if mesh_ranks != group_ranks:
+            raise ValueError(f"the head weight is split over ranks {mesh_ranks}, the tensor-parallel group is "
+                             f"{group_ranks}")
+        (placement,) = weight.placements
+        local = weight.to_local()
+        if isinstance(placement, Replicate):
+            local = local[start:end]
+        elif not (isinstance(placement, Shard) and placement.dim == 0 and local.shape[0] == end - start):
+            raise ValueError(f"the head weight's placement {placement} (local rows {local.shape[0]}) is not a "
+                             f"split of its {vocab} rows into [{start}, {end}) on rank {rank}")
+    else:
+        local = weight[start:end]
+    return HeadShard(comm, split, local.detach())
