@@ -193,3 +193,16 @@ def test_tensor_parallel_size_checked_against_world_and_kv_heads(tiny_teacher):
     # who does what in a world of 2 groups x 2: consecutive ranks share a teacher, the first of each writes
     layout = [(r.group, r.writes) for r in (Ranks(rank, 4, 2) for rank in range(4))]
     assert layout == [(0, True), (0, False), (1, True), (1, False)] and Ranks(3, 4, 2).groups == 2
+
+
+def test_the_transformers_mesh_surfaces_the_multi_group_build_relies_on():
+    """With several TP groups, models.tensor_parallel_mesh hands transformers a mesh it builds itself, through
+    transformers' private mesh builder: an upgrade that moves or reshapes one of these fails here, loudly,
+    rather than in a multi-group build."""
+    import inspect
+
+    from transformers.distributed import mixin, utils
+
+    assert tuple(inspect.signature(mixin.initialize_distributed_mesh).parameters) == ("distributed_config",)
+    assert tuple(inspect.signature(utils._bind_local_device).parameters) == ("device_type", "local_rank")
+    assert tuple(inspect.signature(utils.TransformersDeviceMesh).parameters) == ("dense_mesh", "expert_mesh")
