@@ -40,6 +40,7 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.student.projectors import build_projectors, save_projectors
 from pipeline.train import checks
 from pipeline.train.arguments import training_arguments
+from pipeline.train.fsdp import fsdp_settings
 from pipeline.train.teacher_side import open_teacher
 
 
@@ -47,7 +48,10 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
     """Train; returns the run summary written to run.json (only rank 0 writes files)."""
     echo = echo or (lambda msg: click.echo(msg, err=True))
 
-    # 1. training arguments (validated before anything heavy), the checkpoint to resume from
+    # 1. training arguments (validated before anything heavy), FSDP, the checkpoint to resume from
+    fsdp = fsdp_settings(cfg.training)
+    if fsdp is not None and (online or resume):
+        raise PipelineError("training.fsdp: --online and --resume are not supported with a sharded run yet")
     args = training_arguments(cfg.training, online=online)
     resume = _resume_checkpoint(resume, Path(args.output_dir), echo if args.should_save else None)
 
@@ -78,16 +82,19 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
 
         # 8. the loop
         trainer, metrics = _train_loop(cfg, args, resume, callbacks, loss, student, teacher, layer_map, data,
-                                       model, projectors, echo)
+                                       model, projectors, echo, fsdp)
     finally:
         teacher.close()
 
     # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
     summary = _summary(cfg, resume, student, teacher, layer_map, data, metrics)
+    if fsdp is not None:
+        summary["fsdp"] = trainer.sharding()
+    state, projectors = trainer.gathered_for_save()  # every rank: a sharded run gathers onto rank 0 here
     if args.should_save:
         out = Path(args.output_dir)
         try:
-            _write_run_dir(out, student, teacher, model, projectors, trainer, summary, echo)
+            _write_run_dir(out, student, teacher, model, projectors, trainer, summary, echo, state)
         except Exception as e:
             if isinstance(e, PipelineError) or not no_space_left(e, out):
                 raise
@@ -213,7 +220,7 @@ def _student_and_projectors(cfg, args, loss, student: _Student, teacher, layer_m
 
 
 def _train_loop(cfg, args, resume: str | None, callbacks, loss, student: _Student, teacher, layer_map: dict[int, int],
-                data: _Data, model, projectors, echo):
+                data: _Data, model, projectors, echo, fsdp=None):
     """Step 8: (trainer, metrics). The held-out loss before training comes from eval_on_start: it runs after the
     Trainer has wrapped the student (DDP under several processes). A plain evaluate() before train() would make
     accelerate treat the bare student as prepared, and train() would then skip the DDP wrapper."""
@@ -225,7 +232,7 @@ def _train_loop(cfg, args, resume: str | None, callbacks, loss, student: _Studen
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if len(data.eval) else None,
         data_collator=data.collator, callbacks=callbacks, projectors=projectors, layer_map=layer_map, loss=loss,
         projector_lr_multiplier=cfg.mapping.projector_lr_multiplier, hidden_norms=data.hidden_norms,
-        source=data.source,
+        source=data.source, fsdp=fsdp,
     )
     if args.should_save:
         echo(f"train ({'online' if teacher.online else 'cache'}): student {student.spec} "
@@ -282,14 +289,16 @@ def _summary(cfg, resume: str | None, student: _Student, teacher, layer_map: dic
     return summary
 
 
-def _write_run_dir(out: Path, student: _Student, teacher, model, projectors, trainer, summary: dict, echo) -> None:
+def _write_run_dir(out: Path, student: _Student, teacher, model, projectors, trainer, summary: dict, echo,
+                   state: dict | None = None) -> None:
     """Step 9 (rank 0): student/ swapped in whole (with a tokenizer: the student's, else the teacher's, and
-    pruning.json), the projectors, the Trainer state and run.json."""
+    pruning.json), the projectors, the Trainer state and run.json. `state`: the student's whole weights when
+    the model holds only shards (FSDP)."""
     out.mkdir(parents=True, exist_ok=True)
     tok = student.tokenizer if student.tokenizer is not None else teacher.tokenizer()
 
     def write_student(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         if tok is not None:
             tok.save_pretrained(tmp)
         if Path(student.spec, "pruning.json").is_file():

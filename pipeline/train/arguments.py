@@ -37,6 +37,12 @@ def training_arguments(training: dict, *, online: bool = False):
     the live teacher runs in the collator, so the loader stays in the main process."""
     from transformers import TrainingArguments
 
+    from pipeline.train.fsdp import FSDP_KEYS, fsdp_settings
+
+    if training.get("deepspeed"):
+        fsdp_settings({"deepspeed": training["deepspeed"]})  # its one-line refusal
+    # the trainer shards itself (pipeline/train/fsdp.py, read by run_train): the Trainer must not see fsdp
+    training = {key: value for key, value in training.items() if key not in FSDP_KEYS}
     fields = _training_fields()
     unknown = sorted(set(training) - set(fields))
     if unknown:

@@ -19,6 +19,7 @@ trainer_adapter.py's hooks; everything else here is the Trainer's public surface
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -36,6 +37,7 @@ from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors,
 from pipeline.blocks import decoder_layers
 from pipeline.targets import TargetSource, hidden_key
 from pipeline.train.dataset import ChunkShuffleSampler
+from pipeline.train.fsdp import FsdpSettings, full_projectors, full_student_state, is_sharded
 from pipeline.train.trainer_adapter import TrainerAdapter, last_whole_checkpoint
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
@@ -82,7 +84,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
 
     def __init__(self, *args, projectors: Projectors, layer_map: dict[int, int], loss: LossSpec,
                  projector_lr_multiplier: float = 1.0, hidden_norms: dict[int, float] | None = None,
-                 source: TargetSource | None = None, **kwargs):
+                 source: TargetSource | None = None, fsdp: FsdpSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if source is None:
             named = loss.logits_source
@@ -93,9 +95,10 @@ class UniversalDistillationTrainer(TrainerAdapter):
         if exact != (source.head is not None):
             raise ValueError("exact targets need loss.logits_source exact and the teacher's head, both or neither")
         self.source = source.with_head(source.head.to(self.args.device), source.layer) if exact else source
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise PipelineError("the projectors live beside the student: DeepSpeed and FSDP are not supported "
-                                "(use DDP: torchrun --nproc_per_node N)")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # e.g. from an accelerate config file
+            raise PipelineError("the projectors live beside the student: accelerate's DeepSpeed and FSDP plugins "
+                                "are not supported (shard with training.fsdp=full_shard under torchrun)")
+        self.fsdp = fsdp
         self.projectors = projectors.to(self.args.device)
         self.layer_map = dict(sorted(layer_map.items()))
         self.loss_spec = loss.checked(self.source)
@@ -125,6 +128,16 @@ class UniversalDistillationTrainer(TrainerAdapter):
             buffers = EXACT_BUFFERS if exact else 1
             self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device, buffers=buffers)
             self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
+        self._projector_template = None
+        if fsdp is not None:  # pipeline/train/fsdp.py: sharded here, then prepared without DDP
+            from pipeline.train import fsdp as sharding
+
+            if self.args.save_strategy != "no" or self.args.load_best_model_at_end:
+                raise PipelineError("training.fsdp: checkpoints of a sharded run are not supported yet: set "
+                                    "training.save_strategy=no (the run directory is still written at the end)")
+            self._projector_template = copy.deepcopy(self.projectors).to("cpu")
+            sharding.shard(self.model, self.projectors, fsdp, self.args.device)
+            self.accelerator.prepare_model(self.model, device_placement=False, evaluation_mode=True)
 
     def _keep_final_hidden(self, module, args, output):
         self._final_hidden = final_hidden(output)
@@ -161,7 +174,10 @@ class UniversalDistillationTrainer(TrainerAdapter):
             model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
             h = self._final_hidden.reshape(B * T, -1).index_select(0, rows)  # [M, d]
             self._final_hidden = None
-            total, parts = chunked_head_loss(h, head_spec(self.model)[0], terms, self._chunk)
+            head = head_spec(self.model)[0]
+            if self.fsdp is not None and is_sharded(head.weight):  # the root unit resharded: shard() changed
+                raise PipelineError("training.fsdp: the head's weight is sharded after the forward")
+            total, parts = chunked_head_loss(h, head, terms, self._chunk)
         else:  # the dense reference: the model's full [N, V] logits
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
             total, parts = dense_vocab_loss(logits.reshape(B * T, -1).index_select(0, rows), terms)
@@ -224,6 +240,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
         held-out cosine per mapped student block (`eval_cos_L<j>`, over all valid tokens)."""
         self._eval_sums = {}
         output = super().evaluation_loop(*args, **kwargs)
+        if self.fsdp is not None:  # the root unit keeps what its no-grad forwards gathered: free it
+            self.model.reshard()
         prefix = getattr(self, "_metric_prefix", "eval")
         sums, self._eval_sums = self._eval_sums, {}
         if sums:
@@ -276,6 +294,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
         if self._projector_grads_synced:
             return
         self._projector_grads_synced = True
+        if self.fsdp is not None:  # FSDP units: their gradients are reduce-scattered (averaged) already
+            return
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         world = torch.distributed.get_world_size()
@@ -324,6 +344,29 @@ class UniversalDistillationTrainer(TrainerAdapter):
             for key, module in self.projectors.items():
                 if isinstance(module, torch.nn.Linear):
                     module.weight.copy_(saved[key].weight.to(module.weight.device, module.weight.dtype))
+
+    def gathered_for_save(self):
+        """(the student's state dict or None, the projectors) to write the run directory from: under FSDP the whole
+        tensors gathered onto rank 0's CPU (every rank must call this), else None (the model's own) and the
+        projectors themselves."""
+        if self.fsdp is None:
+            return None, self.projectors
+        return full_student_state(self.model), full_projectors(self.projectors, self._projector_template)
+
+    def sharding(self) -> dict | None:
+        """Under FSDP, what this process holds: {"processes", "student_local_fraction", "projectors_local_fraction",
+        "dtensor_parameters", "parameters"} (the fractions of the elements held locally); None unsharded."""
+        if self.fsdp is None:
+            return None
+        params = [*self.model.parameters(), *self.projectors.parameters()]
+        def frac(ps):
+            held = sum(p.to_local().numel() if is_sharded(p) else p.numel() for p in ps)
+            return held / max(1, sum(p.numel() for p in ps))
+
+        return {"processes": torch.distributed.get_world_size(), "parameters": len(params),
+                "dtensor_parameters": sum(is_sharded(p) for p in params),
+                "student_local_fraction": frac(list(self.model.parameters())),
+                "projectors_local_fraction": frac(list(self.projectors.parameters()))}
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

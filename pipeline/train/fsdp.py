@@ -1,0 +1,140 @@
+"""Sharded training (FSDP2, `torch.distributed.fsdp.fully_shard`) of the student and its projectors.
+
+`training: {fsdp: full_shard, fsdp_config: {...}}` is read here, not by the Trainer: transformers hands `fsdp` to
+accelerate's FSDP plugin, which shards only on accelerators (on a CPU process group accelerate never enters its
+FSDP mode: with `use_cpu` the run trains unsharded, without it the Trainer refuses), and which would shard the
+student alone, leaving the projectors replicated beside it. So the trainer applies `fully_shard` itself, on
+gloo (CPU) and nccl (CUDA) alike: one unit per decoder block, then the root (the embeddings, the final norm and
+the head), and one unit per linear projector, all on one 1-D mesh over every process. The Trainer then gets a
+model accelerate has already prepared without DDP (`Accelerator.prepare_model(evaluation_mode=True)`, the
+route the Trainer itself takes for a model sharded at load time).
+
+The root unit keeps its parameters unsharded from its forward until its backward (reshard_after_forward
+False, as accelerate does for the root): the chunked vocabulary loss reads the head's weight after the forward,
+and finds there the full weight FSDP gathered for that forward, never a gather of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from pipeline.errors import PipelineError
+
+FSDP_KEYS = ("fsdp", "fsdp_config")
+# training.fsdp words (transformers' spellings): full_shard reshards every block after its forward,
+# shard_grad_op keeps it gathered until its backward; auto_wrap is what is always done (a unit per block)
+_MODES = {"full_shard": True, "shard_grad_op": False}
+_REFUSED_MODES = {"offload": "CPU offload", "hybrid_shard": "hybrid sharding", "hybrid_shard_zero2": "hybrid sharding",
+                  "no_shard": "no_shard (that is DDP: drop training.fsdp)"}
+# fsdp_config keys (with or without the fsdp_ prefix) with no effect on this path: FSDP1 tuning, loading
+# and checkpoint formats (the run directory always holds a plain HF student/ written by rank 0)
+_IGNORED_CONFIG = {"min_num_params", "transformer_layer_cls_to_wrap", "auto_wrap_policy", "cpu_ram_efficient_loading",
+                   "state_dict_type", "sync_module_states", "use_orig_params", "limit_all_gathers", "forward_prefetch",
+                   "backward_prefetch", "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpSettings:
+    """How the student's blocks are sharded: `reshard_after_forward` (full_shard) frees each block's gathered
+    parameters after its forward and gathers them again for its backward."""
+
+    reshard_after_forward: bool = True
+
+
+def fsdp_settings(training: dict) -> FsdpSettings | None:
+    """The `training:` section's FSDP request -> FsdpSettings, None without one. One-line errors, before any model
+    loads: DeepSpeed, FSDP version 1, an option this path does not have, FSDP without a distributed launch."""
+    if training.get("deepspeed"):
+        raise PipelineError("training.deepspeed: DeepSpeed is not supported (the projectors train beside the "
+                            "student); to shard, set training.fsdp=full_shard under torchrun")
+    mode = training.get("fsdp")
+    if mode in (None, False, "", []):
+        if training.get("fsdp_config"):
+            raise PipelineError("training.fsdp_config is set but training.fsdp is not: set training.fsdp=full_shard")
+        return None
+    words = mode.split() if isinstance(mode, str) else ([] if mode is True else [str(w) for w in mode])
+    reshard = True
+    for word in words:
+        if word in _REFUSED_MODES:
+            raise PipelineError(f"training.fsdp {word}: {_REFUSED_MODES[word]} is not supported; use full_shard")
+        if word in _MODES:
+            reshard = _MODES[word]
+        elif word != "auto_wrap":
+            raise PipelineError(f"training.fsdp {word!r}: not one of full_shard, shard_grad_op, auto_wrap")
+    config = training.get("fsdp_config") or {}
+    if not isinstance(config, dict):
+        raise PipelineError("training.fsdp_config must be a mapping (fsdp_version, reshard_after_forward, ...)")
+    for key, value in config.items():
+        name = key.removeprefix("fsdp_")
+        if name == "version":
+            if str(value) != "2":
+                raise PipelineError(f"training.fsdp_config.{key} {value}: only FSDP2 (fully_shard) is supported")
+        elif name == "reshard_after_forward":
+            reshard = _flag(key, value)
+        elif name in ("offload_params", "cpu_offload", "activation_checkpointing"):
+            if _flag(key, value):
+                raise PipelineError(f"training.fsdp_config.{key}: not supported with training.fsdp yet")
+        elif name not in _IGNORED_CONFIG:
+            raise PipelineError(f"training.fsdp_config.{key}: unknown FSDP option")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise PipelineError(f"training.fsdp shards across processes but WORLD_SIZE is {world}: launch with "
+                            "torchrun --nproc_per_node N (N >= 2), or drop training.fsdp")
+    return FsdpSettings(reshard_after_forward=reshard)
+
+
+def _flag(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise PipelineError(f"training.fsdp_config.{key} {value!r}: not true or false")
+
+
+def shard(model: torch.nn.Module, projectors: torch.nn.ModuleDict, settings: FsdpSettings,
+          device: torch.device) -> None:
+    """Shard, in place, the student (a unit per decoder block, then the root) and every linear projector (a unit
+    each: the loss calls each projector's own forward, which is where FSDP gathers its weight) across all
+    processes. Every process must hold the same initial weights (the same checkpoint, the seeded projectors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from pipeline.blocks import decoder_layers
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for block in decoder_layers(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the head stays gathered for the chunked loss
+    for module in projectors.values():
+        if any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded student's whole state dict, on rank 0's CPU ({} on the other ranks). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_projectors(projectors, template):
+    """`template` (an unsharded copy of the projectors taken before `shard`) holding the sharded projectors'
+    current weights, whole, on the CPU (what save_projectors writes). Every rank calls it."""
+    with torch.no_grad():
+        for key, module in projectors.items():
+            for name, p in module.named_parameters():
+                full = p.full_tensor() if is_sharded(p) else p
+                getattr(template[key], name).copy_(full.detach().to("cpu"))
+    return template
