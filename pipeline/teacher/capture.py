@@ -42,16 +42,22 @@ def tail_sums(z: torch.Tensor, top: torch.Tensor, top_ids: torch.Tensor, tempera
     `buffer` (at least z's size) is reused for the exponentials instead of a new [N, V] tensor per
     temperature. Each exponent is computed as (z - max z) / T, which equals z / T - max z / T to the bit
     for a power-of-two T (halving is exact) and within one rounding of it otherwise."""
-    out = torch.empty(len(temperatures), z.shape[0], dtype=torch.float32, device=z.device)
     z.scatter_(-1, top_ids, float("-inf"))
     z.sub_(top[:, :1])  # <= 0 everywhere: no exponential overflows
-    e = torch.empty_like(z) if buffer is None else buffer.view(-1)[: z.numel()].view(z.shape)
+    return exp_sums(z, temperatures, buffer)  # 0 when k = V
+
+
+def exp_sums(d: torch.Tensor, temperatures: list[float], buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over each row of exp(d / T) per temperature -> [n_temps, N] fp32, for d [N, V] = z - max z (<= 0,
+    -inf where excluded); `buffer` (at least d's size) holds the exponentials instead of a new tensor per T."""
+    out = torch.empty(len(temperatures), d.shape[0], dtype=torch.float32, device=d.device)
+    e = torch.empty_like(d) if buffer is None else buffer.view(-1)[: d.numel()].view(d.shape)
     for ti, temp in enumerate(temperatures):
         if temp == 1.0:
-            torch.exp(z, out=e)
+            torch.exp(d, out=e)
         else:
-            torch.div(z, temp, out=e).exp_()
-        out[ti] = e.sum(-1)  # 0 when k = V
+            torch.div(d, temp, out=e).exp_()
+        out[ti] = e.sum(-1)
     return out
 
 

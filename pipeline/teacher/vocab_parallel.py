@@ -50,7 +50,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.teacher.capture import finish_lse
+from pipeline.teacher.capture import exp_sums, finish_lse
 from pipeline.teacher.sampling import distinct_draws
 
 
@@ -221,14 +221,7 @@ def local_tail_sums(z: torch.Tensor, start: int, gmax: torch.Tensor, top_ids: to
     z.masked_fill_(mask[:, :n], float("-inf"))
     del mask
     z.sub_(gmax)  # <= 0 everywhere: no exponential overflows
-    e = torch.empty_like(z) if buffer is None else buffer.view(-1)[: z.numel()].view(z.shape)
-    for ti, temp in enumerate(temperatures):
-        if temp == 1.0:
-            torch.exp(z, out=e)
-        else:
-            torch.div(z, temp, out=e).exp_()
-        out[ti] = e.sum(-1)
-    return out
+    return exp_sums(z, temperatures, buffer)
 
 
 def parallel_tail_sums(comm: Communicator, split: VocabSplit, zs: Sequence[torch.Tensor], gmax: torch.Tensor,

@@ -4,10 +4,8 @@ On small tmpfs mounts (root only; skipped, with the reason, where none can be mo
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,34 +13,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from tests.cache.test_build import assert_same_cache
+from tests.tmpfs import resize, tmpfs
 from tests.train.conftest import base_overrides, tiny_pair
-
-PAGE = 4096
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: int):
-    """A tmpfs of `size` bytes (whole pages) mounted at `path` for the block's duration."""
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: the disk-full tests need a small tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={_kib(size)}k", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({r.stderr.strip() or r.returncode}): the disk-full tests need root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def resize(path: Path, size: int) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={_kib(size)}k", str(path)], check=True, capture_output=True)
-
-
-def _kib(size: int) -> int:
-    return -(-size // PAGE) * PAGE // 1024
-
 
 def used(path: Path) -> int:
     return shutil.disk_usage(path).used

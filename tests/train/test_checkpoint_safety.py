@@ -4,7 +4,6 @@ leaves the previous student/ whole. Each resumed run ends with the uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipes.train import run_train
 from pipeline.train.trainer import UniversalDistillationTrainer
 from pipeline.train.trainer_adapter import last_whole_checkpoint
+from tests.tmpfs import resize, tmpfs
 from tests.train.conftest import training_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,21 +140,6 @@ def test_a_state_file_cut_short_is_not_whole_and_a_rewritten_checkpoint_loses_it
 # ----------------------------------------------------------------------------- a full disk
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: int):
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: the disk-full tests need a small tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={-(-size // 4096) * 4}k", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({r.stderr.strip() or r.returncode}): the disk-full tests need root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def _blocks(folder: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
 
@@ -173,7 +158,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_student(tiny, re
         assert "\n" not in message
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]  # the cut checkpoint is gone
 
-        subprocess.run(["mount", "-o", f"remount,size={4 * checkpoint // 1024}k", str(mnt)], check=True)
+        resize(mnt, 4 * checkpoint)
         run_train(cfg, resume="latest")
         assert_same_weights(out, reference)
 
