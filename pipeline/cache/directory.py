@@ -152,6 +152,11 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
     Returns "complete" when a finished cache with this fingerprint is already there, "resume"
     when an unfinished build of it is, "new" otherwise. A different fingerprint is refused unless
     `overwrite`; a non-empty folder that is not a cache is never overwritten.
+
+    A finished cache with this fingerprint that lacks a shard's record or data files, or its head file, is
+    being repaired (a reader's error says to delete the record of a damaged shard): it becomes an unfinished
+    build again (build.json written first, then manifest.json removed, so a crash in between leaves a
+    resumable build) and "resume" rewrites every shard without a sound record.
     """
     store = as_storage(root)
     want = fingerprint_digest(fingerprint)
@@ -163,7 +168,18 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
         record = store.read_json(existing) if store.isfile(existing) else {}
         have = record.get("fingerprint")
         if have is not None and fingerprint_digest(have) == want:
-            return "complete" if existing == MANIFEST else "resume"
+            if existing == BUILD:
+                return "resume"
+            lacking = _lacking(store, record)
+            if not lacking:
+                return "complete"
+            import click
+
+            click.echo(f"{store}: {lacking[0]} is missing; rebuilding the shards without a sound record "
+                       "(every shard is checked first)", err=True)
+            store.write_json(BUILD, {"fingerprint": have})
+            store.remove(MANIFEST)
+            return "resume"
         if not overwrite:
             check_format(record, store, "pass --overwrite to rebuild it")
             what = "a different config" if have is not None else "an unknown config"
@@ -175,6 +191,18 @@ def claim(root: Storage | Path, fingerprint: dict, overwrite: bool) -> str:
     store.makedirs()
     store.write_json(BUILD, {"fingerprint": fingerprint})
     return "new"
+
+
+def _lacking(store: Storage, manifest: dict) -> list[str]:
+    """The files a finished cache's manifest names that are not there: shard records and data files (one listing),
+    and the head file of exact targets."""
+    present = set(store.listdir(SHARDS))
+    lacking = [rel for s in manifest.get("shards", []) if isinstance(s, dict) and isinstance(s.get("index"), int)
+               for rel in shard_paths(s["index"]) if rel.rsplit("/", 1)[-1] not in present]
+    exact = manifest.get("exact")
+    if isinstance(exact, dict) and exact.get("file") and not store.isfile(exact["file"]):
+        lacking.append(exact["file"])
+    return lacking
 
 
 def finished_record(root: Storage | Path, index: int, start: int, n_rows: int) -> dict | None:

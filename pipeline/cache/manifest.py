@@ -158,7 +158,10 @@ def validate_manifest(m: dict, where: str | Path) -> None:
     if missing:
         raise PipelineError(f"{where}: manifest lacks {', '.join(missing)}")
     covered = 0
-    for s in m["shards"]:
+    for pos, s in enumerate(m["shards"]):
+        if s.get("index") != pos or s.get("name") != shard_name(pos):  # finalize lists shard i at position i
+            raise PipelineError(f"{where}: shard {pos} is listed as {s.get('name')} (index {s.get('index')}); the "
+                                "manifest is damaged")
         if s["start"] != covered:
             raise PipelineError(f"{where}: shard {s['name']} starts at {s['start']}, expected {covered}")
         covered += s["sequences"]

@@ -206,13 +206,21 @@ class Storage:
         where = self.display(rel)
         try:
             with self.open(rel, "rb") as f:
-                text = f.read().decode()
+                raw = f.read()
         except FileNotFoundError:
             raise PipelineError(f"{where} is missing") from None
         try:
-            return json.loads(text)
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:  # a damaged byte: named like any other damage, never a traceback
+            raise PipelineError(f"{where} is not valid JSON (not UTF-8 text at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise PipelineError(f"{where} is not valid JSON ({e.msg})") from None
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole file (an object store: one GET); FileNotFoundError when it is not there."""
+        if self.local:
+            return (self.path / rel).read_bytes()
+        return self.fs.cat_file(self.full(rel))
 
     def write_json(self, rel: str, data: dict) -> None:
         """Locally: *.tmp, fsync, rename (atomic). Object stores: one PUT (an object appears whole)."""

@@ -8,7 +8,7 @@ import json
 import click
 
 from pipeline.cache.info import cache_facts, target_kind_bytes
-from pipeline.cache.reader import open_cache
+from pipeline.cache.reader import Cache
 from pipeline.errors import PipelineError
 from pipeline.phase_one import build_cache
 
@@ -19,10 +19,11 @@ __all__ = ["build_cache", "cache_info", "verify_cache"]
 
 
 def verify_cache(cache_dir: str, storage_options: dict | None = None) -> None:
-    c = open_cache(cache_dir, storage_options=storage_options)
-    bad = c.verify()
+    c = Cache(cache_dir, storage_options=storage_options, require_files=False)  # a missing file is a finding
+    bad = c.problems()
     if bad:
-        raise PipelineError(f"{cache_dir}: {len(bad)} bad file(s), first: {bad[0]}")
+        rel, what = bad[0]
+        raise PipelineError(f"{cache_dir}: {len(bad)} bad file(s), first: {rel} {what}; {c.remedy(rel, verified=True)}")
     click.echo(f"{cache_dir}: OK (format {c.manifest['format_version']}, {len(c.manifest['shards'])} shards, "
                f"{len(c)} sequences)")
 

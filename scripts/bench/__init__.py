@@ -8,6 +8,7 @@ file, then summary.py prints one table of them all:
     head_loss.py  the vocabulary losses alone against the stock head + CE
     eval.py       benchmark items/s per task
     ablate.py     one cache for N variants against N separate runs
+    reader_checks.py  the training loader's tokens/s with the cache's checksums checked on read, against none
 
 gpu.py is phase one on a GPU (tiny on a CPU). The format studies (what a layout stores, how faithfully) are
 under scripts/studies/; `make bench` also runs studies/side_data.py.

@@ -155,8 +155,8 @@ def test_hidden_codecs_in_cache(tiny_config, codec):
 
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
 def test_hidden_chunk_files_read_directly_equal_zarr_reads(tiny_config, codec, monkeypatch):
-    """The reader opens and Blosc-decodes a local cache's hidden chunk files itself: every layer of every
-    sequence (edge chunks included, and int8's scale arrays) equals what zarr reads from the same arrays."""
+    """The reader reads and Blosc-decodes the hidden chunk files itself: every layer of every sequence (edge
+    chunks included, and int8's scale arrays) equals what zarr reads from the same arrays."""
     from pipeline.cache import reader as reader_module
 
     cfg_path, cache_dir = tiny_config(cache__hidden_codec=codec, data__num_sequences=11, cache__chunk_sequences=2,
@@ -165,7 +165,7 @@ def test_hidden_chunk_files_read_directly_equal_zarr_reads(tiny_config, codec, m
     direct = open_cache(cache_dir)
     items = [direct[i]["hidden"] for i in range(len(direct))]
     arrays = [a for _, layers in direct._files.values() for parts in layers.values() for a in parts.values()]
-    assert arrays and all(a.folder is not None for a in arrays)
+    assert arrays and all(a.direct for a in arrays)
     monkeypatch.setattr(reader_module._HiddenArray, "read", lambda self, chunk, r0, n: self.array[r0:r0 + n])
     through_zarr = open_cache(cache_dir)
     for i, hidden in enumerate(items):

@@ -165,12 +165,12 @@ def test_a_damaged_head_file_is_refused_in_one_line(exact, train_overrides, tmp_
     data[-1] ^= 1
     head.write_bytes(bytes(data))
     overrides = [o for o in exact["overrides"] if not o.startswith("cache.dir=")] + [f"cache.dir={cache}"]
-    with pytest.raises(PipelineError, match="teacher_head.safetensors does not match its checksum in the manifest"):
+    with pytest.raises(PipelineError, match="teacher_head.safetensors is damaged: it does not match its checksum in manifest.json"):
         run_train(load_config(None, overrides + train_overrides(tmp_path / "run")))
     verify = CliRunner().invoke(main, ["cache", "verify", str(cache)])
     assert verify.exit_code != 0 and "teacher_head.safetensors" in verify.output
     head.unlink()
-    with pytest.raises(PipelineError, match="teacher_head.safetensors .the teacher's head for exact targets. is missing"):
+    with pytest.raises(PipelineError, match="teacher_head.safetensors is missing; .*distill cache build CONFIG"):
         run_train(load_config(None, overrides + train_overrides(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
