@@ -8,6 +8,19 @@ import torch
 from pipeline.errors import PipelineError
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor: a weight split over processes (FSDP2 shards, a tensor-parallel plan)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor of a possibly sharded one: a DTensor gathered (a collective: every process of its
+    mesh calls it), anything else as it is."""
+    return tensor.full_tensor() if tensor is not None and is_sharded(tensor) else tensor
+
+
 def text_config(config):
     """The language-model part of a config (multimodal configs nest it as text_config)."""
     return getattr(config, "text_config", None) or config

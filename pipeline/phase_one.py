@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import targets
-from pipeline.blocks import text_config
+from pipeline.blocks import is_sharded, text_config, whole
 from pipeline.cache.codecs import frequency_order, id_dtype
 from pipeline.cache.directory import (
     build_lock,
@@ -94,7 +94,7 @@ def build_cache(cfg, overwrite: bool = False, progress: bool = True, timings: di
                              capture.vocab_size, cfg.teacher.dtype),
             layers, seqs, weights_digest, tokenizer_digest(tokenizer),
             frequency_order(seqs.input_ids, capture.vocab_size, id_dtype(capture.vocab_size)), exact=exact)
-        return _build(cfg, root, spec, seqs, capture, overwrite, rank, world, progress, timings, head_file, ranks)
+        return _build(cfg, root, spec, seqs, capture, overwrite, ranks, progress, timings, head_file)
     finally:
         capture.close()
 
@@ -199,7 +199,7 @@ def exact_head(cc, teacher, n_layers: int) -> tuple[bytes | None, dict | None]:
     if head is None:
         raise PipelineError(f"cache.logits {cc.logits}: the teacher's logits cannot be rebuilt from its last block "
                             f"output: {why}")
-    if any(hasattr(t, "full_tensor") for t in (head.norm.weight, head.head.weight)):
+    if any(is_sharded(t) for t in (head.norm.weight, head.head.weight)):
         head = _gathered(head)  # a tensor-parallel teacher: the whole head, gathered once (a collective)
     data = safetensors.torch.save(head.tensors())
     return data, {"file": HEAD_FILE, "checksum": digest_bytes(data), "bytes": len(data), "layer": n_layers,
@@ -209,9 +209,6 @@ def exact_head(cc, teacher, n_layers: int) -> tuple[bytes | None, dict | None]:
 def _gathered(head):
     """A TeacherHead whose DTensor weights (a tensor-parallel teacher's) are gathered into whole tensors."""
     from pipeline.head import FinalNorm, HeadSpec, TeacherHead
-
-    def whole(t):
-        return None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t)
 
     n, h = head.norm, head.head
     return TeacherHead(FinalNorm(n.kind, whole(n.weight), n.eps, whole(n.bias)), HeadSpec(whole(h.weight), h.scale, h.softcap))
@@ -237,9 +234,9 @@ def make_capture(cc, teacher, layers: list[int], device, head_shard=None, keep_h
 # ----------------------------------------------------------------------------- the build
 
 
-def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, rank: int, world: int,
-           progress: bool, timings: dict, head_file: bytes | None = None, ranks: Ranks | None = None):
-    ranks = ranks or Ranks(rank, world)
+def _build(cfg, root: Storage, spec: CacheSpec, seqs, capture, overwrite: bool, ranks: Ranks, progress: bool,
+           timings: dict, head_file: bytes | None = None):
+    rank, world = ranks.rank, ranks.world
     lock = build_lock(root)
     state = _claim(root, lock, spec, overwrite, rank, world)
     todo: list[tuple[int, int, int]] = []

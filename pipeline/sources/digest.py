@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.blocks import is_sharded, whole
+
 
 def model_digest(model: torch.nn.Module) -> str:
     """xxh3-128 over parameter/buffer names, dtypes, shapes and bytes (tied weights counted once). xxh3 hashes
@@ -19,11 +21,11 @@ def model_digest(model: torch.nn.Module) -> str:
     for name, t in model.state_dict(keep_vars=False).items():
         # a tensor-parallel model's weights are DTensors: the digest is the whole tensor's, gathered one at a
         # time (a collective: every rank of the group digests), so a TP build has the fingerprint of one process
-        local = t.to_local() if hasattr(t, "full_tensor") else t
+        local = t.to_local() if is_sharded(t) else t
         if local.data_ptr() in seen:
             continue
         seen.add(local.data_ptr())
-        t = (t.full_tensor() if local is not t else t).detach().cpu().contiguous()
+        t = whole(t).detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from pipeline.blocks import whole
 from pipeline.errors import PipelineError
 
 FSDP_KEYS = ("fsdp", "fsdp_config")
@@ -113,12 +114,6 @@ def shard(model: torch.nn.Module, projectors: torch.nn.ModuleDict, settings: Fsd
             fully_shard(module, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def full_student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The sharded student's whole state dict, on rank 0's CPU ({} on the other ranks). Every rank calls it."""
     from torch.distributed.checkpoint.state_dict import (
@@ -135,6 +130,5 @@ def full_projectors(projectors, template):
     with torch.no_grad():
         for key, module in projectors.items():
             for name, p in module.named_parameters():
-                full = p.full_tensor() if is_sharded(p) else p
-                getattr(template[key], name).copy_(full.detach().to("cpu"))
+                getattr(template[key], name).copy_(whole(p).detach().to("cpu"))
     return template

@@ -34,10 +34,10 @@ from pipeline.losses.dynamics import dynamics_loss
 from pipeline.losses.hidden import COSINE_EPS, hidden_loss
 from pipeline.losses.spec import LossSpec
 from pipeline.student.projectors import INDEX_FILE, Projectors, load_projectors, save_projectors
-from pipeline.blocks import decoder_layers
+from pipeline.blocks import decoder_layers, is_sharded
 from pipeline.targets import TargetSource, hidden_key
 from pipeline.train.dataset import ChunkShuffleSampler
-from pipeline.train.fsdp import FsdpSettings, full_projectors, full_student_state, is_sharded
+from pipeline.train.fsdp import FsdpSettings, full_projectors, full_student_state
 from pipeline.train.trainer_adapter import TrainerAdapter, last_whole_checkpoint
 
 SHUFFLE_WINDOW = 2  # chunks whose rows are mixed together; the reader keeps the last 4 decoded chunks
