@@ -40,7 +40,7 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.student.projectors import build_projectors, save_projectors
 from pipeline.train import checks
 from pipeline.train.arguments import training_arguments
-from pipeline.train.fsdp import fsdp_settings
+from pipeline.train.fsdp import fsdp_settings, init_process_group
 from pipeline.train.teacher_side import open_teacher
 
 
@@ -50,8 +50,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
 
     # 1. training arguments (validated before anything heavy), FSDP, the checkpoint to resume from
     fsdp = fsdp_settings(cfg.training)
-    if fsdp is not None and (online or resume):
-        raise PipelineError("training.fsdp: --online and --resume are not supported with a sharded run yet")
+    init_process_group(fsdp)
     args = training_arguments(cfg.training, online=online)
     resume = _resume_checkpoint(resume, Path(args.output_dir), echo if args.should_save else None)
 
@@ -88,6 +87,7 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
 
     # 9. the run directory (rank 0): student folder swapped in whole, projectors, state, run.json
     summary = _summary(cfg, resume, student, teacher, layer_map, data, metrics)
+    summary["resources"]["held_bytes"] = trainer.held_bytes  # this process's (rank 0's) training state
     if fsdp is not None:
         summary["fsdp"] = trainer.sharding()
     state, projectors = trainer.gathered_for_save()  # every rank: a sharded run gathers onto rank 0 here

@@ -42,6 +42,7 @@ def training_arguments(training: dict, *, online: bool = False):
     if training.get("deepspeed"):
         fsdp_settings({"deepspeed": training["deepspeed"]})  # its one-line refusal
     # the trainer shards itself (pipeline/train/fsdp.py, read by run_train): the Trainer must not see fsdp
+    training_fsdp = {key: value for key, value in training.items() if key in FSDP_KEYS}
     training = {key: value for key, value in training.items() if key not in FSDP_KEYS}
     fields = _training_fields()
     unknown = sorted(set(training) - set(fields))
@@ -53,8 +54,9 @@ def training_arguments(training: dict, *, online: bool = False):
     loader = loader_defaults(user, cuda=not user.get("use_cpu", False) and torch.cuda.is_available(), online=online,
                              cpus=_usable_cpus(), local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     kwargs = {**TRAINING_DEFAULTS, **loader, **user, "remove_unused_columns": False}
+    arguments = _sharded_arguments() if fsdp_settings(training_fsdp) is not None else TrainingArguments
     try:
-        return TrainingArguments(**kwargs)
+        return arguments(**kwargs)
     except (ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"training: {first}") from None
@@ -74,6 +76,22 @@ def loader_defaults(training: dict, *, cuda: bool, online: bool, cpus: int, loca
     if workers > 0:  # both are refused without workers (TrainingArguments, DataLoader)
         defaults.update(dataloader_prefetch_factor=4, dataloader_persistent_workers=True)
     return {key: value for key, value in defaults.items() if key not in training}
+
+
+@functools.cache
+def _sharded_arguments() -> type:
+    """TrainingArguments for a sharded run (training.fsdp): the Trainer must not move the student to the device
+    whole, since it may not fit there; each unit moves as it is sharded, or stays on the CPU offloaded. This is
+    the subclass override the Trainer documents for `place_model_on_device`."""
+    from transformers import TrainingArguments
+
+    @dataclasses.dataclass
+    class ShardedTrainingArguments(TrainingArguments):
+        @property
+        def place_model_on_device(self) -> bool:
+            return False
+
+    return ShardedTrainingArguments
 
 
 @functools.cache

@@ -12,6 +12,17 @@ route the Trainer itself takes for a model sharded at load time).
 The root unit keeps its parameters unsharded from its forward until its backward (reshard_after_forward
 False, as accelerate does for the root): the chunked vocabulary loss reads the head's weight after the forward,
 and finds there the full weight FSDP gathered for that forward, never a gather of its own.
+
+Checkpoints of a sharded run are sharded too (`ShardedCheckpoint`): every process writes its own shards of the
+student, the projectors and the optimizer state with torch.distributed.checkpoint (DCP) into the checkpoint
+folder, so no process ever holds the whole state; resuming, and `load_best_model_at_end`, read them back into the
+shards. A checkpoint folder therefore needs a filesystem every process sees (one node, or a shared mount). The
+run's own outputs stay whole: rank 0 gathers the student into a plain HF folder and the projectors at the end.
+
+CPU offload (`fsdp: full_shard offload`, or fsdp_config `offload_params`) is FSDP2's CPUOffloadPolicy: the
+shards, their gradients and the optimizer step live in host memory and each unit is copied to the device for
+its forward and backward. The gradient norm then reduces CPU tensors, which nccl cannot: such a run's process
+group carries gloo for the CPU beside nccl for CUDA (`init_process_group`).
 """
 
 from __future__ import annotations
@@ -21,15 +32,17 @@ import os
 
 import torch
 
-from pipeline.blocks import whole
+from pipeline.blocks import is_sharded, whole
 from pipeline.errors import PipelineError
 
 FSDP_KEYS = ("fsdp", "fsdp_config")
 # training.fsdp words (transformers' spellings): full_shard reshards every block after its forward,
 # shard_grad_op keeps it gathered until its backward; auto_wrap is what is always done (a unit per block)
 _MODES = {"full_shard": True, "shard_grad_op": False}
-_REFUSED_MODES = {"offload": "CPU offload", "hybrid_shard": "hybrid sharding", "hybrid_shard_zero2": "hybrid sharding",
+_REFUSED_MODES = {"hybrid_shard": "hybrid sharding", "hybrid_shard_zero2": "hybrid sharding",
                   "no_shard": "no_shard (that is DDP: drop training.fsdp)"}
+SHARDED_STUDENT = "student_sharded"  # checkpoint-N/<this>/: DCP shards of the student and the projectors
+SHARDED_OPTIMIZER = "optimizer_sharded"  # checkpoint-N/<this>/: DCP shards of the optimizer state
 # fsdp_config keys (with or without the fsdp_ prefix) with no effect on this path: FSDP1 tuning, loading
 # and checkpoint formats (the run directory always holds a plain HF student/ written by rank 0)
 _IGNORED_CONFIG = {"min_num_params", "transformer_layer_cls_to_wrap", "auto_wrap_policy", "cpu_ram_efficient_loading",
@@ -43,6 +56,7 @@ class FsdpSettings:
     parameters after its forward and gathers them again for its backward."""
 
     reshard_after_forward: bool = True
+    offload: bool = False
 
 
 def fsdp_settings(training: dict) -> FsdpSettings | None:
@@ -57,14 +71,16 @@ def fsdp_settings(training: dict) -> FsdpSettings | None:
             raise PipelineError("training.fsdp_config is set but training.fsdp is not: set training.fsdp=full_shard")
         return None
     words = mode.split() if isinstance(mode, str) else ([] if mode is True else [str(w) for w in mode])
-    reshard = True
+    reshard, offload = True, False
     for word in words:
         if word in _REFUSED_MODES:
             raise PipelineError(f"training.fsdp {word}: {_REFUSED_MODES[word]} is not supported; use full_shard")
         if word in _MODES:
             reshard = _MODES[word]
+        elif word == "offload":
+            offload = True
         elif word != "auto_wrap":
-            raise PipelineError(f"training.fsdp {word!r}: not one of full_shard, shard_grad_op, auto_wrap")
+            raise PipelineError(f"training.fsdp {word!r}: not one of full_shard, shard_grad_op, offload, auto_wrap")
     config = training.get("fsdp_config") or {}
     if not isinstance(config, dict):
         raise PipelineError("training.fsdp_config must be a mapping (fsdp_version, reshard_after_forward, ...)")
@@ -75,16 +91,19 @@ def fsdp_settings(training: dict) -> FsdpSettings | None:
                 raise PipelineError(f"training.fsdp_config.{key} {value}: only FSDP2 (fully_shard) is supported")
         elif name == "reshard_after_forward":
             reshard = _flag(key, value)
-        elif name in ("offload_params", "cpu_offload", "activation_checkpointing"):
+        elif name in ("offload_params", "cpu_offload"):
+            offload = _flag(key, value)
+        elif name == "activation_checkpointing":
             if _flag(key, value):
-                raise PipelineError(f"training.fsdp_config.{key}: not supported with training.fsdp yet")
+                raise PipelineError(f"training.fsdp_config.{key}: set training.activation_checkpointing=true instead "
+                                    "(the student's own per-block checkpointing, which the hooks are tested with)")
         elif name not in _IGNORED_CONFIG:
             raise PipelineError(f"training.fsdp_config.{key}: unknown FSDP option")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise PipelineError(f"training.fsdp shards across processes but WORLD_SIZE is {world}: launch with "
                             "torchrun --nproc_per_node N (N >= 2), or drop training.fsdp")
-    return FsdpSettings(reshard_after_forward=reshard)
+    return FsdpSettings(reshard_after_forward=reshard, offload=offload)
 
 
 def _flag(key: str, value) -> bool:
@@ -105,13 +124,30 @@ def shard(model: torch.nn.Module, projectors: torch.nn.ModuleDict, settings: Fsd
 
     from pipeline.blocks import decoder_layers
 
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if settings.offload else OffloadPolicy()
     for block in decoder_layers(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the head stays gathered for the chunked loss
+        fully_shard(block, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, offload_policy=offload)
+    # the head stays gathered from the forward to the backward for the chunked loss
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     for module in projectors.values():
         if any(True for _ in module.parameters()):
-            fully_shard(module, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
+            fully_shard(module, mesh=mesh, reshard_after_forward=settings.reshard_after_forward,
+                        offload_policy=offload)
+
+
+def init_process_group(settings: FsdpSettings | None) -> None:
+    """Start the process group before the Trainer does, where a sharded run needs more than its default: with
+    CPU offload on CUDA, nccl for the devices and gloo for the CPU, where the offloaded gradients' norm is
+    reduced (nccl alone has no CPU collectives). Otherwise the Trainer's own start is kept."""
+    if settings is None or not settings.offload or torch.distributed.is_initialized():
+        return
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend)
 
 
 def full_student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -132,3 +168,71 @@ def full_projectors(projectors, template):
             for name, p in module.named_parameters():
                 getattr(template[key], name).copy_(whole(p).detach().to("cpu"))
     return template
+
+
+def local_bytes(tensors) -> int:
+    """The bytes of `tensors` this process holds: a DTensor's local shard, any other tensor whole."""
+    held = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if is_sharded(t) else t
+        held += local.numel() * local.element_size()
+    return held
+
+
+class ShardedCheckpoint:
+    """A sharded run's checkpoints: the student and the projectors under SHARDED_STUDENT, the optimizer state
+    under SHARDED_OPTIMIZER, each written as every process's own shards (torch.distributed.checkpoint) and
+    read back into the shards. Every process calls every method (they are collectives).
+
+    The two are one tree, {"student": model, "projectors": projectors}: its parameter names are what the
+    optimizer's state is keyed by, so a resumed run may even change the number of processes."""
+
+    def __init__(self, model: torch.nn.Module, projectors: torch.nn.ModuleDict):
+        self.tree = torch.nn.ModuleDict({"student": model, "projectors": projectors})
+
+    def save_model(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        dcp.save(get_model_state_dict(self.tree), checkpoint_id=os.path.join(folder, SHARDED_STUDENT))
+
+    def load_model(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        path = self._path(folder, SHARDED_STUDENT)
+        state = get_model_state_dict(self.tree)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.tree, state)
+
+    def save_optimizer(self, folder: str, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.tree, _unwrapped(optimizer))
+        dcp.save(state, checkpoint_id=os.path.join(folder, SHARDED_OPTIMIZER))
+
+    def load_optimizer(self, folder: str, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        path = self._path(folder, SHARDED_OPTIMIZER)
+        optimizer = _unwrapped(optimizer)
+        state = get_optimizer_state_dict(self.tree, optimizer)  # the shapes to read into (state made if none)
+        dcp.load(state, checkpoint_id=path)
+        set_optimizer_state_dict(self.tree, optimizer, state)
+
+    @staticmethod
+    def _path(folder: str, name: str) -> str:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise PipelineError(f"checkpoint {folder} has no {name}/ (the shards of a training.fsdp run): it was not "
+                                "saved by a sharded run, or its save did not finish")
+        return path
+
+
+def _unwrapped(optimizer):
+    """The torch optimizer inside accelerate's wrapper (the state-dict helpers read its param_groups and state)."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -99,7 +99,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
             raise PipelineError("the projectors live beside the student: accelerate's DeepSpeed and FSDP plugins "
                                 "are not supported (shard with training.fsdp=full_shard under torchrun)")
         self.fsdp = fsdp
-        self.projectors = projectors.to(self.args.device)
+        # a sharded run's projectors reach the device as they are sharded (or stay on the CPU, offloaded)
+        self.projectors = projectors if fsdp is not None else projectors.to(self.args.device)
         self.layer_map = dict(sorted(layer_map.items()))
         self.loss_spec = loss.checked(self.source)
         self.projector_lr_multiplier = float(projector_lr_multiplier)
@@ -129,15 +130,16 @@ class UniversalDistillationTrainer(TrainerAdapter):
             self._chunk = chunk_rows(self.loss_spec.chunk_tokens, vocab, self.args.device, buffers=buffers)
             self._hooks.append(self.model.get_decoder().register_forward_hook(self._keep_final_hidden))
         self._projector_template = None
+        self._sharded_checkpoint = None
         if fsdp is not None:  # pipeline/train/fsdp.py: sharded here, then prepared without DDP
             from pipeline.train import fsdp as sharding
 
-            if self.args.save_strategy != "no" or self.args.load_best_model_at_end:
-                raise PipelineError("training.fsdp: checkpoints of a sharded run are not supported yet: set "
-                                    "training.save_strategy=no (the run directory is still written at the end)")
             self._projector_template = copy.deepcopy(self.projectors).to("cpu")
             sharding.shard(self.model, self.projectors, fsdp, self.args.device)
             self.accelerator.prepare_model(self.model, device_placement=False, evaluation_mode=True)
+            self._sharded_checkpoint = sharding.ShardedCheckpoint(self.model, self.projectors)
+        self.held_bytes: dict[str, int] = {}
+        self.add_callback(_HeldBytes(self))
 
     def _keep_final_hidden(self, module, args, output):
         self._final_hidden = final_hidden(output)
@@ -317,8 +319,12 @@ class UniversalDistillationTrainer(TrainerAdapter):
         self._projector_grads_synced = False
 
     # ------------------------------------------------------------------ checkpoints
+    def sharded_checkpoint(self):
+        return self._sharded_checkpoint
+
     def checkpoint_saved(self, output_dir: str) -> None:
-        if self.args.should_save:  # the projectors go with every checkpoint
+        if self.args.should_save and self.fsdp is None:  # the projectors go with every checkpoint (sharded: in
+            # the student's shards)
             save_projectors(self.projectors, output_dir, {"global_step": self.state.global_step})
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -327,7 +333,7 @@ class UniversalDistillationTrainer(TrainerAdapter):
         `True` resumes from the newest whole checkpoint (one whose save did not finish is passed over)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_whole_checkpoint(self.args.output_dir)[0]
-        if resume_from_checkpoint:
+        if resume_from_checkpoint and self.fsdp is None:  # sharded: restored with the student's shards
             self._restore_projectors(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -355,7 +361,8 @@ class UniversalDistillationTrainer(TrainerAdapter):
 
     def sharding(self) -> dict | None:
         """Under FSDP, what this process holds: {"processes", "student_local_fraction", "projectors_local_fraction",
-        "dtensor_parameters", "parameters"} (the fractions of the elements held locally); None unsharded."""
+        "dtensor_parameters", "parameters", "reshard_after_forward", "offload", "shard_devices"} (the fractions of the
+        elements held locally; the device types the local shards live on, ["cpu"] when offloaded); None unsharded."""
         if self.fsdp is None:
             return None
         params = [*self.model.parameters(), *self.projectors.parameters()]
@@ -366,7 +373,9 @@ class UniversalDistillationTrainer(TrainerAdapter):
         return {"processes": torch.distributed.get_world_size(), "parameters": len(params),
                 "dtensor_parameters": sum(is_sharded(p) for p in params),
                 "student_local_fraction": frac(list(self.model.parameters())),
-                "projectors_local_fraction": frac(list(self.projectors.parameters()))}
+                "projectors_local_fraction": frac(list(self.projectors.parameters())),
+                "reshard_after_forward": self.fsdp.reshard_after_forward, "offload": self.fsdp.offload,
+                "shard_devices": sorted({(p.to_local() if is_sharded(p) else p).device.type for p in params})}
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -389,5 +398,27 @@ class _ProjectorSteps(TrainerCallback):
         self.trainer._zero_projector_grads()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None and self.trainer.fsdp is None:
             self.trainer._restore_projectors(state.best_model_checkpoint)
+
+
+class _HeldBytes(TrainerCallback):
+    """The training state this process holds, at its largest: after each optimizer step, while the gradients
+    are still there, the bytes of the student's and the projectors' parameters, their gradients and the
+    optimizer's state (a sharded run's local shards only). Read into `trainer.held_bytes`."""
+
+    def __init__(self, trainer: UniversalDistillationTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        from pipeline.train.fsdp import local_bytes
+
+        trainer = self.trainer
+        params = [*trainer.model.parameters(), *trainer.projectors.parameters()]
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        states = [v for per in optimizer.state.values() for v in per.values() if torch.is_tensor(v) and v.dim()]
+        now = {"parameters": local_bytes(params), "gradients": local_bytes(p.grad for p in params),
+               "optimizer": local_bytes(states)}
+        now["total"] = sum(now.values())
+        if now["total"] > trainer.held_bytes.get("total", -1):
+            trainer.held_bytes = now

@@ -1,6 +1,6 @@
 """The one place that reaches into `transformers.Trainer`'s private methods.
 
-The distillation trainer needs six things the Trainer offers no public argument or callback for:
+The distillation trainer needs seven things the Trainer offers no public argument or callback for:
 - its own train sampler (whole cache chunks shuffled, `ChunkShuffleSampler`): `_get_train_sampler`;
 - one global gradient norm over the student and the projectors, which live beside the model and are
   clipped with it: `_clip_grad_norm` and `_get_grad_norm` (the Trainer's own norm covers the model only);
@@ -18,12 +18,16 @@ The distillation trainer needs six things the Trainer offers no public argument 
   trainer_state.json of a folder it rewrites, so that folder, too, counts only once the Trainer has finished
   it. The adapter neither calls nor overrides `_save_checkpoint`: `check_trainer_seams` reads its source for
   that order (SAVE_ORDER);
-- nothing else: the best model, evaluation prefixes and gradient-accumulation scaling go through public
+- checkpoints of a student that holds only shards (FSDP): the Trainer writes and reads a checkpoint's model and
+  optimizer whole, from rank 0, through `save_model`, `_save_optimizer_and_scheduler`,
+  `_load_optimizer_and_scheduler`, `_load_from_checkpoint` and `_load_best_model`; with a `sharded_checkpoint`
+  each of those writes or reads every process's shards instead (the scheduler stays the Trainer's file);
+- nothing else: the best model (of an unsharded run), evaluation prefixes and gradient-accumulation scaling go through public
   methods, callbacks and the documented `loss_is_scaled_for_ga` attribute.
 
 `TrainerAdapter` overrides exactly those private methods and turns them into named hooks
-(`train_sampler`, `clipped_parameters`, `before_grad_norm`, `checkpoint_saved`, and `prepared_inputs` to call). They were written against the transformers
-range below, which pyproject.toml pins; `check_trainer_seams()` (run by the tests) confirms that the
+(`train_sampler`, `clipped_parameters`, `before_grad_norm`, `checkpoint_saved`, `sharded_checkpoint`, and
+`prepared_inputs` to call). They were written against the transformers range below, which pyproject.toml pins; `check_trainer_seams()` (run by the tests) confirms that the
 installed Trainer still has each private method with the signature relied on, and that its checkpoint save
 still writes trainer_state.json last, so an upgrade that moves one fails loudly in the suite rather than
 silently skipping the projectors' clipping or resuming from a half-written checkpoint.
@@ -38,7 +42,7 @@ import re
 
 import torch
 from transformers import Trainer, TrainerState
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 # [lowest, first untested): the versions these seams were tested on; pyproject.toml pins the same range
@@ -53,13 +57,16 @@ SEAMS = {
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "_prepare_inputs": ("inputs",),
     "save_model": ("output_dir", "_internal_call"),
+    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    "_load_best_model": (),
 }
-CALLED_ONLY = ("_load_from_checkpoint", "_prepare_inputs")  # the seams this module calls without overriding
+CALLED_ONLY = ("_prepare_inputs",)  # the seams this module calls without overriding
 # the private method whose order of writes `checkpoint_problem` relies on, and what it must call, in this order:
 # the model (and through save_model the projectors), the RNG states (after optimizer and scheduler), the
 # trainer state, and only then the rotation of older checkpoints
-SAVE_ORDER = ("_save_checkpoint", ("self.save_model(", "self._save_rng_state(", "TRAINER_STATE_NAME",
-                                   "rotate_checkpoints("))
+SAVE_ORDER = ("_save_checkpoint", ("self.save_model(", "self._save_optimizer_and_scheduler(", "self._save_rng_state(",
+                                   "TRAINER_STATE_NAME", "rotate_checkpoints("))
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # the folder names get_last_checkpoint reads
 
 
@@ -144,6 +151,12 @@ class TrainerAdapter(Trainer):
     def checkpoint_saved(self, output_dir: str) -> None:
         """Runs after the Trainer has saved a checkpoint's model into `output_dir` (every process)."""
 
+    def sharded_checkpoint(self):
+        """How checkpoints are written when the model holds only shards: an object with save_model(folder),
+        load_model(folder), save_optimizer(folder, optimizer) and load_optimizer(folder, optimizer), each a
+        collective every process calls (pipeline/train/fsdp.ShardedCheckpoint); None: the Trainer's own files."""
+        return None
+
     def prepared_inputs(self, inputs: dict) -> dict:
         """`inputs` as the Trainer's own steps use them (on the device, under its input preparation)."""
         return self._prepare_inputs(inputs)
@@ -158,7 +171,11 @@ class TrainerAdapter(Trainer):
                 os.remove(os.path.join(output_dir, TRAINER_STATE_NAME))
             except FileNotFoundError:
                 pass
-        super().save_model(output_dir, _internal_call)
+        sharded = self.sharded_checkpoint() if _internal_call and checkpoint else None
+        if sharded is not None:
+            sharded.save_model(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
         if _internal_call:
             self.checkpoint_saved(output_dir or self.args.output_dir)
 
@@ -174,6 +191,33 @@ class TrainerAdapter(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ---- the private methods, as hooks
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        sharded = self.sharded_checkpoint()
+        if sharded is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        sharded.save_optimizer(output_dir, self.optimizer)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        sharded = self.sharded_checkpoint()
+        if sharded is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        sharded.load_optimizer(checkpoint, self.optimizer)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        sharded = self.sharded_checkpoint()
+        if sharded is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        sharded.load_model(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        sharded = self.sharded_checkpoint()
+        if sharded is None:
+            return super()._load_best_model()
+        sharded.load_model(self.state.best_model_checkpoint)
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)

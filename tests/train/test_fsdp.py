@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +40,11 @@ COMMON = dict(optim="adamw_torch", learning_rate=0.01, max_steps=STEPS)
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
 
 
-def _torchrun(tiny, tmp_path: Path, overrides: list[str]) -> None:
+def _torchrun(tiny, tmp_path: Path, overrides: list[str], *flags: str) -> None:
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(load_config(None, tiny["overrides"]).to_dict(), sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "train", str(cfg_path)]
+           "-m", "pipeline.cli", "train", str(cfg_path), *flags]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
@@ -67,7 +68,9 @@ def test_fsdp_two_processes_equal_one(tiny, train_overrides, tmp_path):
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
     run_train(load_config(None, tiny["overrides"] + train_overrides(one, per_device_train_batch_size=4, **COMMON)))
     _torchrun(tiny, tmp_path, train_overrides(ddp, per_device_train_batch_size=2, **COMMON))
-    _torchrun(tiny, tmp_path, train_overrides(fsdp, per_device_train_batch_size=2, **COMMON, **FSDP))
+    # sharded, with activation checkpointing (the one-process and DDP runs keep their activations)
+    _torchrun(tiny, tmp_path, train_overrides(fsdp, per_device_train_batch_size=2, activation_checkpointing=True,
+                                              **COMMON, **FSDP))
 
     # sharded: every student and projector parameter a DTensor, each process holding half of the elements
     sharding = json.loads((fsdp / "run.json").read_text())["fsdp"]
@@ -108,6 +111,93 @@ def test_fsdp_two_processes_equal_one(tiny, train_overrides, tmp_path):
         assert mf[k] == pytest.approx(m1[k], rel=1e-5), k
 
 
+def _dcp(folder: Path) -> dict:
+    """A DCP checkpoint folder read whole into one process (torch.distributed.checkpoint's own converter)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = folder.parent / (folder.name + ".pt")
+    dcp_to_torch_save(folder, target)
+    return torch.load(target, weights_only=False)
+
+
+def _flat(tree, prefix="") -> dict:
+    """Nested dicts and lists of tensors and numbers -> {dotted path: leaf}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _identical(a: dict, b: dict) -> None:
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        if torch.is_tensor(fa[key]):
+            assert torch.equal(fa[key], fb[key]), key
+        else:
+            assert fa[key] == fb[key], key
+
+
+def test_fsdp_checkpoints_resume_and_best_model(tiny, train_overrides, tmp_path):
+    """Checkpoints of a sharded run hold every process's shards (student, projectors, optimizer state), never a
+    whole copy; a run resumed from one continues bit for bit (its next checkpoint, optimizer state included, is
+    identical to the uninterrupted run's); load_best_model_at_end loads the best checkpoint's shards, and the
+    run's student/ and projectors are then that checkpoint's weights, whole.
+
+    The resumed run also offloads its shards to the CPU (FSDP2's CPUOffloadPolicy). On a CPU process group the
+    shards live on the CPU either way, so offloading changes no arithmetic and the run must still be identical:
+    this shows the offloaded path trains, saves and restores; what offload saves on a GPU is measured elsewhere."""
+    settings = dict(COMMON, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
+                    eval_strategy="steps", eval_steps=2, save_total_limit=3, load_best_model_at_end=True,
+                    metric_for_best_model="loss", greater_is_better=True)  # "best" = the higher held-out loss
+    run = tmp_path / "run"
+    _torchrun(tiny, tmp_path, train_overrides(run, **settings, **FSDP))
+    state = json.loads((run / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_loss" in h]  # steps 0, 2, 4, then after loading the best
+    assert [h["step"] for h in evals] == [0, 2, 4, 4]
+    assert evals[1]["eval_loss"] > evals[2]["eval_loss"] and state["best_model_checkpoint"].endswith("checkpoint-2")
+    # the held-out losses after training are step 2's: the student and the projectors (the hidden term) restored
+    assert {k: v for k, v in evals[3].items() if k.startswith("eval_loss")} == {
+        k: v for k, v in evals[1].items() if k.startswith("eval_loss")}
+    for step in (2, 4):
+        folder = run / f"checkpoint-{step}"
+        names = sorted(p.name for p in folder.iterdir())
+        assert {"student_sharded", "optimizer_sharded", "scheduler.pt", "trainer_state.json", "rng_state_0.pth",
+                "rng_state_1.pth"} <= set(names), names
+        assert not {"model.safetensors", "optimizer.pt", "projectors.safetensors"} & set(names), names
+        shards = sorted(p.name for p in (folder / "student_sharded").iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+
+    # the best checkpoint's shards, gathered here, are the run's whole student and projectors
+    best = _dcp(run / "checkpoint-2" / "student_sharded")
+    student = load_file(str(run / "student" / "model.safetensors"))
+    projectors = load_file(str(run / "projectors.safetensors"))
+    assert {f"student.{k}" for k in student} | {f"projectors.{k}" for k in projectors} == set(best)
+    for k, v in student.items():
+        assert torch.equal(v, best[f"student.{k}"]), k
+    for k, v in projectors.items():
+        assert torch.equal(v, best[f"projectors.{k}"]), k
+    last = {k.removeprefix("student."): v for k, v in _dcp(run / "checkpoint-4" / "student_sharded").items()
+            if k.startswith("student.")}
+    assert _max_diff(student, last) > 1e-4  # steps 3 and 4 moved it: the best is not simply the last
+
+    # resumed from checkpoint-2 (the newest whole one once checkpoint-4 is gone), with CPU offload
+    uninterrupted = {name: _dcp(run / "checkpoint-4" / name) for name in ("student_sharded", "optimizer_sharded")}
+    shutil.rmtree(run / "checkpoint-4")
+    offload = dict(FSDP, fsdp="full_shard offload")
+    _torchrun(tiny, tmp_path, train_overrides(run, **settings, **offload), "--resume")
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    assert summary["fsdp"]["offload"] and summary["fsdp"]["shard_devices"] == ["cpu"]
+    for name, whole_state in uninterrupted.items():
+        _identical(_dcp(run / "checkpoint-4" / name), whole_state)
+    resumed = [h for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    first = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    assert resumed == first  # steps 3 and 4 logged the same numbers, to the last bit
+
+
 def test_fsdp_without_a_distributed_launch_is_one_line(tiny, train_overrides, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
@@ -126,7 +216,8 @@ def test_deepspeed_is_refused_naming_fsdp(tmp_path):
 
 @pytest.mark.parametrize("training, message", [
     ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 1}}, "only FSDP2"),
-    ({"fsdp": "full_shard offload"}, "CPU offload is not supported"),
+    ({"fsdp": "full_shard offload_everything"}, "not one of full_shard"),
+    ({"fsdp": "full_shard", "fsdp_config": {"activation_checkpointing": True}}, "training.activation_checkpointing=true"),
     ({"fsdp": "full_shard", "fsdp_config": {"fsdp_nonsense": 1}}, "unknown FSDP option"),
     ({"fsdp_config": {"fsdp_version": 2}}, "training.fsdp is not"),
 ])
