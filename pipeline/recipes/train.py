@@ -40,7 +40,7 @@ from pipeline.student.layer_map import build_layer_map, read_kept_layers
 from pipeline.student.projectors import build_projectors, save_projectors
 from pipeline.train import checks
 from pipeline.train.arguments import training_arguments
-from pipeline.train.fsdp import fsdp_settings, init_process_group
+from pipeline.train.fsdp import fsdp_settings, init_process_group, take_over_accelerate_fsdp
 from pipeline.train.teacher_side import open_teacher
 
 
@@ -50,8 +50,9 @@ def run_train(cfg, online: bool = False, resume: str | None = None, callbacks=No
 
     # 1. training arguments (validated before anything heavy), FSDP, the checkpoint to resume from
     fsdp = fsdp_settings(cfg.training)
+    take_over_accelerate_fsdp()
     init_process_group(fsdp)
-    args = training_arguments(cfg.training, online=online)
+    args = training_arguments(cfg.training, online=online, sharded=fsdp is not None)
     resume = _resume_checkpoint(resume, Path(args.output_dir), echo if args.should_save else None)
 
     # 2. the student's shape, from its config only

@@ -31,10 +31,11 @@ TRAINING_DEFAULTS = {
 _OFF = {"report_to": "none"}
 
 
-def training_arguments(training: dict, *, online: bool = False):
+def training_arguments(training: dict, *, online: bool = False, sharded: bool | None = None):
     """cfg.training -> TrainingArguments, each value coerced to its field's type (an unknown key or a bad value
     is a one-line error), under TRAINING_DEFAULTS and, when it trains on a GPU, `loader_defaults`. `online`:
-    the live teacher runs in the collator, so the loader stays in the main process."""
+    the live teacher runs in the collator, so the loader stays in the main process. `sharded`: whether the trainer
+    shards the student (None: read from the section's fsdp keys)."""
     from transformers import TrainingArguments
 
     from pipeline.train.fsdp import FSDP_KEYS, fsdp_settings
@@ -54,7 +55,9 @@ def training_arguments(training: dict, *, online: bool = False):
     loader = loader_defaults(user, cuda=not user.get("use_cpu", False) and torch.cuda.is_available(), online=online,
                              cpus=_usable_cpus(), local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     kwargs = {**TRAINING_DEFAULTS, **loader, **user, "remove_unused_columns": False}
-    arguments = _sharded_arguments() if fsdp_settings(training_fsdp) is not None else TrainingArguments
+    if sharded is None:
+        sharded = fsdp_settings(training_fsdp) is not None
+    arguments = _sharded_arguments() if sharded else TrainingArguments
     try:
         return arguments(**kwargs)
     except (ValueError, TypeError) as e:

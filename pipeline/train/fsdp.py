@@ -59,9 +59,43 @@ class FsdpSettings:
     offload: bool = False
 
 
-def fsdp_settings(training: dict) -> FsdpSettings | None:
-    """The `training:` section's FSDP request -> FsdpSettings, None without one. One-line errors, before any model
-    loads: DeepSpeed, FSDP version 1, an option this path does not have, FSDP without a distributed launch."""
+# `accelerate launch --use_fsdp` (or an accelerate config file with distributed_type FSDP) passes its FSDP plugin
+# to the processes in these variables; the values are accelerate's spellings
+_ACCELERATE_FSDP = "ACCELERATE_USE_FSDP"
+_ACCELERATE_STRATEGIES = {"1": "full_shard", "FULL_SHARD": "full_shard", "2": "shard_grad_op",
+                          "SHARD_GRAD_OP": "shard_grad_op", "3": "no_shard", "NO_SHARD": "no_shard",
+                          "4": "hybrid_shard", "HYBRID_SHARD": "hybrid_shard", "5": "hybrid_shard_zero2",
+                          "HYBRID_SHARD_ZERO2": "hybrid_shard_zero2"}
+
+
+def accelerate_fsdp(environ=os.environ) -> dict:
+    """The `training:` keys an accelerate FSDP launch asks for ({} without one): fsdp and fsdp_config, read from
+    the variables `accelerate launch` sets, so that they go through the same checks as the section's own."""
+    if environ.get(_ACCELERATE_FSDP, "false").lower() != "true":
+        return {}
+    mode = [_ACCELERATE_STRATEGIES.get(environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper(), "full_shard")]
+    config = {"fsdp_version": environ.get("FSDP_VERSION", "1")}
+    for key in ("reshard_after_forward", "offload_params", "activation_checkpointing"):
+        value = environ.get(f"FSDP_{key.upper()}")
+        if value is not None and not (key == "reshard_after_forward" and value.upper() in _ACCELERATE_STRATEGIES):
+            config[f"fsdp_{key}"] = value
+    return {"fsdp": " ".join(mode), "fsdp_config": config}
+
+
+def take_over_accelerate_fsdp(environ=os.environ) -> None:
+    """After `fsdp_settings` has read an accelerate FSDP launch: turn accelerate's own FSDP off in this process,
+    so that the Trainer's accelerator neither shards the student a second time nor refuses the projectors."""
+    if _ACCELERATE_FSDP in environ:
+        environ[_ACCELERATE_FSDP] = "false"
+
+
+def fsdp_settings(training: dict, environ=os.environ) -> FsdpSettings | None:
+    """The `training:` section's FSDP request -> FsdpSettings, None without one. Without `training.fsdp`, an
+    accelerate FSDP launch (`accelerate launch --use_fsdp --fsdp_version 2`) is the request. One-line errors,
+    before any model loads: DeepSpeed, FSDP version 1, an option this path does not have, FSDP without a
+    distributed launch."""
+    if not training.get("fsdp") and not training.get("fsdp_config") and accelerate_fsdp(environ):
+        training = {**training, **accelerate_fsdp(environ)}
     if training.get("deepspeed"):
         raise PipelineError("training.deepspeed: DeepSpeed is not supported (the projectors train beside the "
                             "student); to shard, set training.fsdp=full_shard under torchrun")

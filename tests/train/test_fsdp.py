@@ -32,7 +32,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.recipes.train import run_train
 from pipeline.train.arguments import training_arguments
-from pipeline.train.fsdp import fsdp_settings
+from pipeline.train.fsdp import FsdpSettings, fsdp_settings, take_over_accelerate_fsdp
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -40,11 +40,16 @@ COMMON = dict(optim="adamw_torch", learning_rate=0.01, max_steps=STEPS)
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
 
 
-def _torchrun(tiny, tmp_path: Path, overrides: list[str], *flags: str) -> None:
+TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# accelerate's own FSDP launch (what an accelerate config file with distributed_type FSDP sets), no training.fsdp
+ACCELERATE_FSDP = ["accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                   "no", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2"]
+
+
+def _torchrun(tiny, tmp_path: Path, overrides: list[str], *flags: str, launcher=TORCHRUN) -> None:
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(load_config(None, tiny["overrides"]).to_dict(), sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "train", str(cfg_path), *flags]
+    cmd = [sys.executable, "-m", *launcher, "-m", "pipeline.cli", "train", str(cfg_path), *flags]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
@@ -140,7 +145,8 @@ def _identical(a: dict, b: dict) -> None:
 
 
 def test_fsdp_checkpoints_resume_and_best_model(tiny, train_overrides, tmp_path):
-    """Checkpoints of a sharded run hold every process's shards (student, projectors, optimizer state), never a
+    """Launched by `accelerate launch --use_fsdp --fsdp_version 2` (the resumed run: torchrun and training.fsdp).
+    Checkpoints of a sharded run hold every process's shards (student, projectors, optimizer state), never a
     whole copy; a run resumed from one continues bit for bit (its next checkpoint, optimizer state included, is
     identical to the uninterrupted run's); load_best_model_at_end loads the best checkpoint's shards, and the
     run's student/ and projectors are then that checkpoint's weights, whole.
@@ -152,7 +158,8 @@ def test_fsdp_checkpoints_resume_and_best_model(tiny, train_overrides, tmp_path)
                     eval_strategy="steps", eval_steps=2, save_total_limit=3, load_best_model_at_end=True,
                     metric_for_best_model="loss", greater_is_better=True)  # "best" = the higher held-out loss
     run = tmp_path / "run"
-    _torchrun(tiny, tmp_path, train_overrides(run, **settings, **FSDP))
+    _torchrun(tiny, tmp_path, train_overrides(run, **settings), launcher=ACCELERATE_FSDP)
+    assert json.loads((run / "run.json").read_text())["fsdp"]["student_local_fraction"] == pytest.approx(0.5, abs=0.01)
     state = json.loads((run / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_loss" in h]  # steps 0, 2, 4, then after loading the best
     assert [h["step"] for h in evals] == [0, 2, 4, 4]
@@ -225,6 +232,22 @@ def test_bad_fsdp_settings(training, message, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(PipelineError, match=message):
         fsdp_settings(training)
+
+
+def test_an_accelerate_fsdp_launch_is_read_as_training_fsdp(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+           "FSDP_OFFLOAD_PARAMS": "true"}
+    assert fsdp_settings({}, env) == FsdpSettings(reshard_after_forward=False, offload=True)
+    assert fsdp_settings({"fsdp": "full_shard"}, env) == FsdpSettings()  # the section's own request wins
+    assert fsdp_settings({}, {**env, "ACCELERATE_USE_FSDP": "false"}) is None
+    with pytest.raises(PipelineError, match="only FSDP2"):
+        fsdp_settings({}, {"ACCELERATE_USE_FSDP": "true"})  # accelerate's default version is 1
+    with pytest.raises(PipelineError, match="hybrid sharding is not supported"):
+        fsdp_settings({}, {**env, "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"})
+    taken = dict(env)
+    take_over_accelerate_fsdp(taken)  # the Trainer's accelerator must not shard a second time
+    assert taken["ACCELERATE_USE_FSDP"] == "false"
 
 
 def test_fsdp_settings_as_hf_writes_them(monkeypatch):
