@@ -16,8 +16,9 @@ The distillation trainer needs seven things the Trainer offers no public argumen
   checkpoint folder whose trainer_state.json reads back is whole (`checkpoint_problem`), and a kill mid-save
   leaves the previous whole one in place; the start of a checkpoint's save (`save_model` again) removes the
   trainer_state.json of a folder it rewrites, so that folder, too, counts only once the Trainer has finished
-  it. The adapter neither calls nor overrides `_save_checkpoint`: `check_trainer_seams` reads its source for
-  that order (SAVE_ORDER);
+  it. Each process writes its own RNG state; `_save_rng_state` ends with a barrier, so that rank 0 writes the
+  trainer state only once every process's files are there. The adapter neither calls nor overrides
+  `_save_checkpoint`: `check_trainer_seams` reads its source for that order (SAVE_ORDER);
 - checkpoints of a student that holds only shards (FSDP): the Trainer writes and reads a checkpoint's model and
   optimizer whole, from rank 0, through `save_model`, `_save_optimizer_and_scheduler`,
   `_load_optimizer_and_scheduler`, `_load_from_checkpoint` and `_load_best_model`; with a `sharded_checkpoint`
@@ -60,6 +61,7 @@ SEAMS = {
     "_save_optimizer_and_scheduler": ("output_dir",),
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "_load_best_model": (),
+    "_save_rng_state": ("output_dir",),
 }
 CALLED_ONLY = ("_prepare_inputs",)  # the seams this module calls without overriding
 # the private method whose order of writes `checkpoint_problem` relies on, and what it must call, in this order:
@@ -211,6 +213,11 @@ class TrainerAdapter(Trainer):
         if sharded is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         sharded.load_model(resume_from_checkpoint)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process's files are written before rank 0's trainer state
 
     def _load_best_model(self) -> None:
         sharded = self.sharded_checkpoint()
