@@ -37,6 +37,9 @@ bench: setup
 	$(BIN)/python -m scripts.bench.eval --out $(BENCH_OUT)
 	$(BIN)/python -m scripts.bench.ablate --out $(BENCH_OUT)
 	$(BIN)/python -m scripts.bench.reader_checks --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.train.sharded --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.bench.tp_teacher --out $(BENCH_OUT)
+	$(BIN)/python -m scripts.plan.capacity --measured $(BENCH_OUT)
 	$(BIN)/python -m scripts.bench.summary $(BENCH_OUT)
 
 # $(call prune,DIR,ARGS): the packaged teacher pruned by ARGS into DIR, once (kept when DIR/pruning.json exists)

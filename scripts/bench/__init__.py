@@ -9,7 +9,11 @@ file, then summary.py prints one table of them all:
     eval.py       benchmark items/s per task
     ablate.py     one cache for N variants against N separate runs
     reader_checks.py  the training loader's tokens/s with the cache's checksums checked on read, against none
+    train/sharded.py  phase two sharded (FSDP2, 2 processes): per-process training state and step time
+                  against one process and DDP
+    tp_teacher.py phase one with a tensor-parallel teacher (TP = 2): per-process weights and head chunk
 
 gpu.py is phase one on a GPU (tiny on a CPU). The format studies (what a layout stores, how faithfully) are
-under scripts/studies/; `make bench` also runs studies/side_data.py.
+under scripts/studies/; `make bench` also runs studies/side_data.py, and scripts/plan/capacity.py, whose
+formulas it checks against the two sharded benchmarks' rows.
 """
