@@ -62,6 +62,38 @@ def models(tmp_path_factory):
     return {"root": root, "teacher": teacher, "student": student, "broken": str(broken)}
 
 
+@pytest.fixture(scope="module")
+def built(models, tmp_path_factory):
+    """{cache, baseline}: the cache an ablation of the base config (variant `kd: {}`) builds, and the teacher's and
+    the untrained student's baseline scores on it, made once, in this process, by the same `distill cache build`
+    and `distill eval` commands (and arguments) the ablation runs in its child processes. For the tests whose
+    subject comes after those steps (resume, SIGTERM): they name this cache as cache.dir (it is only read: a
+    finished cache is never rebuilt, training and eval never write to it) and copy the baseline folder into their
+    own ablate.output_dir, where the ablation finds the scores still valid and keeps them.
+    test_ablation_over_one_cache builds its own cache and baselines through the ablation."""
+    from pipeline.config import load_config
+    from pipeline.recipes.cache import build_cache
+
+    root = tmp_path_factory.mktemp("ablate_built")
+    shutil.copy(models["root"] / "corpus.txt", root / "corpus.txt")
+    config = _config(root, models["teacher"], models["student"], {"kd": {}})
+    base = load_config(config)
+    build_cache(base)
+    cache = open_cache(base.cache.dir)
+    assert cache.layers == [2, 4]  # what the ablation builds for the uniform map {1: 2, 2: 4}
+    baseline = root / "ablate" / "baseline"
+    for model, name in ((models["teacher"], "teacher.json"), (models["student"], "pruned.json")):
+        args = ablate_recipe._eval_args(model, base.cache.dir, base.ablate.eval, baseline / name)
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+    return {"cache": base.cache.dir, "baseline": baseline}
+
+
+def _with_built(built, tmp_path) -> None:
+    """The baseline scores of `built` in this test's ablate.output_dir."""
+    shutil.copytree(built["baseline"], tmp_path / "ablate" / "baseline")
+
+
 def _ppl(model_dir, ids) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     x = torch.from_numpy(ids).long()
@@ -129,14 +161,17 @@ def test_ablation_over_one_cache(models, tmp_path, monkeypatch):
     # an interrupted variant: no marker, a leftover file -> restarted from a clean folder
     (out / "kd_uniform" / "variant.json").unlink()
     (out / "kd_uniform" / "leftover.txt").write_text("half-written")
-    again = run_ablate(config)
+    # (through the CLI, which calls run_ablate and exits non-zero while a variant fails; what run_ablate returns
+    # is what it writes to ablation.json)
+    rerun = CliRunner().invoke(main, ["ablate", config], catch_exceptions=False)
+    again = json.loads((out / "ablation.json").read_text())
     assert (out / "ce_only" / "variant.json").stat().st_mtime_ns == stamps["ce_only"]
     assert (out / "kd_last" / "variant.json").stat().st_mtime_ns == stamps["kd_last"]
     assert (out / "kd_uniform" / "variant.json").is_file() and not (out / "kd_uniform" / "leftover.txt").exists()
     assert again["failed"] == ["broken"]
 
     # the CLI exits non-zero while a variant fails
-    assert CliRunner().invoke(main, ["ablate", config]).exit_code == 1
+    assert rerun.exit_code == 1, rerun.output
 
 
 @pytest.mark.parametrize("variants,message", [
@@ -213,13 +248,14 @@ def test_no_heldout_and_foreign_folders_refused(models, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_interrupted_variant_resumes_from_its_checkpoint(models, tmp_path):
+def test_interrupted_variant_resumes_from_its_checkpoint(models, built, tmp_path):
     """A variant killed after a checkpoint continues from it on rerun (the same identity), and ends with the
     same student as an uninterrupted run; one that started with another config starts again from scratch."""
     from safetensors.torch import load_file
 
     shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
-    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}})
+    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}}, cache_dir=built["cache"])
+    _with_built(built, tmp_path)
     steps = ("training.max_steps=2", "training.save_strategy=steps", "training.save_steps=1")
     run_ablate(config, steps)
     out = tmp_path / "ablate" / "kd"
@@ -270,11 +306,12 @@ def _children(pid: int) -> dict[int, bytes]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc to find the child process")
-def test_sigterm_stops_the_running_variant(models, tmp_path):
+def test_sigterm_stops_the_running_variant(models, built, tmp_path):
     """`kill` of `distill ablate` (SIGTERM) stops the variant's training process too, instead of leaving it
     training into the variant's folder beside the next run."""
     shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
-    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}})
+    config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}}, cache_dir=built["cache"])
+    _with_built(built, tmp_path)
     ablate = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ablate", config, "--set",
                                "training.max_steps=1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, train = time.monotonic() + 240, None
