@@ -336,14 +336,16 @@ def _file_identities(root: Path, names) -> dict[str, tuple[int, int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files}
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     # 48 sequences in 6 shards of 8, written in chunks of 4: killed (SIGKILL, by the writer's crash-test
     # hook) with shards 0-1 committed and the first chunk of shard 2 in its *.tmp files
+    # The killed build is a child process (the hook kills its own process); the uninterrupted reference and the
+    # resuming rerun run in this process (as in test_object_store), the child on this process's thread count.
     cfg_path, cache_dir = tiny_config(data__num_sequences=48, cache__batch_size=2)
     ref = tmp_path / "ref"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("DISTILL_CACHE_KILL_AFTER_SHARDS", None)
-    subprocess.run(_build_cmd(cfg_path, "--set", f"cache.dir={ref}"), check=True, env=env, capture_output=True)
+    monkeypatch.delenv("DISTILL_CACHE_KILL_AFTER_SHARDS", raising=False)
+    assert run_cli("cache", "build", cfg_path, "--set", f"cache.dir={ref}").exit_code == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
     killed = subprocess.run(_build_cmd(cfg_path), env=dict(env, DISTILL_CACHE_KILL_AFTER_SHARDS="2"),
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -357,8 +359,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_config, tmp_path):
     before = _file_identities(cache_dir, done)
     assert len(before) > 2 * 3  # per shard: the record, the Arrow file and the Zarr store's files
 
-    r = subprocess.run(_build_cmd(cfg_path), env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("cache", "build", cfg_path)  # the rerun, in this process
+    assert r.exit_code == 0, r.output[-3000:]
     assert "resuming, 2 of 6 shards already written" in r.stderr
     assert _file_identities(cache_dir, done) == before  # reused as they were, not rebuilt
     assert run_cli("cache", "verify", cache_dir).exit_code == 0
