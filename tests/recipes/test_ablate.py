@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.config import AblateEvalConfig
 from pipeline.recipes import ablate as ablate_recipe
 from pipeline.recipes.ablate import run_ablate, variant_identity
+from tests.recipes.in_process import commands_in_process
 from tests.train.conftest import SEQ_LEN, tiny_pair
 
 
@@ -121,6 +122,9 @@ def test_ablation_over_one_cache(models, tmp_path, monkeypatch):
         return run_variant(name, *args)
 
     monkeypatch.setattr(ablate_recipe, "_run_variant", spy)
+    # kd_last's commands (a success, its scores checked below) and broken's (a crash) run as the ablation's own
+    # child processes; the cache build, the baselines and the other variants in this process, for time
+    commands_in_process(monkeypatch, except_variants=("kd_last", "broken"))
     result = run_ablate(config)
     assert seen["ce_only"][:2] == ({n: "pending" for n in variants}, list(variants))
     assert seen["kd_last"][:2] == ({"ce_only": "done", "kd_uniform": "done", "kd_last": "pending", "broken": "pending"},
@@ -248,11 +252,13 @@ def test_no_heldout_and_foreign_folders_refused(models, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_interrupted_variant_resumes_from_its_checkpoint(models, built, tmp_path):
+def test_interrupted_variant_resumes_from_its_checkpoint(models, built, tmp_path, monkeypatch):
     """A variant killed after a checkpoint continues from it on rerun (the same identity), and ends with the
-    same student as an uninterrupted run; one that started with another config starts again from scratch."""
+    same student as an uninterrupted run; one that started with another config starts again from scratch.
+    (The commands run in this process: the subject is what the ablation resumes, not its child processes.)"""
     from safetensors.torch import load_file
 
+    commands_in_process(monkeypatch)
     shutil.copy(models["root"] / "corpus.txt", tmp_path / "corpus.txt")
     config = _config(tmp_path, models["teacher"], models["student"], {"kd": {}}, cache_dir=built["cache"])
     _with_built(built, tmp_path)

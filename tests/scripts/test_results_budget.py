@@ -8,17 +8,13 @@ import json
 import math
 import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.recipes import ablate as ablate_recipe
 from pipeline.recipes.ablate import run_ablate
+from tests.recipes.in_process import commands_in_process
 from tests.train.conftest import SEQ_LEN, tiny_pair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,21 +27,6 @@ VARIANTS = {
     "features_seed1": {"training.seed": 4},
     "logits_seed1": {"loss.gamma": 0.0, "training.seed": 4},
 }
-
-
-def _run_here(args: list[str], log: Path, append: bool = False) -> tuple[int, float]:
-    """The ablation's `_run` in this process: the same `distill` command and arguments, its output in the same
-    log, (exit code, seconds); an exception is exit code 1 with its traceback in the log. This module tests the
-    tables the results script makes of a real ablation's files; each of the ablation's ~17 commands in a fresh
-    interpreter would pay ~6 s of imports (torch, transformers) for a tiny model. The child processes themselves
-    (isolation, crashes, SIGTERM) are tests/recipes/test_ablate.py's subject, and run there."""
-    t0 = time.perf_counter()
-    r = CliRunner().invoke(main, args)
-    with open(log, "a" if append else "w") as fh:
-        fh.write(r.output)
-        if r.exc_info is not None and not isinstance(r.exception, SystemExit):
-            fh.write("".join(traceback.format_exception(*r.exc_info)))
-    return r.exit_code, time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +51,7 @@ def budget(tmp_path_factory):
     }
     (root / "budget.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ablate_recipe, "_run", _run_here)
+        commands_in_process(mp)  # the tables are this module's subject, not the child processes
         result = run_ablate(root / "budget.yaml")
     assert result["failed"] == [], [r.get("log_tail") for r in result["rows"]]
     out = root / "results"
