@@ -175,7 +175,8 @@ def train(config: str, overrides: tuple[str, ...], online: bool, resume: str | N
     Sharded (FSDP2: the student, projectors and optimizer state split across processes):
       torchrun --nproc_per_node 2 -m pipeline.cli train CONFIG --set training.fsdp=full_shard
       accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m pipeline.cli train CONFIG
-    add `offload` (training.fsdp="full_shard offload") to keep the shards in host memory, and
+    add `offload` (training.fsdp="full_shard offload") to keep the shards in host memory (also at
+    --nproc_per_node 1: one GPU, a student larger than its memory), and
     training.activation_checkpointing=true to recompute each block in the backward.
     """
     from pipeline.config import load_config

@@ -133,10 +133,9 @@ def fsdp_settings(training: dict, environ=os.environ) -> FsdpSettings | None:
                                     "(the student's own per-block checkpointing, which the hooks are tested with)")
         elif name not in _IGNORED_CONFIG:
             raise PipelineError(f"training.fsdp_config.{key}: unknown FSDP option")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2:
-        raise PipelineError(f"training.fsdp shards across processes but WORLD_SIZE is {world}: launch with "
-                            "torchrun --nproc_per_node N (N >= 2), or drop training.fsdp")
+    if "WORLD_SIZE" not in os.environ:
+        raise PipelineError("training.fsdp needs a distributed launch (WORLD_SIZE is not set): start the run with "
+                            "torchrun --nproc_per_node N or accelerate launch, or drop training.fsdp")
     return FsdpSettings(reshard_after_forward=reshard, offload=offload)
 
 
@@ -175,8 +174,11 @@ def shard(model: torch.nn.Module, projectors: torch.nn.ModuleDict, settings: Fsd
 def init_process_group(settings: FsdpSettings | None) -> None:
     """Start the process group before the Trainer does, where a sharded run needs more than its default: with
     CPU offload on CUDA, nccl for the devices and gloo for the CPU, where the offloaded gradients' norm is
-    reduced (nccl alone has no CPU collectives). Otherwise the Trainer's own start is kept."""
-    if settings is None or not settings.offload or torch.distributed.is_initialized():
+    reduced (nccl alone has no CPU collectives); and at world 1 (`torchrun --nproc_per_node 1`, one GPU with
+    offload), where the Trainer starts none but the mesh needs one. Otherwise the Trainer's own start is kept."""
+    if settings is None or torch.distributed.is_initialized():
+        return
+    if not settings.offload and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():

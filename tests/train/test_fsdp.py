@@ -116,6 +116,33 @@ def test_fsdp_two_processes_equal_one(tiny, train_overrides, tmp_path):
         assert mf[k] == pytest.approx(m1[k], rel=1e-5), k
 
 
+def test_fsdp_at_world_one_with_offload(tiny, train_overrides, tmp_path):
+    """`torchrun --nproc_per_node 1` with `fsdp: full_shard offload`: one GPU training a student larger than its
+    memory, shards and optimizer step in host memory (on this CPU the same code, gloo). At world 1 FSDP's
+    all-gathers and reduce-scatters are copies, so the first step's forward sees the plain run's values: its
+    losses equal the plain run's to the bit. The backward may add a block's incoming gradients in another order
+    (FSDP's hooks change the autograd graph), so the gradient norm is held to the rounding bound of a sum of
+    squares over every parameter element, gamma_n = n u / (1 - n u)."""
+    one, w1 = tmp_path / "one", tmp_path / "w1"
+    sgd = dict(optim="sgd", learning_rate=0.01, max_steps=1, per_device_train_batch_size=4)
+    run_train(load_config(None, tiny["overrides"] + train_overrides(one, **sgd)))
+    _torchrun(tiny, tmp_path, train_overrides(w1, **sgd, fsdp="full_shard offload", fsdp_config={"fsdp_version": 2}),
+              launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "1"])
+
+    sharding = json.loads((w1 / "run.json").read_text())["fsdp"]
+    assert sharding["processes"] == 1 and sharding["offload"] is True
+    assert sharding["dtensor_parameters"] == sharding["parameters"]
+    (a,), (b,) = _logs(one), _logs(w1)
+    for k in [k for k in a if k.startswith("loss")]:
+        assert b[k] == a[k], k
+    start = load_file(str(Path(tiny["student"]) / "model.safetensors"))
+    n = sum(t.numel() for t in start.values()) + sum(t.numel() for t in load_file(str(one / "projectors.safetensors")).values())
+    u = 2.0 ** -24
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=n * u / (1 - n * u), abs=0)
+    sw = load_file(str(w1 / "student" / "model.safetensors"))
+    assert _max_diff(sw, start) > 1e-4  # the step moved the sharded student, written whole by rank 0
+
+
 def _dcp(folder: Path) -> dict:
     """A DCP checkpoint folder read whole into one process (torch.distributed.checkpoint's own converter)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -209,7 +236,7 @@ def test_fsdp_without_a_distributed_launch_is_one_line(tiny, train_overrides, tm
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
     cfg = load_config(None, tiny["overrides"] + train_overrides(out, **FSDP))
-    with pytest.raises(PipelineError, match=r"WORLD_SIZE is 1: launch with torchrun") as e:
+    with pytest.raises(PipelineError, match=r"^training.fsdp needs a distributed launch \(WORLD_SIZE is not set\)") as e:
         run_train(cfg)
     assert "\n" not in str(e.value)
     assert not out.exists()
