@@ -307,7 +307,7 @@ def teacher_check(row: dict) -> list[tuple]:
 def student_check(rows: list[dict]) -> list[tuple]:
     """The FSDP2 row's held training state (parameters, gradients, AdamW: 16 bytes an element) against one
     process's, at the benchmark's student and projectors (FSDP2 pads each parameter's rows to a multiple of N)."""
-    fsdp = [r for r in rows if "FSDP" in r.get("run", "")]
+    fsdp = [r for r in rows if r.get("mode") == "fsdp2"]  # 2 processes (not a --world-one row)
     if not fsdp:
         return []
     one = [r for r in rows if r.get("run") == "one process" and r.get("parameters") == fsdp[-1].get("parameters")]

@@ -23,15 +23,28 @@ and written as one JSON line per run as it finishes: each run against one proces
 part, peak RSS, step time) and against DDP (step time). The issue's target: FSDP2 at 2 processes holds <= 0.55x
 of one process.
 
-A run's row (`--out`), which scripts/plan/capacity.py reads (the last row whose run starts with "FSDP2"):
+A run's row (`--out`), which scripts/plan/capacity.py reads (the last row of mode "fsdp2"):
 
     {"bench": "sharded_student", "run": "FSDP2, 2 processes", "mode": "fsdp2", "held_total_ratio": 0.50,
      "held_part_ratios": {"parameters": .., "gradients": .., "optimizer": ..}, "held_bytes": {..},
      "peak_rss_mib": .., "rss_ratio": .., "step_s": .., "step_ratio": .., "step_vs_ddp": .., (each step_*
      also as step_*_median), "steps_s": [..], "student_local_fraction": .., ...}
 
+--world-one is the one-GPU variant, for a machine with one GPU (on a CPU it checks the path): the same student
+and batch of 2 in three runs of one process, with `use_cpu` only where there is no GPU:
+
+    one process                python -m pipeline.cli train ...
+    FSDP2, 1 process           torchrun --nproc_per_node 1 ... training.fsdp=full_shard
+    FSDP2 offload, 1 process   the same, training.fsdp="full_shard offload": shards, gradients and AdamW in host
+                               memory, each unit copied to the GPU for its forward and backward
+
+Beside the held bytes (wherever they live: host memory under offload), each row has the GPU's peak allocated
+memory (`resources.cuda_peak_allocated_mib`, n/a without a GPU) and its ratio to one process: what offload
+takes off the GPU.
+
     python -m scripts.bench.train.sharded [--steps 4] [--seq-len 128] [--out FILE.jsonl]
     python -m scripts.bench.train.sharded --smoke     # a d = 64 student: the script end to end in about a minute
+    python -m scripts.bench.train.sharded --world-one [--smoke]    # one GPU (GPU:  source .gpu/env.sh; python3 ...)
 """
 
 from __future__ import annotations
@@ -60,6 +73,8 @@ GLOBAL_BATCH = 2
 # run name -> (mode, processes, extra overrides); one process first (every ratio's base), then DDP (the step base)
 RUNS = {"one process": ("one", 1, []), "DDP, 2 processes": ("ddp", 2, []),
         "FSDP2, 2 processes": ("fsdp2", 2, ['training.fsdp="full_shard"'])}
+WORLD_ONE_RUNS = {"one process": ("one", 1, []), "FSDP2, 1 process": ("fsdp1", 1, ['training.fsdp="full_shard"']),
+                  "FSDP2 offload, 1 process": ("fsdp1-offload", 1, ['training.fsdp="full_shard offload"'])}
 PARTS = ("parameters", "gradients", "optimizer")
 TARGET = 0.55  # the issue's bound on FSDP2's held total at 2 processes, against one process
 LOG_LINE = "{'loss': "  # the Trainer's ProgressCallback prints each logged step's dict on rank 0's stdout
@@ -90,17 +105,21 @@ def build(root: Path, student_shape: dict, seq_len: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def command(root: Path, name: str, steps: int) -> tuple[list[str], dict, Path]:
+def command(root: Path, name: str, steps: int, runs: dict = RUNS) -> tuple[list[str], dict, Path]:
     """(argv, environment, output folder) of one run. The same global batch in every run; a log line every step
     (the step clock); no checkpoints and no held-out set (neither would be a step). The threads are split
-    between the processes so that 2 processes do not oversubscribe the cores one process uses."""
-    _, processes, extra = RUNS[name]
-    out = root / RUNS[name][0]
+    between the processes so that 2 processes do not oversubscribe the cores one process uses. A sharded run is
+    launched by torchrun at any process count (FSDP needs a distributed launch); a 2-process run stays on the
+    CPU, the --world-one runs take the GPU where there is one."""
+    import torch
+
+    mode, processes, extra = runs[name]
+    out = root / mode
     training = {"output_dir": str(out), "per_device_train_batch_size": GLOBAL_BATCH // processes,
                 "optim": "adamw_torch", "learning_rate": 1e-4, "max_steps": steps, "logging_steps": 1,
-                "save_strategy": "no", "seed": 3, "use_cpu": True}
+                "save_strategy": "no", "seed": 3, "use_cpu": processes > 1 or not torch.cuda.is_available()}
     launch = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-              if processes > 1 else [])
+              if processes > 1 or mode.startswith("fsdp") else [])
     cmd = [sys.executable, *launch, "-m", "pipeline.cli", "train", str(root / "config.yaml")]
     for item in extra + [f"training.{k}={json.dumps(v)}" for k, v in training.items()]:
         cmd += ["--set", item]
@@ -109,12 +128,12 @@ def command(root: Path, name: str, steps: int) -> tuple[list[str], dict, Path]:
     return cmd, env, out
 
 
-def train(root: Path, name: str, steps: int) -> tuple[dict, list[float]]:
+def train(root: Path, name: str, steps: int, runs: dict = RUNS) -> tuple[dict, list[float]]:
     """One run of `distill train`: its run.json and the arrival times of its logged steps (rank 0's stdout, read
     as it is written; stderr, where the progress bar goes, into a file so that neither pipe fills)."""
-    cmd, env, out = command(root, name, steps)
+    cmd, env, out = command(root, name, steps, runs)
     stamps: list[float] = []
-    with open(root / f"{RUNS[name][0]}.stderr", "w+") as err:
+    with open(root / f"{runs[name][0]}.stderr", "w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         for line in proc.stdout:
             if line.startswith(LOG_LINE):
@@ -140,7 +159,7 @@ def measure(summary: dict, stamps: list[float]) -> dict:
     metrics = summary["metrics"]
     steps = step_seconds(summary, stamps)
     return {"held": summary["resources"]["held_bytes"], "peak_rss_mib": summary["resources"]["peak_rss_mib"],
-            "steps_s": steps, "step_s_all": metrics["train_seconds"] / metrics["steps_this_run"],
+            "device_peak_mib": summary["resources"].get("cuda_peak_allocated_mib"), "steps_s": steps, "step_s_all": metrics["train_seconds"] / metrics["steps_this_run"],
             "local_fraction": (summary.get("fsdp") or {}).get("student_local_fraction", 1.0)}
 
 
@@ -156,12 +175,15 @@ def step_ratios(m: dict, base: dict, ddp: dict | None) -> dict:
     return out
 
 
-def row(name: str, m: dict, base: dict, ddp: dict | None, parameters: int) -> dict:
+def row(name: str, m: dict, base: dict, ddp: dict | None, parameters: int, runs: dict = RUNS) -> dict:
     """A run's result row: its numbers, and its ratios against one process (and DDP's step, once DDP ran)."""
     held, ratio = m["held"], m["held"]["total"] / base["held"]["total"]
     steps = step_ratios(m, base, ddp)
-    return {"case": f"{name}, {parameters / 1e6:.0f}M student", "run": name, "mode": RUNS[name][0],
-            "processes": RUNS[name][1], "parameters": parameters, "held_bytes": held, "held_total_ratio": ratio,
+    device = m["device_peak_mib"]
+    return {"case": f"{name}, {parameters / 1e6:.0f}M student", "run": name, "mode": runs[name][0],
+            "processes": runs[name][1], "parameters": parameters, "held_bytes": held, "held_total_ratio": ratio,
+            "device_peak_mib": device,
+            "device_ratio": device / base["device_peak_mib"] if device and base["device_peak_mib"] else None,
             "held_part_ratios": {k: held[k] / base["held"][k] for k in PARTS},
             "peak_rss_mib": m["peak_rss_mib"], "rss_ratio": m["peak_rss_mib"] / base["peak_rss_mib"],
             **steps, "steps_s": m["steps_s"], "step_s_all": m["step_s_all"],
@@ -186,6 +208,18 @@ def line(r: dict) -> str:
                              f"{r['student_local_fraction']:.3f}")
 
 
+def world_one_columns() -> str:
+    return harness.table_header("run", ">held MiB", ">held / one", ">GPU peak MiB", ">GPU peak / one", ">peak RSS MiB",
+                                ">step s mean (median)", ">step / one", ">student held")
+
+
+def world_one_line(r: dict) -> str:
+    steps = [f"{r[k]:.2f} ({r[k + '_median']:.2f})" for k in ("step_s", "step_ratio")]
+    device = ("n/a", "n/a") if r["device_peak_mib"] is None else (f"{r['device_peak_mib']:.0f}", f"{r['device_ratio']:.3f}")
+    return harness.table_row(r["run"], f"{r['held_bytes']['total'] / MiB:.0f}", f"{r['held_total_ratio']:.3f}", *device,
+                             f"{r['peak_rss_mib']:.0f}", *steps, f"{r['student_local_fraction']:.3f}")
+
+
 def verdict(rows: dict) -> str:
     """The issue's target, and the DDP sanity check (DDP replicates everything: ~1.0x of one process)."""
     fsdp, ddp = rows["FSDP2, 2 processes"], rows["DDP, 2 processes"]
@@ -205,21 +239,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     ap.add_argument("--out", default=None, help="append one JSON line per run, as it finishes")
     ap.add_argument("--smoke", action="store_true", help="a d = 64 student, 2 steps of 32 tokens: end to end")
+    ap.add_argument("--world-one", action="store_true",
+                    help="one process unsharded, FSDP2 and FSDP2 with CPU offload (torchrun --nproc_per_node 1), on "
+                         "the GPU where there is one: the GPU's peak memory of each")
     args = ap.parse_args(argv)
+    runs = WORLD_ONE_RUNS if args.world_one else RUNS
     steps, seq_len = (2, 32) if args.smoke else (args.steps, args.seq_len)
     results = Results("sharded_student", args.out)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         parameters = build(root, SMOKE_STUDENT if args.smoke else STUDENT, seq_len)
         print(f"student: {parameters / 1e6:.1f}M parameters; {steps} steps of {GLOBAL_BATCH} x {seq_len} tokens "
-              f"per run; {harness.device_name()}, {os.cpu_count()} cores\n\n{columns()}", flush=True)
+              f"per run; {harness.device_name()}, {os.cpu_count()} cores\n\n"
+              f"{world_one_columns() if args.world_one else columns()}", flush=True)
         measured, rows = {}, {}
-        for name in RUNS:
-            measured[name] = measure(*train(root, name, steps))
+        for name in runs:
+            measured[name] = measure(*train(root, name, steps, runs))
             rows[name] = results.add(row(name, measured[name], measured["one process"],
-                                         measured.get("DDP, 2 processes"), parameters))
-            print(line(rows[name]), flush=True)
-        print("\n" + verdict(rows))
+                                         measured.get("DDP, 2 processes"), parameters, runs))
+            print((world_one_line if args.world_one else line)(rows[name]), flush=True)
+        if not args.world_one:
+            print("\n" + verdict(rows))
 
 
 if __name__ == "__main__":
