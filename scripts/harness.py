@@ -195,6 +195,13 @@ class Results:
         return row
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows `Results` appended to `path`, in order ([] when there is no such file)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _plain(value):
     """JSON for what json lacks: numpy scalars and arrays, paths, tuples of them."""
     if hasattr(value, "tolist"):

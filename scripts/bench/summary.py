@@ -10,11 +10,10 @@ suite stopped early still gets its table.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
-from scripts.harness import number, table_header, table_row
+from scripts.harness import number, read_rows, table_header, table_row
 
 
 def rows_of(paths: list[Path]) -> list[dict]:
@@ -23,7 +22,7 @@ def rows_of(paths: list[Path]) -> list[dict]:
         if not path.is_file():
             print(f"({path}: no results)")
             continue
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += read_rows(path)
     return [r for r in rows if r.get("case")]
 
 

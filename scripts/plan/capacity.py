@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,12 +269,7 @@ def tables(plan: Plan) -> None:
 
 
 def measured_rows(paths: list[str]) -> list[dict]:
-    rows = []
-    for path in paths:
-        for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+    return [row for path in paths for row in harness.read_rows(Path(path))]
 
 
 def teacher_shape(row: dict) -> Shape:

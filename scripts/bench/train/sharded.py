@@ -198,11 +198,15 @@ def columns() -> str:
                                 ">step / one", ">step / DDP", ">student held")
 
 
+def mean_median(r: dict, key: str) -> str:
+    """A step statistic's cell: mean (median), n/a where the row has none (the step against DDP before DDP ran)."""
+    return f"{r[key]:.2f} ({r[key + '_median']:.2f})" if r[key] is not None else "n/a"
+
+
 def line(r: dict) -> str:
     held, parts = r["held_bytes"], r["held_part_ratios"]
     cells = [f"{held[k] / MiB:.0f} ({parts[k]:.3f})" for k in PARTS]
-    steps = [f"{r[k]:.2f} ({r[k + '_median']:.2f})" if r[k] is not None else "n/a"
-             for k in ("step_s", "step_ratio", "step_vs_ddp")]
+    steps = [mean_median(r, k) for k in ("step_s", "step_ratio", "step_vs_ddp")]
     return harness.table_row(r["run"], *cells, f"{held['total'] / MiB:.0f}", f"{r['held_total_ratio']:.3f}",
                              f"{r['peak_rss_mib']:.0f}", f"{r['rss_ratio']:.2f}", *steps,
                              f"{r['student_local_fraction']:.3f}")
@@ -214,7 +218,7 @@ def world_one_columns() -> str:
 
 
 def world_one_line(r: dict) -> str:
-    steps = [f"{r[k]:.2f} ({r[k + '_median']:.2f})" for k in ("step_s", "step_ratio")]
+    steps = [mean_median(r, k) for k in ("step_s", "step_ratio")]
     device = ("n/a", "n/a") if r["device_peak_mib"] is None else (f"{r['device_peak_mib']:.0f}", f"{r['device_ratio']:.3f}")
     return harness.table_row(r["run"], f"{r['held_bytes']['total'] / MiB:.0f}", f"{r['held_total_ratio']:.3f}", *device,
                              f"{r['peak_rss_mib']:.0f}", *steps, f"{r['student_local_fraction']:.3f}")
